@@ -1,0 +1,1 @@
+"""Writing image collections and 2-D benchmarks into WebDataset shards, and streaming them back."""

@@ -1,0 +1,249 @@
+"""Write an image collection or a 2-D benchmark as WebDataset tar shards plus `manifest.json`.
+
+    python -m data_pipeline.make_shards source=digits out=shards/digits resolution=32
+
+Shards are byte-identical for the same inputs (seeded order, fixed tar metadata) and appear
+only when complete: everything is written under a staging folder and renamed at the end, the
+manifest last, so a crash never leaves a set of shards that looks finished.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import sys
+import tarfile
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from data_pipeline import sources
+from data_pipeline.cli import parse_overrides
+from data_pipeline.shards import MANIFEST, sha256_file
+
+FORMAT = "stablegan-shards/1"
+SOURCES = ("folder", "npz", "digits", "ring8", "grid25")
+
+
+@dataclass
+class MakeShardsConfig:
+    """Options of `make_shards` (pass as key=value)."""
+
+    source: str = "digits"
+    out: str = "shards/digits"
+    src: str = ""  # folder or .npz path for source=folder|npz
+    name: str = ""  # shard file prefix; defaults to the source name
+    resolution: int = 32
+    channels: int = 1
+    shard_size: int = 0  # samples per shard; 0 = 1000 images or 10000 points
+    num_samples: int = 100_000  # ring8/grid25 only
+    points_per_record: int = 1000  # ring8/grid25: points stored together in one tar member
+    seed: int = 0  # draws ring8/grid25 points and the write order
+    shuffle: bool = True  # write in a seeded random order so every shard mixes classes
+    key: str = ""  # npz: array name of the images (default: first uint8 (N,H,W[,C]) array)
+    label_key: str = ""  # npz: array name of the labels (default: y, labels or y_train)
+
+
+def validate(cfg: MakeShardsConfig) -> None:
+    """Reject bad options before any work, naming the key and the fix."""
+    if cfg.source not in SOURCES:
+        raise ValueError(f"source={cfg.source!r} is unknown; allowed: {', '.join(SOURCES)}")
+    if cfg.source in ("folder", "npz") and not cfg.src:
+        raise ValueError(f"source={cfg.source} needs src=PATH")
+    if not 4 <= cfg.resolution <= 1024:
+        raise ValueError(f"resolution={cfg.resolution} must be within 4..1024")
+    if cfg.channels not in (1, 3):
+        raise ValueError(f"channels={cfg.channels} must be 1 or 3")
+    if cfg.shard_size < 0 or cfg.num_samples <= 0 or cfg.points_per_record <= 0:
+        raise ValueError("shard_size must be >= 0; num_samples and points_per_record must be > 0")
+
+
+def load_source(cfg: MakeShardsConfig) -> sources.Source:
+    """The `Source` that `cfg.source` names."""
+    if cfg.source == "folder":
+        return sources.folder_source(cfg.src, cfg.resolution, cfg.channels)
+    if cfg.source == "npz":
+        return sources.npz_source(cfg.src, cfg.resolution, cfg.channels, cfg.key, cfg.label_key)
+    if cfg.source == "digits":
+        return sources.digits_source(cfg.resolution, cfg.channels)
+    return sources.mixture_source(cfg.source, cfg.num_samples, cfg.seed)
+
+
+def _png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+class _ShardSink:
+    """Rolls tar files `name-000000.tar, ...` in a staging folder, `shard_size` samples each."""
+
+    def __init__(self, staging: Path, name: str, shard_size: int) -> None:
+        self.staging, self.name, self.shard_size = staging, name, shard_size
+        self.shards: list[dict] = []
+        self._writer: wds.TarWriter | None = None
+        self._count = 0
+
+    def write(self, sample: dict, num_samples: int) -> None:
+        if self._writer is None or self._count >= self.shard_size:
+            self._roll()
+        assert self._writer is not None
+        # Fixed mtime/owner/mode give byte-identical tars; an int mtime avoids a PAX header per member.
+        self._writer.write(sample)
+        self._count += num_samples
+        self.shards[-1]["num_samples"] += num_samples
+
+    def _roll(self) -> None:
+        self._close_current()
+        fname = f"{self.name}-{len(self.shards):06d}.tar"
+        stream = open(self.staging / fname, "wb")
+        tar_writer = wds.TarWriter(
+            stream, encoder=False, mtime=0, user="stablegan", group="stablegan", mode=0o444
+        )
+        # wds opens a streaming tar whose default format (PAX) is stable across runs.
+        assert isinstance(tar_writer.tarstream, tarfile.TarFile)
+        self._writer = tar_writer
+        self._stream = stream
+        self._count = 0
+        self.shards.append({"name": fname, "num_samples": 0})
+
+    def _close_current(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._stream.close()
+            self._writer = None
+
+    def close(self) -> list[dict]:
+        self._close_current()
+        for shard in self.shards:
+            path = self.staging / shard["name"]
+            shard["bytes"] = path.stat().st_size
+            shard["sha256"] = sha256_file(path)
+        return self.shards
+
+
+def write_shards(cfg: MakeShardsConfig, progress: bool = True) -> dict:
+    """Write the shards and the manifest that `cfg` describes; return the manifest."""
+    validate(cfg)
+    source = load_source(cfg)
+    name = cfg.name or cfg.source
+    out = Path(cfg.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    points = source.kind == "points"
+    shard_size = cfg.shard_size or (10_000 if points else 1000)
+    if points and shard_size % cfg.points_per_record:
+        raise ValueError(
+            f"shard_size={shard_size} must be a multiple of points_per_record={cfg.points_per_record}"
+        )
+
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(len(source)) if cfg.shuffle else np.arange(len(source))
+    staging = out / f".staging-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    sink = _ShardSink(staging, name, shard_size)
+    skipped = written = 0
+    sample_shape: list[int] | None = None
+    try:
+        bar = tqdm(total=len(source), desc=f"make_shards {name}", unit="sample", disable=not progress)
+        if points:
+            step = cfg.points_per_record
+            for start in range(0, len(order), step):
+                idx = order[start : start + step]
+                pts = np.stack([source.load(int(i)) for i in idx]).astype(np.float32)
+                sample = {"__key__": f"{start:09d}", "pts.npy": _npy_bytes(pts)}
+                if source.labels is not None:
+                    sample["cls.npy"] = _npy_bytes(source.labels[idx])
+                sink.write(sample, len(idx))
+                written += len(idx)
+                bar.update(len(idx))
+            sample_shape = [2]
+        else:
+            for pos, (i, arr) in enumerate(sources.iter_records(source, order)):
+                bar.update(1)
+                if arr is None:
+                    skipped += 1
+                    continue
+                shape = [1, *arr.shape] if arr.ndim == 2 else [arr.shape[2], *arr.shape[:2]]
+                sample_shape = sample_shape or shape
+                sample = {"__key__": f"{pos:09d}", "png": _png_bytes(arr)}
+                if source.labels is not None:
+                    sample["cls"] = str(int(source.labels[i])).encode()
+                sink.write(sample, 1)
+                written += 1
+        bar.close()
+        if written == 0:
+            raise ValueError(
+                f"no readable samples in src={cfg.src!r} ({skipped} unreadable files); "
+                "check the folder holds valid images"
+            )
+        shards = sink.close()
+        manifest = {
+            "format": FORMAT,
+            "name": name,
+            "source": cfg.source,
+            "kind": source.kind,
+            "params": {**asdict(cfg), **source.params},
+            "num_samples": written,
+            "skipped": skipped,
+            "sample_shape": sample_shape,
+            "dtype": "float32" if points else "uint8",
+            "classes": source.classes,
+            "shards": shards,
+        }
+        _publish(staging, out, name, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _publish(staging: Path, out: Path, name: str, manifest: dict) -> None:
+    """Move finished shards into `out` and write the manifest last, atomically."""
+    # A stale manifest would describe shards that are about to change: drop it first.
+    (out / MANIFEST).unlink(missing_ok=True)
+    keep = {s["name"] for s in manifest["shards"]}
+    for old in out.glob(f"{name}-*.tar"):
+        if old.name not in keep:
+            old.unlink()
+    for shard in manifest["shards"]:
+        os.replace(staging / shard["name"], out / shard["name"])
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out / MANIFEST)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("keys:", ", ".join(MakeShardsConfig.__dataclass_fields__))
+        return 0
+    try:
+        cfg = parse_overrides(MakeShardsConfig, argv)
+        manifest = write_shards(cfg)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"make_shards: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(cfg.out).expanduser()
+    print(
+        f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {out} "
+        f"(skipped {manifest['skipped']}); manifest: {out / MANIFEST}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""Stream WebDataset shards into training batches on every rank, exactly once per epoch.
+
+Readers: each rank runs `num_workers` DataLoader processes; reader slot = rank * num_workers +
+worker id, and `total = world_size * num_workers` slots share the shards. In epoch `e` the shard
+list is permuted with seed (seed, e), and slot s reads shards `perm[s::total]`: every sample is
+read once per epoch over the whole job. That needs at least `total` shards; with fewer, pass
+`resample=True`, where each slot draws shards with replacement from a seeded stream instead.
+
+Shuffling is two-level and fully determined by (seed, epoch, slot, shard): the shard order
+above, then a permutation of each shard's samples (a shuffle buffer the size of a shard;
+`make_shards` already writes samples in a seeded random order). Because of that, a reader's
+position is just (epoch, shard index, sample index): `ShardLoader.state_dict()` records it
+for every slot and a restart skips straight to it, reading only the one partly consumed shard.
+
+Bad data never kills a loader worker: unreadable or truncated shards, undecodable images and
+samples of the wrong shape are skipped and counted (`ShardLoader.skipped`). A reader that gets
+through a whole pass of its shards without one good sample raises instead of spinning forever.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from data_pipeline.shards import ShardList, ShardSpecError, resolve, verify
+
+Position = tuple[int, int, int]  # (epoch, shard index within the slot's list, sample index)
+SKIP_REASONS = ("unreadable_shard", "decode_error", "bad_shape", "missing_field")
+
+
+@dataclass
+class StreamConfig:
+    """How one rank streams a shard set."""
+
+    urls: str | list[str]
+    batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 2  # DataLoader worker processes per rank (0 = read in the main process)
+    seed: int = 0
+    shuffle: bool = True
+    infinite: bool = True  # step-based training: start the next epoch when one ends
+    resample: bool = False  # draw shards with replacement (any shard count; not exactly-once)
+    hflip: bool = False  # random horizontal flips (images only), done in the loader workers
+    verify: bool = True  # check sha256 against the manifest before reading
+    drop_last: bool = True  # full batches only (the trainer wants equal steps on every rank)
+    expected_shape: tuple[int, ...] | None = None  # (C,H,W) or (2,); default: the manifest's
+
+
+def _read_shard(url: str) -> tuple[list[dict], Exception | None]:
+    """All samples of one tar, and the exception that cut it short, if any."""
+    samples: list[dict] = []
+    try:
+        stream = gopen(url, "rb")
+        try:
+            files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+            samples.extend(group_by_keys(files))
+        finally:
+            stream.close()  # a pipe: URL raises here when its command failed
+    except Exception as exc:  # noqa: BLE001 - any reader failure is skipped and counted
+        return samples, exc
+    return samples, None
+
+
+def _decode_image(raw: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(raw)) as img:
+        if img.mode not in ("L", "RGB"):
+            img = img.convert("RGB")
+        arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+class ShardStream(IterableDataset):
+    """The per-process reader: yields batches with the position reached after each one."""
+
+    def __init__(self, shards: ShardList, cfg: StreamConfig, start: dict[int, Position] | None = None):
+        super().__init__()
+        self.urls = shards.urls
+        self.cfg = cfg
+        self.kind = shards.kind or ("points" if cfg.expected_shape == (2,) else "image")
+        self.expected_shape = tuple(cfg.expected_shape or shards.sample_shape or ()) or None
+        self.start = dict(start or {})
+
+    def slot_info(self) -> tuple[int, int]:
+        """(this process's reader slot, total slots over the job)."""
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.cfg.rank * nw + wid, self.cfg.world_size * nw
+
+    def shards_for(self, epoch: int, slot: int, total: int) -> list[int]:
+        """Indices of the shards that `slot` reads in `epoch`, in reading order."""
+        n = len(self.urls)
+        if self.cfg.resample:
+            rng = np.random.default_rng([self.cfg.seed, epoch, slot, 7])
+            return rng.integers(n, size=max(1, n // total)).tolist()
+        perm = (
+            np.random.default_rng([self.cfg.seed, epoch]).permutation(n) if self.cfg.shuffle else np.arange(n)
+        )
+        return perm[slot::total].tolist()
+
+    def _items(self, samples: list[dict], skipped: Counter) -> list:
+        """Split raw tar samples into training items: raw PNG bytes, or single 2-D points."""
+        items: list = []
+        for s in samples:
+            if self.kind == "points":
+                if "pts.npy" not in s:
+                    skipped["missing_field"] += 1
+                    continue
+                try:
+                    pts = np.load(io.BytesIO(s["pts.npy"]), allow_pickle=False)
+                except ValueError:
+                    skipped["decode_error"] += 1
+                    continue
+                if pts.ndim != 2 or pts.shape[1] != 2:
+                    skipped["bad_shape"] += 1
+                    continue
+                cls = np.load(io.BytesIO(s["cls.npy"]), allow_pickle=False) if "cls.npy" in s else None
+                items.extend(zip(pts.astype(np.float32), cls if cls is not None else [-1] * len(pts)))
+            else:
+                raw = next((s[k] for k in ("png", "jpg", "jpeg", "webp") if k in s), None)
+                if raw is None:
+                    skipped["missing_field"] += 1
+                    continue
+                items.append((raw, int(s["cls"]) if "cls" in s else -1))
+        return items
+
+    def _decode(self, item, skipped: Counter) -> tuple[np.ndarray, int] | None:
+        x, y = item
+        if self.kind == "image":
+            try:
+                x = _decode_image(x)
+            except (OSError, ValueError, SyntaxError):
+                skipped["decode_error"] += 1
+                return None
+        if self.expected_shape is not None and tuple(x.shape) != self.expected_shape:
+            skipped["bad_shape"] += 1
+            return None
+        return x, y
+
+    def _to_tensor(self, xs: list[np.ndarray]) -> torch.Tensor:
+        x = torch.from_numpy(np.stack(xs))
+        return x if self.kind == "points" else x.float().div_(127.5).sub_(1.0)
+
+    def __iter__(self) -> Iterator[dict]:
+        slot, total = self.slot_info()
+        epoch, shard_i, sample_i = self.start.get(slot, (0, 0, 0))
+        skipped: Counter = Counter()
+        xs: list[np.ndarray] = []
+        ys: list[int] = []
+        good_this_pass = 0
+        while True:
+            order = self.shards_for(epoch, slot, total)
+            while shard_i < len(order):
+                k = order[shard_i]
+                samples, err = _read_shard(self.urls[k])
+                if err is not None:
+                    skipped["unreadable_shard"] += 1
+                    warnings.warn(
+                        f"shard {self.urls[k]}: {err!r}; kept {len(samples)} samples read before it",
+                        stacklevel=1,
+                    )
+                items = self._items(samples, skipped)
+                perm = (
+                    np.random.default_rng([self.cfg.seed, epoch, slot, shard_i]).permutation(len(items))
+                    if self.cfg.shuffle
+                    else np.arange(len(items))
+                )
+                flips = (
+                    np.random.default_rng([self.cfg.seed, epoch, slot, shard_i, 1]).random(len(items)) < 0.5
+                )
+                for j in range(sample_i, len(items)):
+                    decoded = self._decode(items[perm[j]], skipped)
+                    if decoded is None:
+                        continue
+                    x, y = decoded
+                    if self.cfg.hflip and self.kind == "image" and flips[j]:
+                        x = x[..., ::-1]
+                    xs.append(x)
+                    ys.append(y)
+                    good_this_pass += 1
+                    if len(xs) == self.cfg.batch_size:
+                        # Position after this batch: the next sample to read.
+                        pos = (epoch, shard_i, j + 1) if j + 1 < len(items) else (epoch, shard_i + 1, 0)
+                        yield self._batch(xs, ys, slot, pos, skipped)
+                        xs, ys, skipped = [], [], Counter()
+                shard_i, sample_i = shard_i + 1, 0
+            epoch, shard_i = epoch + 1, 0
+            if good_this_pass == 0:
+                raise ShardSpecError(
+                    f"reader slot {slot}/{total} found no valid sample in a whole pass over its shards "
+                    f"{[self.urls[k] for k in order][:4]} (skipped: {dict(skipped)}); check the shards "
+                    "and that their sample shape matches the model"
+                )
+            good_this_pass = 0
+            if not self.cfg.infinite:
+                if xs and not self.cfg.drop_last:
+                    yield self._batch(xs, ys, slot, (epoch, 0, 0), skipped)
+                elif skipped:
+                    yield self._batch([], [], slot, (epoch, 0, 0), skipped)
+                return
+
+    def _batch(self, xs: list, ys: list, slot: int, pos: Position, skipped: Counter) -> dict:
+        return {
+            "x": self._to_tensor(xs) if xs else torch.empty(0),
+            "y": torch.tensor(ys, dtype=torch.long),
+            "slot": slot,
+            "pos": pos,
+            "skipped": dict(skipped),
+        }
+
+
+class ShardLoader:
+    """What a trainer iterates: batches of `x` in [-1, 1] (and labels), with resumable position."""
+
+    def __init__(self, cfg: StreamConfig, shards: ShardList | None = None):
+        self.cfg = cfg
+        self.shards = shards or resolve(cfg.urls)
+        slots = cfg.world_size * max(1, cfg.num_workers)
+        if not cfg.resample and len(self.shards.urls) < slots:
+            raise ShardSpecError(
+                f"{len(self.shards.urls)} shard(s) cannot be split over {cfg.world_size} rank(s) x "
+                f"{max(1, cfg.num_workers)} loader worker(s) = {slots} readers without repeating data: "
+                "write more, smaller shards (make_shards shard_size=...), lower data.loader_workers, "
+                "or set data.resample=true"
+            )
+        if cfg.verify:
+            verify(self.shards)
+        self.positions: dict[int, Position] = {}
+        self.skipped: Counter = Counter()
+        self.samples_seen = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        dataset = ShardStream(self.shards, self.cfg, self.positions)
+        loader = DataLoader(
+            dataset,
+            batch_size=None,  # batches are built in the workers
+            num_workers=self.cfg.num_workers,
+            persistent_workers=False,
+            prefetch_factor=4 if self.cfg.num_workers else None,
+        )
+        for batch in loader:
+            # Only consumed batches move the position: prefetched ones are re-read on resume.
+            self.positions[batch["slot"]] = tuple(batch["pos"])
+            self.skipped.update(batch["skipped"])
+            if batch["x"].numel():
+                self.samples_seen += len(batch["x"])
+                yield batch
+
+    @property
+    def num_skipped(self) -> int:
+        """Samples skipped so far (shards that failed to read are counted separately)."""
+        return sum(v for k, v in self.skipped.items() if k != "unreadable_shard")
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must save to resume this rank's stream where it stopped."""
+        return {
+            "positions": {str(k): list(v) for k, v in self.positions.items()},
+            "readers": self.cfg.world_size * max(1, self.cfg.num_workers),
+            "skipped": dict(self.skipped),
+            "samples_seen": self.samples_seen,
+            "seed": self.cfg.seed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from `state_dict()` output; the reader layout and seed must be unchanged."""
+        readers = self.cfg.world_size * max(1, self.cfg.num_workers)
+        if state["readers"] != readers or state["seed"] != self.cfg.seed:
+            raise ValueError(
+                f"data position was saved with {state['readers']} readers and seed {state['seed']}, "
+                f"now {readers} readers and seed {self.cfg.seed}: keep trainer.num_workers, "
+                "data.loader_workers and trainer.seed when resuming"
+            )
+        self.positions = {int(k): tuple(v) for k, v in state["positions"].items()}
+        self.skipped = Counter(state["skipped"])
+        self.samples_seen = state["samples_seen"]
