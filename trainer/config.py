@@ -1,0 +1,218 @@
+"""The typed config tree. Hydra composes it from `configs/`; everything below `main` gets a `Config`.
+
+`validate` is the one place where values are checked; its errors name the key, the value and
+what is allowed, and it runs before Ray, DeepSpeed or MLflow start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+ARCHS = ("mlp", "dcgan")
+LOSSES = ("nonsaturating", "hinge", "wasserstein", "lsgan")
+PENALTIES = ("none", "r1", "wgan_gp")
+PRECISIONS = ("fp32", "bf16", "fp16")
+ZERO_STAGES = (0, 1, 2)
+BUILTINS = ("grid25", "ring8", "digits")
+RESOLUTIONS = (32, 64)
+
+
+class ConfigError(ValueError):
+    """A config value a user set is invalid; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "mlp"  # mlp (2-D points) | dcgan (images)
+    latent_dim: int = 16
+    resolution: int = 32  # dcgan only: 32 or 64
+    channels: int = 1  # dcgan only: must match the data
+    g_width: int = 256  # mlp: hidden units; dcgan: channels of the last feature map (x8 at 4x4)
+    d_width: int = 256
+    depth: int = 3  # mlp hidden layers
+
+
+@dataclass
+class LossConfig:
+    kind: str = "nonsaturating"
+
+
+@dataclass
+class PenaltyConfig:
+    kind: str = "r1"  # none | r1 (on reals) | wgan_gp (on interpolates)
+    weight: float = 1.0  # r1: gamma (term = gamma/2 * E|grad|^2); wgan_gp: lambda
+    interval: int = 1  # lazy regularization: every k D steps with gain k
+
+
+@dataclass
+class OptimConfig:
+    g_lr: float = 2e-4
+    d_lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    d_steps: int = 1  # D updates per G update
+    grad_clip: float = 0.0  # 0 = off
+    ema_decay: float = 0.999  # EMA of G's weights; the EMA generator is sampled and registered
+
+
+@dataclass
+class DataConfig:
+    urls: Any = ""  # brace pattern, list, folder or manifest; "" = build `builtin` under the run
+    builtin: str = "grid25"  # grid25 | ring8 | digits, written on first use when urls is ""
+    batch_size: int = 256  # per worker
+    loader_workers: int = 2  # DataLoader processes per training worker
+    shuffle: bool = True
+    resample: bool = False
+    hflip: bool = False
+    verify: bool = True  # sha256 of every shard against its manifest before training
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = 0
+    precision: str = "fp32"  # fp32 | bf16 (CPU or GPU) | fp16 (GPU, dynamic loss scaling)
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_steps: int = 1000  # G steps
+    seed: int = 0
+    log_every: int = 50  # metrics to MLflow every this many steps
+    sample_every: int = 500  # sample grid / scatter plot every this many steps (0 = end only)
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before giving up
+    run_name: str = ""  # same name + storage_path again = resume; "" = a new timestamped name
+    storage_path: str = "runs"
+    torch_threads: int = 0  # intra-op threads per worker; 0 = cpus_per_worker
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory
+    experiment: str = "stablegan"
+    registered_model: str = "stablegan-generator"
+    register: bool = True
+    sample_grid: int = 64  # images in a logged grid (points in a scatter: x40)
+
+
+@dataclass
+class ClusterConfig:
+    address: str = ""  # "" = start a local Ray on 127.0.0.1; "auto" or ray://HOST:PORT = connect
+    num_cpus: int = 0  # local Ray only; 0 = all cores
+
+
+@dataclass
+class Config:
+    name: str = "grid25"  # experiment preset name, recorded with the run
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    penalty: PenaltyConfig = field(default_factory=PenaltyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is invalid; allowed values: {', '.join(map(str, allowed))}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{key}={value} is invalid; it must be >= {low}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check every user-facing value; raise `ConfigError` naming the first bad key."""
+    _choice("model.arch", cfg.model.arch, ARCHS)
+    _choice("loss.kind", cfg.loss.kind, LOSSES)
+    _choice("penalty.kind", cfg.penalty.kind, PENALTIES)
+    _choice("parallel.precision", cfg.parallel.precision, PRECISIONS)
+    _choice("parallel.zero_stage", cfg.parallel.zero_stage, ZERO_STAGES)
+    _choice("data.builtin", cfg.data.builtin, BUILTINS)
+    if cfg.model.arch == "dcgan":
+        _choice("model.resolution", cfg.model.resolution, RESOLUTIONS)
+        _choice("model.channels", cfg.model.channels, (1, 3))
+    for key, value, low in [
+        ("model.latent_dim", cfg.model.latent_dim, 1),
+        ("model.g_width", cfg.model.g_width, 8),
+        ("model.d_width", cfg.model.d_width, 8),
+        ("model.depth", cfg.model.depth, 1),
+        ("penalty.weight", cfg.penalty.weight, 0.0),
+        ("penalty.interval", cfg.penalty.interval, 1),
+        ("optim.d_steps", cfg.optim.d_steps, 1),
+        ("optim.grad_clip", cfg.optim.grad_clip, 0.0),
+        ("data.batch_size", cfg.data.batch_size, 1),
+        ("data.loader_workers", cfg.data.loader_workers, 0),
+        ("trainer.num_workers", cfg.trainer.num_workers, 1),
+        ("trainer.cpus_per_worker", cfg.trainer.cpus_per_worker, 1),
+        ("trainer.max_steps", cfg.trainer.max_steps, 1),
+        ("trainer.log_every", cfg.trainer.log_every, 1),
+        ("trainer.sample_every", cfg.trainer.sample_every, 0),
+        ("trainer.checkpoint_every", cfg.trainer.checkpoint_every, 1),
+        ("trainer.keep_checkpoints", cfg.trainer.keep_checkpoints, 1),
+        ("trainer.max_failures", cfg.trainer.max_failures, 0),
+        ("trainer.torch_threads", cfg.trainer.torch_threads, 0),
+        ("tracking.sample_grid", cfg.tracking.sample_grid, 1),
+    ]:
+        _at_least(key, value, low)
+    for key, value in [("optim.g_lr", cfg.optim.g_lr), ("optim.d_lr", cfg.optim.d_lr)]:
+        if not 0 < value < 1:
+            raise ConfigError(f"{key}={value} is invalid; a learning rate must be in (0, 1)")
+    for key, value in [
+        ("optim.beta1", cfg.optim.beta1),
+        ("optim.beta2", cfg.optim.beta2),
+        ("optim.ema_decay", cfg.optim.ema_decay),
+    ]:
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key}={value} is invalid; it must be in [0, 1)")
+    if cfg.parallel.precision == "fp16" and not cfg.trainer.use_gpu:
+        raise ConfigError(
+            "parallel.precision=fp16 needs trainer.use_gpu=true (DeepSpeed's fp16 loss scaling is GPU-only); "
+            "use parallel.precision=bf16 or fp32 on CPU"
+        )
+    if cfg.trainer.run_name and not all(c.isalnum() or c in "-_." for c in cfg.trainer.run_name):
+        raise ConfigError(
+            f"trainer.run_name={cfg.trainer.run_name!r} is invalid; use letters, digits, '-', '_' and '.'"
+        )
+    return cfg
+
+
+def from_dict(data: dict) -> Config:
+    """Build a `Config` from the nested dict form that travels to Ray workers and checkpoints."""
+
+    def build(cls: type, values: dict) -> Any:
+        kwargs = {}
+        for f in fields(cls):
+            if f.name not in values:
+                continue
+            v = values[f.name]
+            sub = f.default_factory if is_dataclass(f.default_factory) else None  # type: ignore[arg-type]
+            kwargs[f.name] = build(sub, v) if sub is not None and isinstance(v, dict) else v
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(
+                f"unknown key(s) {sorted(unknown)} in {cls.__name__}; allowed: {[f.name for f in fields(cls)]}"
+            )
+        return cls(**kwargs)
+
+    return build(Config, data)
+
+
+def allowed_keys(path: str) -> list[str] | None:
+    """Keys allowed under a dotted `path` of the schema (None if `path` is a leaf or unknown)."""
+    cls: Any = Config
+    for part in [p for p in path.split(".") if p]:
+        match = {f.name: f for f in fields(cls)}.get(part)
+        if match is None or not is_dataclass(match.default_factory):  # type: ignore[arg-type]
+            return None
+        cls = match.default_factory
+    return [f.name for f in fields(cls)]

@@ -1,0 +1,122 @@
+"""One DeepSpeed engine per network: precision, ZeRO stage, clipping, checkpoint files.
+
+The only module that imports deepspeed. Forwards run through `engine.module`, never the
+engine's `__call__`: under ZeRO 0-2 (deepspeed 0.19) the engine's hooks break the double
+backward that gradient penalties need, and the G step must not fire D's hooks at all.
+Backward and step still go through the engine, so gradients are reduced across ranks,
+partitioned (ZeRO 1/2), unscaled (fp16) and applied to the fp32 master weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer.config import ParallelConfig
+
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+import deepspeed  # noqa: E402  (the accelerator must be chosen before import)
+
+logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def ds_config(parallel: ParallelConfig, batch_size: int, grad_clip: float) -> dict:
+    """The DeepSpeed config dict for one network."""
+    cfg: dict = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": parallel.zero_stage},
+        # We hand DeepSpeed a plain torch Adam: fused CUDA Adam does not exist on CPU.
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": grad_clip,
+        "steps_per_print": 1 << 62,
+        "wall_clock_breakdown": False,
+    }
+    if parallel.precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif parallel.precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 200}
+    return cfg
+
+
+class Engine:
+    """A network with its optimizer, wrapped in its own DeepSpeed engine."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        lr: float,
+        betas: tuple[float, float],
+        parallel: ParallelConfig,
+        batch_size: int,
+        grad_clip: float = 0.0,
+    ):
+        self.parallel = parallel
+        optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=betas)
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, config=ds_config(parallel, batch_size, grad_clip)
+        )
+        self.dtype = DTYPES[parallel.precision]
+        self.device = self.ds.device
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward through the bare module in the engine's dtype; logits come back in fp32."""
+        return self.ds.module(x.to(self.dtype)).float()
+
+    @property
+    def loss_scale(self) -> float:
+        """The current fp16 loss scale (1.0 in fp32/bf16): penalties scale their inner grad by it."""
+        return (
+            float(getattr(self.ds.optimizer, "cur_scale", 1.0)) if self.parallel.precision == "fp16" else 1.0
+        )
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> torch.Tensor:
+        """Apply the update; return the global gradient norm before clipping (NaN if unknown)."""
+        norm = None
+        if self.parallel.zero_stage == 0 and self.parallel.precision == "fp32":
+            # Plain optimizer path: DeepSpeed does not compute a norm here, grads are reduced already.
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            norm = (
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                if grads
+                else None
+            )
+        self.ds.step()
+        if norm is None:
+            value = self.ds.get_global_grad_norm()
+            norm = torch.tensor(float("nan") if value is None else float(value))
+        return norm.detach().float().cpu()
+
+    def requires_grad_(self, flag: bool) -> None:
+        for p in self.module.parameters():
+            p.requires_grad_(flag)
+
+    def save(self, directory: Path) -> None:
+        """Write module and optimizer state (this rank's ZeRO partition) under `directory`."""
+        self.ds.save_checkpoint(str(directory), tag="state", save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        """Restore what `save` wrote; raises if it is missing."""
+        path, _ = self.ds.load_checkpoint(str(directory), tag="state", load_optimizer_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
+
+
+def set_optimizer_hparams(engine: Engine, lr: float, betas: tuple[float, float]) -> None:
+    """Set lr/betas on every param group (lazy regularization rescales them)."""
+    for group in engine.ds.optimizer.param_groups:
+        group["lr"] = lr
+        group["betas"] = betas

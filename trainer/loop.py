@@ -1,0 +1,151 @@
+"""The per-worker training loop that Ray Train runs on every rank."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import torch
+
+from data_pipeline.sources import MIXTURES
+from data_pipeline.stream import ShardLoader, StreamConfig
+from trainer import checkpoint, tracking
+from trainer.config import Config, from_dict
+from trainer.ema import EMA
+from trainer.engines import Engine
+from trainer.metrics import Meter
+from trainer.models import build_pair
+from trainer.step import GANStep
+
+log = logging.getLogger("stablegan.loop")
+
+
+def build_engines(cfg: Config, device: torch.device) -> tuple[Engine, Engine, EMA]:
+    """G and D with identical initialisation on every rank, each in its own DeepSpeed engine."""
+    torch.manual_seed(cfg.trainer.seed)
+    m = cfg.model
+    G, D = build_pair(
+        m.arch,
+        m.latent_dim,
+        resolution=m.resolution,
+        channels=m.channels,
+        g_width=m.g_width,
+        d_width=m.d_width,
+        depth=m.depth,
+    )
+    o, p, b = cfg.optim, cfg.parallel, cfg.data.batch_size
+    g_engine = Engine(G.to(device), o.g_lr, (o.beta1, o.beta2), p, b, o.grad_clip)
+    d_engine = Engine(D.to(device), o.d_lr, (o.beta1, o.beta2), p, b, o.grad_clip)
+    return g_engine, d_engine, EMA(g_engine.module, o.ema_decay)
+
+
+@torch.no_grad()
+def sample_picture(generator: torch.nn.Module, cfg: Config, step: int, seed: int = 0) -> bytes:
+    """A PNG of samples from a fixed latent batch: an image grid, or a scatter over the modes."""
+    num = cfg.tracking.sample_grid * (40 if cfg.model.arch == "mlp" else 1)
+    z = torch.randn(num, cfg.model.latent_dim, generator=torch.Generator().manual_seed(seed))
+    was_training = generator.training
+    generator.eval()
+    x = generator(z.to(next(generator.parameters()).device)).float().cpu()
+    generator.train(was_training)
+    if cfg.model.arch == "mlp":
+        modes = MIXTURES[cfg.data.builtin][0]() if cfg.data.builtin in MIXTURES else None
+        return tracking.scatter_png(x.numpy(), modes, title=f"EMA generator, step {step}")
+    return tracking.grid_png(x)
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train entry point: `config` holds the resolved config, shard URLs and run id."""
+    cfg = from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.trainer.torch_threads or cfg.trainer.cpus_per_worker)
+    device = ray.train.torch.get_device() if cfg.trainer.use_gpu else torch.device("cpu")
+
+    expected = (
+        (2,) if cfg.model.arch == "mlp" else (cfg.model.channels, cfg.model.resolution, cfg.model.resolution)
+    )
+    d = cfg.data
+    loader = ShardLoader(
+        StreamConfig(
+            urls=config["data_urls"],
+            batch_size=d.batch_size,
+            rank=rank,
+            world_size=world,
+            num_workers=d.loader_workers,
+            seed=cfg.trainer.seed,
+            shuffle=d.shuffle,
+            resample=d.resample,
+            hflip=d.hflip,
+            verify=d.verify,
+            expected_shape=expected,
+        )
+    )
+    G, D, ema = build_engines(cfg, device)
+    noise = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + rank + 1)  # per-rank latents
+    step = 0
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as ckpt_dir:
+            step, data_state = checkpoint.load(Path(ckpt_dir), rank, G, D, ema, noise)
+        loader.load_state_dict(data_state)
+        log.warning("rank %d resumed from checkpoint at step %d", rank, step)
+
+    logger = tracking.RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    gan = GANStep(G, D, cfg, noise)
+    meter = Meter()
+    t = cfg.trainer
+    batches = iter(loader)
+    images_done, tick = 0, time.perf_counter()
+    last_logged = step
+    try:
+        while step < t.max_steps:
+            for _ in range(cfg.optim.d_steps):
+                batch = next(batches)
+                meter.add(gan.d_step(batch["x"]))
+                images_done += len(batch["x"])
+            meter.add(gan.g_step(d.batch_size))
+            ema.update(G.module)
+            step += 1
+
+            if step % t.log_every == 0 or step == t.max_steps:
+                elapsed = time.perf_counter() - tick
+                metrics = meter.reduce()  # collective: every rank is here at the same step
+                metrics["images_per_sec"] = images_done * world / max(elapsed, 1e-9)
+                metrics["data_skipped"] = float(loader.num_skipped)
+                metrics["data_unreadable_shards"] = float(loader.skipped.get("unreadable_shard", 0))
+                images_done, tick = 0, time.perf_counter()
+                steps_per_sec = (step - last_logged) / max(elapsed, 1e-9)
+                last_logged = step
+                if logger is not None:
+                    metrics["tracking_dropped"] = float(logger.dropped)
+                    logger.log_metrics(metrics, step)
+                    log.warning(
+                        "step %d/%d  d_loss %.3f  g_loss %.3f  %.0f img/s  eta %.0fs",
+                        step,
+                        t.max_steps,
+                        metrics.get("d_loss", float("nan")),
+                        metrics.get("g_loss", float("nan")),
+                        metrics["images_per_sec"],
+                        (t.max_steps - step) / max(steps_per_sec, 1e-9),
+                    )
+            if logger is not None and t.sample_every and step % t.sample_every == 0:
+                logger.log_bytes(sample_picture(ema.module, cfg, step), f"samples/step_{step:07d}.png")
+            if step % t.checkpoint_every == 0 or step == t.max_steps:
+                with tempfile.TemporaryDirectory() as tmp:
+                    checkpoint.save(
+                        Path(tmp), rank, G, D, ema, step, noise, loader.state_dict(), config["cfg"]
+                    )
+                    ray.train.report(
+                        {"step": step},
+                        checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                        checkpoint_dir_name=f"checkpoint_{step:08d}",
+                    )
+        if logger is not None:
+            logger.log_bytes(sample_picture(ema.module, cfg, step), "samples/final.png")
+    finally:
+        if logger is not None:
+            logger.close(timeout=60)

@@ -1,0 +1,65 @@
+"""Adversarial losses as pure functions of D's logits (no engines, no models).
+
+`d_loss(real, fake)` is what D minimises, `g_loss(fake)` what G minimises. The generator loss
+is the non-saturating one by default: the seed article's `generator_loss` used zeros as targets,
+i.e. G minimised log(1 - D(G(z)))'s complement wrongly and learned to look *fake*.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def nonsaturating_d(real: Tensor, fake: Tensor) -> Tensor:
+    """-log sigmoid(D(x)) - log(1 - sigmoid(D(G(z)))), in a stable softplus form."""
+    return F.softplus(-real).mean() + F.softplus(fake).mean()
+
+
+def nonsaturating_g(fake: Tensor) -> Tensor:
+    """-log sigmoid(D(G(z))): strong gradients exactly when D rejects the fakes."""
+    return F.softplus(-fake).mean()
+
+
+def hinge_d(real: Tensor, fake: Tensor) -> Tensor:
+    return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
+
+
+def hinge_g(fake: Tensor) -> Tensor:
+    return -fake.mean()
+
+
+def wasserstein_d(real: Tensor, fake: Tensor) -> Tensor:
+    return fake.mean() - real.mean()
+
+
+def wasserstein_g(fake: Tensor) -> Tensor:
+    return -fake.mean()
+
+
+def lsgan_d(real: Tensor, fake: Tensor) -> Tensor:
+    return 0.5 * ((real - 1.0).square().mean() + fake.square().mean())
+
+
+def lsgan_g(fake: Tensor) -> Tensor:
+    return 0.5 * (fake - 1.0).square().mean()
+
+
+LOSSES: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
+    "nonsaturating": (nonsaturating_d, nonsaturating_g),
+    "hinge": (hinge_d, hinge_g),
+    "wasserstein": (wasserstein_d, wasserstein_g),
+    "lsgan": (lsgan_d, lsgan_g),
+}
+
+
+def get(kind: str) -> tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """(d_loss, g_loss) for a loss name."""
+    try:
+        return LOSSES[kind]
+    except KeyError:
+        raise ValueError(f"unknown loss {kind!r}; allowed: {', '.join(LOSSES)}") from None

@@ -1,0 +1,110 @@
+"""Entry point: compose the config, validate it, train on Ray, register the generator.
+
+    python -m trainer.main                                  # grid25 on a local Ray, local MLflow
+    python -m trainer.main experiment=digits32 trainer.num_workers=2 trainer.max_steps=500
+    ray job submit --working-dir . -- python -m trainer.main experiment=dcgan64 data.urls=...
+
+The only module that talks to Hydra; the work happens in `run(cfg)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.config import Config, ConfigError, allowed_keys, from_dict, validate
+from trainer.run import UserError, run
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+GROUPS = (
+    "model",
+    "loss",
+    "penalty",
+    "optim",
+    "data",
+    "parallel",
+    "trainer",
+    "tracking",
+    "cluster",
+    "experiment",
+)
+
+ConfigStore.instance().store(name="stablegan_schema", node=Config)
+log = logging.getLogger("stablegan")
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Reject unknown keys before Hydra does, naming the allowed ones at that level."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg or arg.startswith(("hydra", "+hydra", "~")):
+            continue
+        key = arg.split("=", 1)[0].lstrip("+")
+        if "." not in key:
+            if key not in GROUPS and key not in allowed_keys(""):
+                raise ConfigError(f"unknown key {key!r}; config groups: {', '.join(GROUPS)}")
+            continue
+        parent, leaf = key.rsplit(".", 1)
+        allowed = allowed_keys(parent)
+        if allowed is None:
+            raise ConfigError(
+                f"unknown key {key!r}: {parent!r} is not a config section; sections: {', '.join(GROUPS[:-1])}"
+            )
+        if leaf not in allowed:
+            raise ConfigError(f"unknown key {key!r}; allowed keys in {parent}: {', '.join(allowed)}")
+
+
+def to_config(dcfg: DictConfig) -> Config:
+    """Hydra's composed config -> validated typed `Config`."""
+    data = OmegaConf.to_container(dcfg, resolve=True)
+    assert isinstance(data, dict)
+    return validate(from_dict(data))
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def _hydra_main(dcfg: DictConfig) -> None:
+    try:
+        cfg = to_config(dcfg)
+        start = time.time()
+        result = run(cfg)
+    except (ConfigError, UserError) as exc:
+        # Hydra would print a traceback; a user error deserves one clear line.
+        print(f"stablegan: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(f"\nstablegan: finished {cfg.trainer.max_steps} steps in {time.time() - start:.0f}s")
+    for k, v in result.items():
+        print(f"  {k}: {v}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    try:
+        check_overrides(sys.argv[1:])
+        _hydra_main()
+    except ConfigError as exc:
+        print(f"stablegan: config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def compose(overrides: list[str]) -> Config:
+    """The validated `Config` for `overrides` (for tests and notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    check_overrides(overrides)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return to_config(hydra_compose(config_name="config", overrides=overrides))
+
+
+__all__ = ["main", "compose", "run", "asdict"]
+
+if __name__ == "__main__":
+    main()

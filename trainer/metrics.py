@@ -1,0 +1,33 @@
+"""Cheap in-step metric recording, reduced across ranks once per logging interval."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class Meter:
+    """Accumulates detached scalar tensors; `reduce()` is the only sync point (one all-reduce)."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for k, v in values.items():
+            v = v.detach().float().cpu()
+            self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
+            self._counts[k] = self._counts.get(k, 0) + 1
+
+    def reduce(self) -> dict[str, float]:
+        """Means over steps and ranks; clears the meter. Collective when distributed."""
+        keys = sorted(self._sums)
+        if not keys:
+            return {}
+        means = torch.stack([self._sums[k] / self._counts[k] for k in keys])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(means)  # gloo CPU tensor; NaN stays NaN, which is what we want to see
+            means /= dist.get_world_size()
+        self._sums.clear()
+        self._counts.clear()
+        return dict(zip(keys, means.tolist()))

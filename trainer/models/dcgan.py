@@ -1,0 +1,68 @@
+"""The seed article's DCGAN pair, corrected.
+
+Fixes against the seed: output channels come from the data (the seed hard-codes 3 against
+1-channel MNIST); the feature pyramid is built for 32 or 64 px from a 4x4 base; D has no
+BatchNorm or dropout, so gradient penalties see a per-sample function.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class DCGANGenerator(nn.Module):
+    """z (N, latent_dim) -> images (N, channels, resolution, resolution) in [-1, 1]."""
+
+    def __init__(self, latent_dim: int, resolution: int = 32, channels: int = 1, width: int = 64):
+        super().__init__()
+        if resolution not in (32, 64):
+            raise ValueError(f"DCGAN resolution must be 32 or 64, got {resolution}")
+        self.latent_dim = latent_dim
+        self.out_shape = (channels, resolution, resolution)
+        n_up = int(math.log2(resolution)) - 2  # 4x4 -> resolution
+        ch = width * 2 ** (n_up - 1)
+        self.base_channels = ch
+        self.project = nn.Sequential(
+            nn.Linear(latent_dim, ch * 16, bias=False), nn.BatchNorm1d(ch * 16), nn.ReLU()
+        )
+        blocks: list[nn.Module] = []
+        for _ in range(n_up - 1):
+            blocks += [
+                nn.ConvTranspose2d(ch, ch // 2, 4, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(ch // 2),
+                nn.ReLU(),
+            ]
+            ch //= 2
+        blocks += [nn.ConvTranspose2d(ch, channels, 4, stride=2, padding=1), nn.Tanh()]
+        self.body = nn.Sequential(*blocks)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.project(z).view(z.shape[0], self.base_channels, 4, 4)
+        out = self.body(x)
+        assert out.shape[1:] == self.out_shape, (out.shape, self.out_shape)
+        return out
+
+
+class DCGANDiscriminator(nn.Module):
+    """images (N, channels, resolution, resolution) -> logits (N,)."""
+
+    def __init__(self, resolution: int = 32, channels: int = 1, width: int = 64):
+        super().__init__()
+        if resolution not in (32, 64):
+            raise ValueError(f"DCGAN resolution must be 32 or 64, got {resolution}")
+        self.in_shape = (channels, resolution, resolution)
+        n_down = int(math.log2(resolution)) - 2
+        layers: list[nn.Module] = []
+        ch_in, ch = channels, width
+        for _ in range(n_down):
+            layers += [nn.Conv2d(ch_in, ch, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            ch_in, ch = ch, ch * 2
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(ch_in * 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[1:] == self.in_shape, f"D expects {self.in_shape} images, got {tuple(x.shape[1:])}"
+        return self.head(self.body(x).flatten(1)).squeeze(1)

@@ -1,0 +1,54 @@
+"""Gradient penalties on D, safe for double backward under DeepSpeed.
+
+Each takes `d_fn`, the discriminator's *module* forward: going through the DeepSpeed engine's
+`__call__` makes `autograd.grad(..., create_graph=True)` fail under ZeRO 0-2 (its hooks fire).
+The inner gradient is taken of `scale * sum(D(x))` and divided back, so that under fp16 loss
+scaling it does not underflow; the squared norm is computed in fp32 whatever D's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Tensor = torch.Tensor
+DFn = Callable[[Tensor], Tensor]
+
+
+def input_grad(logits: Tensor, x: Tensor, scale: float = 1.0) -> Tensor:
+    """d sum(logits) / dx with the graph kept (for the penalty's own backward), in fp32."""
+    (grad,) = torch.autograd.grad(logits.sum() * scale, x, create_graph=True)
+    return grad.float() / scale
+
+
+def r1_from_logits(real_logits: Tensor, real: Tensor, scale: float = 1.0) -> Tensor:
+    """E ||grad_x D(x)||^2 on reals, reusing the forward that produced `real_logits`.
+
+    `real` must have had `requires_grad_(True)` before the forward: the D step fuses the
+    adversarial forward and the penalty forward into one this way.
+    """
+    return input_grad(real_logits, real, scale).square().flatten(1).sum(1).mean()
+
+
+def r1(d_fn: DFn, real: Tensor, scale: float = 1.0) -> Tensor:
+    """R1 (Mescheder et al. 2018): E ||grad_x D(x)||^2 over real samples."""
+    x = real.detach().requires_grad_(True)
+    return r1_from_logits(d_fn(x), x, scale)
+
+
+def interpolate(real: Tensor, fake: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Random points on the lines between real and fake samples (one t per sample)."""
+    shape = (real.shape[0],) + (1,) * (real.dim() - 1)
+    # Drawn on the CPU generator that also draws the latents, so runs replay exactly.
+    t = torch.rand(shape, generator=generator).to(real.device, real.dtype)
+    return (t * real.detach() + (1 - t) * fake.detach()).requires_grad_(True)
+
+
+def wgan_gp(
+    d_fn: DFn, real: Tensor, fake: Tensor, scale: float = 1.0, generator: torch.Generator | None = None
+) -> Tensor:
+    """WGAN-GP (Gulrajani et al. 2017): E (||grad D(x_hat)|| - 1)^2 on interpolates."""
+    x = interpolate(real, fake, generator)
+    grad = input_grad(d_fn(x), x, scale)
+    return (grad.flatten(1).norm(2, dim=1) - 1.0).square().mean()

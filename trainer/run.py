@@ -1,0 +1,178 @@
+"""The driver: prepare data, open the MLflow run, start Ray Train, register the generator."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import ray
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from data_pipeline.make_shards import MakeShardsConfig, write_shards
+from data_pipeline.shards import MANIFEST, ShardSpecError, resolve
+from trainer import checkpoint, tracking
+from trainer.config import Config
+from trainer.loop import sample_picture, train_loop
+from trainer.models import build_pair
+
+log = logging.getLogger("stablegan.run")
+
+
+class UserError(RuntimeError):
+    """Something the user can fix (data, cluster address, registry); the message says how."""
+
+
+def builtin_shards(cfg: Config, root: Path) -> str:
+    """Write the built-in dataset once under `root/datasets/` and return its folder."""
+    d, m = cfg.data, cfg.model
+    readers = cfg.trainer.num_workers * max(1, d.loader_workers)
+    if d.builtin == "digits":
+        out = root / "datasets" / f"digits-{m.resolution}px-{m.channels}ch"
+        shard_size = math.ceil(1797 / max(8, readers))
+        mcfg = MakeShardsConfig(
+            source="digits", out=str(out), resolution=m.resolution, channels=m.channels, shard_size=shard_size
+        )
+    else:
+        out = root / "datasets" / d.builtin
+        mcfg = MakeShardsConfig(source=d.builtin, out=str(out), num_samples=100_000, shard_size=10_000)
+    manifest = out / MANIFEST
+    if not manifest.is_file() or len(resolve(str(out)).urls) < readers:
+        write_shards(mcfg, progress=False)
+    return str(out)
+
+
+def check_data(cfg: Config, urls: str | list) -> None:
+    """Fail before Ray starts when the shards are missing or do not fit the model."""
+    try:
+        shards = resolve(urls)
+    except ShardSpecError as exc:
+        raise UserError(f"data.urls: {exc}") from None
+    kind = shards.kind
+    if kind is None:
+        return  # no manifest: shapes are checked per sample while streaming
+    want = "points" if cfg.model.arch == "mlp" else "image"
+    if kind != want:
+        raise UserError(
+            f"data.urls holds {kind} samples but model.arch={cfg.model.arch} needs {want} samples; "
+            f"use {'model=mlp' if kind == 'points' else 'model=dcgan32 or model=dcgan64'}"
+        )
+    if want == "image":
+        shape = tuple(shards.sample_shape or ())
+        expected = (cfg.model.channels, cfg.model.resolution, cfg.model.resolution)
+        if shape != expected:
+            raise UserError(
+                f"the shards hold {shape} images but the model expects {expected}: set "
+                f"model.channels={shape[0]} model.resolution={shape[-1]}, or rebuild the shards "
+                f"with make_shards channels={expected[0]} resolution={expected[-1]}"
+            )
+
+
+def init_ray(cfg: Config) -> None:
+    """Connect to `cluster.address` / $RAY_ADDRESS, or start a local Ray bound to 127.0.0.1."""
+    if ray.is_initialized():
+        return
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # Ray rewrites a literal 127.0.0.1 to the host's outward address unless it is told
+            # this is a one-node cluster; then every node address is 127.0.0.1.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            ray.init(
+                _node_ip_address="127.0.0.1",
+                include_dashboard=False,
+                num_cpus=cfg.cluster.num_cpus or None,
+                log_to_driver=True,
+            )
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise UserError(
+            f"cannot reach the Ray cluster at {address!r}: {exc}. Start one (launch/local_cluster.sh up) "
+            "or leave cluster.address empty to run on a local Ray"
+        ) from None
+
+
+def run(cfg: Config) -> dict[str, str]:
+    """Train `cfg` end to end; return where the results are."""
+    t = cfg.trainer
+    run_name = t.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = Path(t.storage_path).expanduser().resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    urls = cfg.data.urls or builtin_shards(cfg, storage)
+    if not isinstance(urls, str):
+        urls = list(urls)
+    check_data(cfg, urls)
+
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    config_dict = asdict(cfg)
+    run_id, resumed = tracking.start_run(uri, cfg.tracking.experiment, run_name, config_dict)
+    print(f"stablegan: run {run_name} ({'resumed' if resumed else 'new'}), MLflow run {run_id} at {uri}")
+
+    init_ray(cfg)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": config_dict, "data_urls": urls, "tracking_uri": uri, "run_id": run_id},
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        tracking.end_run(uri, run_id, status="FAILED")
+        raise RuntimeError(f"training run {run_name} failed: {exc}") from exc
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name} ended without a checkpoint")
+
+    out_dir = storage / run_name
+    with result.checkpoint.as_directory() as ckpt_dir:
+        ema_state = checkpoint.load_ema_weights(Path(ckpt_dir))
+    m = cfg.model
+    G, _ = build_pair(
+        m.arch,
+        m.latent_dim,
+        resolution=m.resolution,
+        channels=m.channels,
+        g_width=m.g_width,
+        d_width=m.d_width,
+        depth=m.depth,
+    )
+    G.load_state_dict(ema_state)
+    weights = out_dir / "generator_ema.pt"
+    torch.save(ema_state, weights)  # kept on disk whatever the registry does
+
+    picture = out_dir / "samples.png"
+    picture.write_bytes(sample_picture(G, cfg, t.max_steps))
+    out = {
+        "run": run_name,
+        "mlflow_run_id": run_id,
+        "tracking_uri": uri,
+        "checkpoint": result.checkpoint.path,
+        "generator_weights": str(weights),
+        "sample_image": str(picture),
+    }
+    if cfg.tracking.register:
+        tags = {"run_id": run_id, "dataset": str(urls), "steps": t.max_steps, "experiment": cfg.name}
+        try:
+            version = tracking.register_generator(
+                uri, run_id, G, m.latent_dim, cfg.tracking.registered_model, tags
+            )
+            name = cfg.tracking.registered_model
+            out["registered_model"] = f"models:/{name}/{version} (also models:/{name}@latest)"
+        except Exception as exc:  # noqa: BLE001 - the weights are safe on disk; say how to retry
+            out["registered_model"] = f"FAILED ({exc}); the weights are in {weights}"
+    tracking.end_run(uri, run_id, tags={"stablegan.steps": t.max_steps})
+    return out

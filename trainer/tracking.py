@@ -1,0 +1,313 @@
+"""Everything MLflow: runs, buffered metrics, sample pictures, the model registry.
+
+The only module that imports mlflow. Workers never block on the server: `RunLogger` queues
+metrics and artifacts in memory and a background thread sends them, retrying with backoff
+while the server is unreachable; past `max_buffered` metrics the oldest are dropped and
+counted (reported in the `tracking_dropped` metric and at close).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+RUN_NAME_TAG = "stablegan.run_name"
+log = logging.getLogger("stablegan.tracking")
+
+
+def resolve_uri(uri: str) -> str:
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else a sqlite store in the working directory."""
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def start_run(uri: str, experiment: str, run_name: str, config: dict) -> tuple[str, bool]:
+    """Create the run for `run_name`, or find it again when a run of that name is resumed.
+
+    Returns (run_id, resumed). Params (the flattened config) and the config artifact are
+    logged once, when the run is created.
+    """
+    import mlflow
+
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            # Absolute, so Ray workers running in other folders write to the same place.
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+        exp_id = client.create_experiment(experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id, True
+    run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+    params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(config).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[i : i + 100])
+    client.log_dict(run.info.run_id, config, "config/resolved.yaml")
+    return run.info.run_id, False
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED", tags: dict | None = None) -> None:
+    client = _client(uri)
+    for k, v in (tags or {}).items():
+        client.set_tag(run_id, k, str(v))
+    client.set_terminated(run_id, status=status)
+
+
+class RunLogger:
+    """Buffered, retrying metric/artifact sender for one run (used by rank 0)."""
+
+    def __init__(self, uri: str, run_id: str, max_buffered: int = 200_000):
+        # Our thread retries; MLflow's own retries would hold a request for minutes.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.client = _client(uri)
+        self.run_id = run_id
+        self.max_buffered = max_buffered
+        self._metrics: deque = deque()
+        self._artifacts: deque = deque()
+        self._cv = threading.Condition()
+        self._closing = False
+        self.dropped = 0
+        self.send_failures = 0
+        self._thread = threading.Thread(target=self._run, name="mlflow-logger", daemon=True)
+        self._thread.start()
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        with self._cv:
+            for k, v in metrics.items():
+                self._metrics.append(Metric(k, float(v), now, step))
+            while len(self._metrics) > self.max_buffered:
+                self._metrics.popleft()
+                self.dropped += 1
+            self._cv.notify()
+
+    def log_bytes(self, data: bytes, artifact_file: str) -> None:
+        with self._cv:
+            self._artifacts.append((data, artifact_file))
+            self._cv.notify()
+
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._metrics) + len(self._artifacts)
+
+    def _send_one_batch(self) -> bool:
+        with self._cv:
+            batch = [self._metrics[i] for i in range(min(1000, len(self._metrics)))]
+            artifact = self._artifacts[0] if self._artifacts else None
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+            with self._cv:
+                for _ in batch:
+                    self._metrics.popleft()
+        if artifact is not None:
+            data, name = artifact
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / Path(name).name
+                path.write_bytes(data)
+                self.client.log_artifact(
+                    self.run_id, str(path), str(Path(name).parent) if "/" in name else None
+                )
+            with self._cv:
+                self._artifacts.popleft()
+        return bool(batch or artifact)
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while True:
+            with self._cv:
+                while not self._metrics and not self._artifacts and not self._closing:
+                    self._cv.wait(timeout=1.0)
+                if self._closing and not self._metrics and not self._artifacts:
+                    return
+            try:
+                self._send_one_batch()
+                backoff = 0.5
+            except Exception as exc:  # noqa: BLE001 - server down or flaky: keep the data, retry
+                self.send_failures += 1
+                if self.send_failures in (1, 10) or self.send_failures % 100 == 0:
+                    log.warning("MLflow unreachable (%s); %d items buffered, retrying", exc, self.pending())
+                with self._cv:
+                    if self._closing and self._close_deadline < time.monotonic():
+                        return
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def close(self, timeout: float = 60.0) -> int:
+        """Flush for up to `timeout` seconds; return how many items could not be sent."""
+        with self._cv:
+            self._closing = True
+            self._close_deadline = time.monotonic() + timeout
+            self._cv.notify()
+        self._thread.join(timeout + 1)
+        left = self.pending()
+        if left or self.dropped:
+            log.warning(
+                "MLflow logger closed with %d unsent items and %d dropped metrics", left, self.dropped
+            )
+        return left + self.dropped
+
+
+def grid_png(images: torch.Tensor, nrow: int | None = None) -> bytes:
+    """Images (N,C,H,W) in [-1,1] -> one PNG grid (PIL only; torchvision is not a dependency)."""
+    from PIL import Image
+
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    n, c, h, w = x.shape
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    ncol = int(np.ceil(n / nrow))
+    pad = 2
+    canvas = np.zeros((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        y0, x0 = pad + r * (h + pad), pad + q * (w + pad)
+        canvas[y0 : y0 + h, x0 : x0 + w] = x[i].transpose(1, 2, 0)
+    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def scatter_png(points: np.ndarray, modes: np.ndarray | None = None, title: str = "") -> bytes:
+    """2-D samples as a scatter plot (with the true modes as crosses when known)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.4, color="tab:blue", label="samples")
+    if modes is not None:
+        ax.scatter(modes[:, 0], modes[:, 1], s=40, marker="x", color="tab:red", label="modes")
+    lim = max(1.5, float(np.abs(modes).max()) * 1.3) if modes is not None else None
+    if lim:
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def register_generator(
+    uri: str,
+    run_id: str,
+    generator: torch.nn.Module,
+    latent_dim: int,
+    model_name: str,
+    tags: dict[str, Any],
+) -> str:
+    """Log the EMA generator with signature and input example and register it as a new version.
+
+    MLflow 3 reserves the alias `latest`: `models:/NAME@latest` always resolves to the newest
+    version, i.e. the one registered here, so no alias needs moving for it.
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    generator = generator.float().eval().cpu()
+    example = np.random.default_rng(0).standard_normal((4, latent_dim)).astype(np.float32)
+    with torch.no_grad():
+        output = generator(torch.from_numpy(example)).numpy()
+    signature = infer_signature(example, output)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            generator,
+            name="generator",
+            signature=signature,
+            input_example=example,
+            registered_model_name=model_name,
+            # Skip MLflow's slow requirement inference (it imports the model in a subprocess).
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
+    client = _client(uri)
+    version = str(info.registered_model_version)
+    for k, v in tags.items():
+        client.set_model_version_tag(model_name, version, k, str(v))
+    return version
+
+
+def describe_registered(uri: str, name: str) -> str:
+    """'versions: 1, 2; aliases: latest -> 2' (or why there is nothing) for error messages."""
+    client = _client(uri)
+    try:
+        model = client.get_registered_model(name)
+    except Exception:  # noqa: BLE001 - any lookup failure means "not there"
+        names = [m.name for m in client.search_registered_models(max_results=50)]
+        return f"no registered model {name!r}; registered models: {names or 'none'}"
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    aliases = ", ".join(f"{a} -> {v}" for a, v in sorted(model.aliases.items())) or "none"
+    return f"versions of {name!r}: {versions or 'none'}; aliases: {aliases}"
+
+
+def load_generator(uri: str, model_uri: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    """(generator, latent_dim) for `models:/NAME@ALIAS` or `models:/NAME/VERSION`.
+
+    Generators are logged in MLflow's pt2 format (torch.export, no pickled classes), in eval
+    mode with a dynamic batch dimension; the latent size comes from the model's signature.
+    Errors name the versions and aliases that do exist.
+    """
+    import mlflow
+
+    if not model_uri.startswith("models:/") or len(model_uri) <= len("models:/"):
+        raise ValueError(
+            f"model={model_uri!r} is not a model URI; use models:/NAME@ALIAS or models:/NAME/VERSION"
+        )
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    name = model_uri[len("models:/") :].split("@")[0].split("/")[0]
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+        loaded = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - re-raised with what does exist
+        raise LookupError(f"cannot load {model_uri} from {uri}: {describe_registered(uri, name)}") from exc
+    latent_dim = int(info.signature.inputs.inputs[0].shape[-1])
+    module = (
+        loaded.module() if hasattr(loaded, "module") and not isinstance(loaded, torch.nn.Module) else loaded
+    )
+    return module, latent_dim
