@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from data_pipeline.shards import ShardList, ShardSpecError, resolve, verify
 
@@ -58,18 +58,27 @@ class StreamConfig:
 
 
 def _read_shard(url: str) -> tuple[list[dict], Exception | None]:
-    """All samples of one tar, and the exception that cut it short, if any."""
-    samples: list[dict] = []
+    """All samples of one tar, and the exception that cut it short, if any.
+
+    Members are collected first and grouped afterwards, so every complete member read before
+    a truncation or read error is kept.
+    """
+    members: list[tuple[str, bytes]] = []
+    error: Exception | None = None
     try:
         stream = gopen(url, "rb")
         try:
-            files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-            samples.extend(group_by_keys(files))
+            members.extend((f["fname"], f["data"]) for f in tar_file_iterator(stream))
         finally:
             stream.close()  # a pipe: URL raises here when its command failed
     except Exception as exc:  # noqa: BLE001 - any reader failure is skipped and counted
-        return samples, exc
-    return samples, None
+        error = exc
+    samples: dict[str, dict] = {}
+    for fname, data in members:
+        key, ext = base_plus_ext(fname)
+        if key is not None:
+            samples.setdefault(key, {"__key__": key})[ext.lower()] = data
+    return list(samples.values()), error
 
 
 def _decode_image(raw: bytes) -> np.ndarray:
@@ -83,8 +92,11 @@ def _decode_image(raw: bytes) -> np.ndarray:
 class ShardStream(IterableDataset):
     """The per-process reader: yields batches with the position reached after each one."""
 
-    def __init__(self, shards: ShardList, cfg: StreamConfig, start: dict[int, Position] | None = None):
+    def __init__(
+        self, shards: ShardList, cfg: StreamConfig, start: dict[int, Position] | None = None, rotate: int = 0
+    ):
         super().__init__()
+        self.rotate = rotate  # worker w reads slot (w + rotate) % num_workers: see ShardLoader
         self.urls = shards.urls
         self.cfg = cfg
         self.kind = shards.kind or ("points" if cfg.expected_shape == (2,) else "image")
@@ -95,7 +107,7 @@ class ShardStream(IterableDataset):
         """(this process's reader slot, total slots over the job)."""
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.cfg.rank * nw + wid, self.cfg.world_size * nw
+        return self.cfg.rank * nw + (wid + self.rotate) % nw, self.cfg.world_size * nw
 
     def shards_for(self, epoch: int, slot: int, total: int) -> list[int]:
         """Indices of the shards that `slot` reads in `epoch`, in reading order."""
@@ -238,9 +250,14 @@ class ShardLoader:
         self.positions: dict[int, Position] = {}
         self.skipped: Counter = Counter()
         self.samples_seen = 0
+        # DataLoader takes batches from its workers strictly in turn, starting with worker 0.
+        # To replay the same interleaving after a restart, the reader that was due next is
+        # handed to worker 0 (in step-based, infinite mode no reader ever runs dry).
+        self.next_reader = 0
 
     def __iter__(self) -> Iterator[dict]:
-        dataset = ShardStream(self.shards, self.cfg, self.positions)
+        readers = max(1, self.cfg.num_workers)
+        dataset = ShardStream(self.shards, self.cfg, self.positions, rotate=self.next_reader)
         loader = DataLoader(
             dataset,
             batch_size=None,  # batches are built in the workers
@@ -251,6 +268,7 @@ class ShardLoader:
         for batch in loader:
             # Only consumed batches move the position: prefetched ones are re-read on resume.
             self.positions[batch["slot"]] = tuple(batch["pos"])
+            self.next_reader = (batch["slot"] - self.cfg.rank * readers + 1) % readers
             self.skipped.update(batch["skipped"])
             if batch["x"].numel():
                 self.samples_seen += len(batch["x"])
@@ -268,6 +286,7 @@ class ShardLoader:
             "readers": self.cfg.world_size * max(1, self.cfg.num_workers),
             "skipped": dict(self.skipped),
             "samples_seen": self.samples_seen,
+            "next_reader": self.next_reader,
             "seed": self.cfg.seed,
         }
 
@@ -283,3 +302,4 @@ class ShardLoader:
         self.positions = {int(k): tuple(v) for k, v in state["positions"].items()}
         self.skipped = Counter(state["skipped"])
         self.samples_seen = state["samples_seen"]
+        self.next_reader = state["next_reader"]

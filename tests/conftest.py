@@ -1,0 +1,104 @@
+"""Shared fixtures: real shards, a real MLflow server and a real Ray cluster on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 90.0) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a server and every process it started (mlflow server forks its workers)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a sqlite store; yields its URI."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health")
+        yield uri
+    finally:
+        stop_group(proc)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A two-node Ray cluster (head + worker node) on loopback via launch/local_cluster.sh."""
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "STABLEGAN_RAY_PORT": str(free_port()),
+        "STABLEGAN_DASHBOARD_PORT": str(free_port()),
+        "STABLEGAN_HEAD_CPUS": "2",
+        "STABLEGAN_WORKER_CPUS": "1",
+        "RAY_AUTH_MODE": "token",
+    }
+    script = str(ROOT / "launch" / "local_cluster.sh")
+    out = subprocess.run([script, "up"], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr + out.stdout
+    info = dict(line.split("=", 1) for line in out.stdout.splitlines() if line.startswith(("RAY_ADDRESS", "DASHBOARD")))
+    try:
+        yield {"address": info["RAY_ADDRESS"], "dashboard": info["DASHBOARD"].split()[0], "env": env}
+    finally:
+        subprocess.run([script, "down"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def ds_dist(monkeypatch):
+    """A one-process gloo group so DeepSpeed engines can be built inside pytest."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    yield

@@ -1,0 +1,191 @@
+"""stream: exactly-once splitting, seeded shuffles, resume, and bad data skipped and counted."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.make_shards import MakeShardsConfig, write_shards
+from data_pipeline.shards import ShardSpecError, resolve
+from data_pipeline.stream import ShardLoader, StreamConfig
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits")
+    write_shards(MakeShardsConfig(source="digits", out=str(out), resolution=8, shard_size=100), progress=False)
+    return out  # 18 shards of <= 100 images
+
+
+def _pixels_key(x: torch.Tensor) -> list[bytes]:
+    return [np.asarray(t).tobytes() for t in ((x + 1) * 127.5).round().to(torch.uint8).numpy()]
+
+
+def _epoch(urls, rank, world, workers, seed=0, batch_size=32, **kw):
+    loader = ShardLoader(StreamConfig(urls=str(urls), batch_size=batch_size, rank=rank, world_size=world,
+                                      num_workers=workers, seed=seed, infinite=False, drop_last=False, **kw))
+    return [k for b in loader for k in _pixels_key(b["x"])], loader
+
+
+def test_exactly_once_over_2_ranks_x_2_workers(digits):
+    keys0, _ = _epoch(digits, 0, 2, 2)
+    keys1, _ = _epoch(digits, 1, 2, 2)
+    everything, _ = _epoch(digits, 0, 1, 0, shuffle=False)
+    assert len(everything) == 1797
+    # Disjoint across ranks, and the union is the whole dataset with no sample twice.
+    from collections import Counter
+
+    assert Counter(keys0 + keys1) == Counter(everything)
+    assert 0 < len(keys0) < 1797 and len(keys0) + len(keys1) == 1797
+
+
+def test_too_few_shards_is_a_clear_error_unless_resampling(tmp_path):
+    write_shards(MakeShardsConfig(source="digits", out=str(tmp_path), resolution=8, shard_size=1000), progress=False)
+    with pytest.raises(ShardSpecError, match="2 shard.*4 readers.*data.resample=true"):
+        ShardLoader(StreamConfig(urls=str(tmp_path), batch_size=8, rank=0, world_size=2, num_workers=2))
+    loader = ShardLoader(StreamConfig(urls=str(tmp_path), batch_size=8, world_size=2, num_workers=2, resample=True))
+    batches = iter(loader)
+    assert next(batches)["x"].shape == (8, 1, 8, 8)
+
+
+def test_shuffle_is_seeded_and_changes_per_epoch(digits):
+    a, _ = _epoch(digits, 0, 1, 2, seed=3)
+    b, _ = _epoch(digits, 0, 1, 2, seed=3)
+    c, _ = _epoch(digits, 0, 1, 2, seed=4)
+    assert a == b and a != c and sorted(a) == sorted(c)
+
+    loader = ShardLoader(StreamConfig(urls=str(digits), batch_size=1797 // 3, num_workers=0, seed=3))
+    it = iter(loader)
+    epoch0 = [k for _ in range(3) for k in _pixels_key(next(it)["x"])]
+    epoch1 = [k for _ in range(3) for k in _pixels_key(next(it)["x"])]
+    assert epoch0 != epoch1[: len(epoch0)]
+
+
+def test_resample_mode_is_reproducible(digits):
+    def first(seed):
+        loader = ShardLoader(StreamConfig(urls=str(digits), batch_size=64, num_workers=2, seed=seed, resample=True))
+        it = iter(loader)
+        return [k for _ in range(5) for k in _pixels_key(next(it)["x"])]
+
+    assert first(1) == first(1) != first(2)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_continues_the_same_stream(digits, workers):
+    cfg = StreamConfig(urls=str(digits), batch_size=50, num_workers=workers, seed=7)
+    full = ShardLoader(cfg)
+    it = iter(full)
+    reference = [_pixels_key(next(it)["x"]) for _ in range(60)]  # > 1 epoch (1797 / 50 = 35)
+
+    first = ShardLoader(cfg)
+    it = iter(first)
+    head = [_pixels_key(next(it)["x"]) for _ in range(23)]
+    state = first.state_dict()
+    assert state["samples_seen"] == 23 * 50
+    del it
+
+    resumed = ShardLoader(cfg)
+    resumed.load_state_dict(state)
+    it = iter(resumed)
+    tail = [_pixels_key(next(it)["x"]) for _ in range(37)]
+    assert head + tail == reference
+
+    with pytest.raises(ValueError, match="keep trainer.num_workers"):
+        ShardLoader(StreamConfig(urls=str(digits), batch_size=50, num_workers=workers + 2, seed=7)).load_state_dict(state)
+
+
+def test_hflip_in_workers(digits):
+    plain, _ = _epoch(digits, 0, 1, 0, seed=0, shuffle=False)
+    flipped_loader = ShardLoader(StreamConfig(urls=str(digits), batch_size=1797, num_workers=0, infinite=False,
+                                              drop_last=False, shuffle=False, hflip=True))
+    x = next(iter(flipped_loader))["x"]
+    keys = _pixels_key(x)
+    mirrored = _pixels_key(x.flip(-1))
+    changed = sum(k != p for k, p in zip(keys, plain))
+    assert 0.3 * 1797 < changed < 0.7 * 1797
+    assert all(k == p or m == p for k, m, p in zip(keys, mirrored, plain))
+
+
+def _tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def _png(shape=(8, 8)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full(shape, 200, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path):
+    _tar(tmp_path / "a.tar", {"0.png": _png(), "0.cls": b"1", "1.png": b"garbage", "2.png": _png((9, 9)),
+                              "3.txt": b"no image", "4.png": _png()})
+    good = tmp_path / "b.tar"
+    _tar(good, {f"{i}.png": _png() for i in range(10)})
+    truncated = tmp_path / "c.tar"
+    truncated.write_bytes(good.read_bytes()[:2600])  # cut inside the 3rd member
+    (tmp_path / "d.tar").write_bytes(b"\x00not a tar at all" * 100)
+    loader = ShardLoader(StreamConfig(urls=[str(tmp_path / f"{c}.tar") for c in "abcd"], batch_size=1,
+                                      num_workers=2, infinite=False, expected_shape=(1, 8, 8), verify=False))
+    n = sum(len(b["x"]) for b in loader)  # warnings are printed by the worker processes
+    assert n == 2 + 10 + 2
+    assert loader.skipped["decode_error"] == 1
+    assert loader.skipped["bad_shape"] == 1
+    assert loader.skipped["missing_field"] == 1
+    assert loader.skipped["unreadable_shard"] == 2  # truncated + not a tar
+    assert loader.num_skipped == 3
+
+
+def test_nothing_readable_raises_instead_of_hanging(tmp_path):
+    (tmp_path / "x.tar").write_bytes(b"junk" * 300)
+    loader = ShardLoader(StreamConfig(urls=str(tmp_path / "x.tar"), batch_size=4, num_workers=0, verify=False))
+    with pytest.warns(UserWarning), pytest.raises(ShardSpecError, match="no valid sample in a whole pass"):
+        next(iter(loader))
+
+
+def test_pipe_urls(digits):
+    urls = [f"pipe:cat {p}" for p in sorted(digits.glob("*.tar"))]
+    loader = ShardLoader(StreamConfig(urls=urls, batch_size=100, num_workers=2, infinite=False, drop_last=False,
+                                      expected_shape=(1, 8, 8)))
+    assert sum(len(b["x"]) for b in loader) == 1797
+    failing = ShardLoader(StreamConfig(urls=["pipe:false"], batch_size=1, num_workers=0, expected_shape=(1, 8, 8)))
+    with pytest.warns(UserWarning), pytest.raises(ShardSpecError):
+        next(iter(failing))
+
+
+def test_spec_errors_name_the_problem(digits, tmp_path):
+    with pytest.raises(ShardSpecError, match="malformed brace pattern"):
+        resolve(str(digits / "digits-{000000..000003.tar"))
+    with pytest.raises(ShardSpecError, match=r"82 shard\(s\) not found: .*digits-000018.tar.* and 79 more"):
+        resolve(str(digits / "digits-{000000..000099}.tar"))
+    with pytest.raises(ShardSpecError, match="no .tar shards"):
+        resolve(str(tmp_path))
+    with pytest.raises(ShardSpecError, match="no shards given"):
+        resolve("")
+    assert len(resolve(str(digits / "digits-{000000..000003}.tar")).urls) == 4
+    assert len(resolve([str(digits / "digits-000000.tar"), str(digits / "digits-000001.tar")]).urls) == 2
+    assert len(resolve(str(digits / "manifest.json")).urls) == 18
+    assert len(resolve(f"file://{digits}/digits-000000.tar").urls) == 1
+
+
+def test_manifest_checksum_mismatch(tmp_path):
+    write_shards(MakeShardsConfig(source="digits", out=str(tmp_path), resolution=8, shard_size=500), progress=False)
+    shard = tmp_path / "digits-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF  # same size, different bytes
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardSpecError, match="digits-000001.tar does not match the sha256"):
+        ShardLoader(StreamConfig(urls=str(tmp_path), batch_size=8, num_workers=0))
+    shard.write_bytes(bytes(data[:1024]))
+    with pytest.raises(ShardSpecError, match="truncated"):
+        ShardLoader(StreamConfig(urls=str(tmp_path), batch_size=8, num_workers=0))
