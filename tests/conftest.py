@@ -54,9 +54,23 @@ def mlflow_server(tmp_path_factory):
     port = free_port()
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -82,23 +96,37 @@ def ray_cluster(tmp_path_factory):
     script = str(ROOT / "launch" / "local_cluster.sh")
     out = subprocess.run([script, "up"], env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr + out.stdout
-    info = dict(line.split("=", 1) for line in out.stdout.splitlines() if line.startswith(("RAY_ADDRESS", "DASHBOARD")))
+    info = dict(
+        line.split("=", 1)
+        for line in out.stdout.splitlines()
+        if line.startswith(("RAY_ADDRESS", "DASHBOARD"))
+    )
     try:
         yield {"address": info["RAY_ADDRESS"], "dashboard": info["DASHBOARD"].split()[0], "env": env}
     finally:
         subprocess.run([script, "down"], env=env, capture_output=True, timeout=120)
 
 
-@pytest.fixture
-def ds_dist(monkeypatch):
+@pytest.fixture(scope="session")
+def ds_dist():
     """A one-process gloo group so DeepSpeed engines can be built inside pytest."""
     import torch.distributed as dist
 
+    env = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     if not dist.is_initialized():
-        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-        monkeypatch.setenv("MASTER_PORT", str(free_port()))
-        monkeypatch.setenv("RANK", "0")
-        monkeypatch.setenv("LOCAL_RANK", "0")
-        monkeypatch.setenv("WORLD_SIZE", "1")
         dist.init_process_group("gloo", rank=0, world_size=1)
     yield
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

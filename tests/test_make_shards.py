@@ -24,9 +24,21 @@ def _write(tmp_path, **kw):
 
 
 def _all(out, batch_size=1, **kw):
-    loader = ShardLoader(StreamConfig(urls=str(out), batch_size=batch_size, num_workers=0, infinite=False, drop_last=False, shuffle=False, **kw))
+    loader = ShardLoader(
+        StreamConfig(
+            urls=str(out),
+            batch_size=batch_size,
+            num_workers=0,
+            infinite=False,
+            drop_last=False,
+            shuffle=False,
+            **kw,
+        )
+    )
     batches = list(loader)
-    return np.concatenate([b["x"].numpy() for b in batches]), np.concatenate([b["y"].numpy() for b in batches])
+    return np.concatenate([b["x"].numpy() for b in batches]), np.concatenate(
+        [b["y"].numpy() for b in batches]
+    )
 
 
 @pytest.fixture
@@ -37,14 +49,18 @@ def image_folder(tmp_path):
         for i in range(5):
             arr = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
             Image.fromarray(arr).save(tmp_path / "imgs" / cls / ("nested" if i % 2 else ".") / f"{i}.png")
-    Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "dogs" / "x.jpg")
+    Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(
+        tmp_path / "imgs" / "dogs" / "x.jpg"
+    )
     (tmp_path / "imgs" / "dogs" / "broken.png").write_bytes(b"not a png")
     return tmp_path / "imgs"
 
 
 def test_folder_source_round_trip(tmp_path, image_folder):
     with pytest.warns(UserWarning, match="broken.png"):
-        manifest, out = _write(tmp_path, source="folder", src=str(image_folder), resolution=16, channels=3, shard_size=4)
+        manifest, out = _write(
+            tmp_path, source="folder", src=str(image_folder), resolution=16, channels=3, shard_size=4
+        )
     assert manifest["num_samples"] == 11 and manifest["skipped"] == 1
     assert manifest["classes"] == ["cats", "dogs"]
     assert manifest["sample_shape"] == [3, 16, 16]
@@ -70,7 +86,9 @@ def test_npz_source_like_the_seed_mnist(tmp_path):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 255, (30, 28, 28), dtype=np.uint8)
     np.savez(tmp_path / "mnist.npz", x_train=images, y_train=np.arange(30) % 10)
-    manifest, out = _write(tmp_path, source="npz", src=str(tmp_path / "mnist.npz"), resolution=28, shuffle=False)
+    manifest, out = _write(
+        tmp_path, source="npz", src=str(tmp_path / "mnist.npz"), resolution=28, shuffle=False
+    )
     assert manifest["num_samples"] == 30 and manifest["sample_shape"] == [1, 28, 28]
     x, y = _all(out)
     restored = np.rint((x[:, 0] + 1) * 127.5).astype(np.uint8)
@@ -86,7 +104,9 @@ def test_digits_source(tmp_path):
     assert x.mean() < -0.3  # dark background, bright strokes
 
 
-@pytest.mark.parametrize("name,modes,sigma", [("ring8", ring8_modes(), 0.01), ("grid25", grid25_modes(), 0.05)])
+@pytest.mark.parametrize(
+    "name,modes,sigma", [("ring8", ring8_modes(), 0.01), ("grid25", grid25_modes(), 0.05)]
+)
 def test_mixture_sources(tmp_path, name, modes, sigma):
     manifest, out = _write(tmp_path, source=name, num_samples=20_000, shard_size=5000, points_per_record=500)
     assert manifest["kind"] == "points" and manifest["sample_shape"] == [2] and len(manifest["shards"]) == 4
@@ -111,7 +131,9 @@ def test_byte_identical_and_manifest_hashes(tmp_path):
 def test_shards_readable_without_our_code(tmp_path):
     manifest, out = _write(tmp_path, source="digits", resolution=16, shard_size=1000)
     first = out / manifest["shards"][0]["name"]
-    listing = subprocess.run(["tar", "-tf", str(first)], capture_output=True, text=True, check=True).stdout.split()
+    listing = subprocess.run(
+        ["tar", "-tf", str(first)], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert len(listing) == 2000 and listing[0].endswith(".cls") and listing[1].endswith(".png")
     with tarfile.open(first) as tf:
         assert all(m.mtime == 0 for m in tf.getmembers())
@@ -141,5 +163,7 @@ def test_cli_errors_and_success(tmp_path, capsys):
     assert "needs src=PATH" in capsys.readouterr().err
     assert main(["source=ring8", f"out={tmp_path}/r", "num_samples=2000", "shard_size=1000"]) == 0
     assert "wrote 2000 samples in 2 shards" in capsys.readouterr().out
-    proc = subprocess.run([sys.executable, "-m", "data_pipeline.make_shards", "--help"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_pipeline.make_shards", "--help"], capture_output=True, text=True
+    )
     assert proc.returncode == 0 and "resolution" in proc.stdout

@@ -18,7 +18,9 @@ from data_pipeline.stream import ShardLoader, StreamConfig
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits")
-    write_shards(MakeShardsConfig(source="digits", out=str(out), resolution=8, shard_size=100), progress=False)
+    write_shards(
+        MakeShardsConfig(source="digits", out=str(out), resolution=8, shard_size=100), progress=False
+    )
     return out  # 18 shards of <= 100 images
 
 
@@ -27,8 +29,19 @@ def _pixels_key(x: torch.Tensor) -> list[bytes]:
 
 
 def _epoch(urls, rank, world, workers, seed=0, batch_size=32, **kw):
-    loader = ShardLoader(StreamConfig(urls=str(urls), batch_size=batch_size, rank=rank, world_size=world,
-                                      num_workers=workers, seed=seed, infinite=False, drop_last=False, **kw))
+    loader = ShardLoader(
+        StreamConfig(
+            urls=str(urls),
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world,
+            num_workers=workers,
+            seed=seed,
+            infinite=False,
+            drop_last=False,
+            **kw,
+        )
+    )
     return [k for b in loader for k in _pixels_key(b["x"])], loader
 
 
@@ -45,10 +58,14 @@ def test_exactly_once_over_2_ranks_x_2_workers(digits):
 
 
 def test_too_few_shards_is_a_clear_error_unless_resampling(tmp_path):
-    write_shards(MakeShardsConfig(source="digits", out=str(tmp_path), resolution=8, shard_size=1000), progress=False)
+    write_shards(
+        MakeShardsConfig(source="digits", out=str(tmp_path), resolution=8, shard_size=1000), progress=False
+    )
     with pytest.raises(ShardSpecError, match="2 shard.*4 readers.*data.resample=true"):
         ShardLoader(StreamConfig(urls=str(tmp_path), batch_size=8, rank=0, world_size=2, num_workers=2))
-    loader = ShardLoader(StreamConfig(urls=str(tmp_path), batch_size=8, world_size=2, num_workers=2, resample=True))
+    loader = ShardLoader(
+        StreamConfig(urls=str(tmp_path), batch_size=8, world_size=2, num_workers=2, resample=True)
+    )
     batches = iter(loader)
     assert next(batches)["x"].shape == (8, 1, 8, 8)
 
@@ -68,7 +85,9 @@ def test_shuffle_is_seeded_and_changes_per_epoch(digits):
 
 def test_resample_mode_is_reproducible(digits):
     def first(seed):
-        loader = ShardLoader(StreamConfig(urls=str(digits), batch_size=64, num_workers=2, seed=seed, resample=True))
+        loader = ShardLoader(
+            StreamConfig(urls=str(digits), batch_size=64, num_workers=2, seed=seed, resample=True)
+        )
         it = iter(loader)
         return [k for _ in range(5) for k in _pixels_key(next(it)["x"])]
 
@@ -96,13 +115,24 @@ def test_resume_mid_epoch_continues_the_same_stream(digits, workers):
     assert head + tail == reference
 
     with pytest.raises(ValueError, match="keep trainer.num_workers"):
-        ShardLoader(StreamConfig(urls=str(digits), batch_size=50, num_workers=workers + 2, seed=7)).load_state_dict(state)
+        ShardLoader(
+            StreamConfig(urls=str(digits), batch_size=50, num_workers=workers + 2, seed=7)
+        ).load_state_dict(state)
 
 
 def test_hflip_in_workers(digits):
     plain, _ = _epoch(digits, 0, 1, 0, seed=0, shuffle=False)
-    flipped_loader = ShardLoader(StreamConfig(urls=str(digits), batch_size=1797, num_workers=0, infinite=False,
-                                              drop_last=False, shuffle=False, hflip=True))
+    flipped_loader = ShardLoader(
+        StreamConfig(
+            urls=str(digits),
+            batch_size=1797,
+            num_workers=0,
+            infinite=False,
+            drop_last=False,
+            shuffle=False,
+            hflip=True,
+        )
+    )
     x = next(iter(flipped_loader))["x"]
     keys = _pixels_key(x)
     mirrored = _pixels_key(x.flip(-1))
@@ -128,15 +158,32 @@ def _png(shape=(8, 8)) -> bytes:
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path):
-    _tar(tmp_path / "a.tar", {"0.png": _png(), "0.cls": b"1", "1.png": b"garbage", "2.png": _png((9, 9)),
-                              "3.txt": b"no image", "4.png": _png()})
+    _tar(
+        tmp_path / "a.tar",
+        {
+            "0.png": _png(),
+            "0.cls": b"1",
+            "1.png": b"garbage",
+            "2.png": _png((9, 9)),
+            "3.txt": b"no image",
+            "4.png": _png(),
+        },
+    )
     good = tmp_path / "b.tar"
     _tar(good, {f"{i}.png": _png() for i in range(10)})
     truncated = tmp_path / "c.tar"
     truncated.write_bytes(good.read_bytes()[:2600])  # cut inside the 3rd member
     (tmp_path / "d.tar").write_bytes(b"\x00not a tar at all" * 100)
-    loader = ShardLoader(StreamConfig(urls=[str(tmp_path / f"{c}.tar") for c in "abcd"], batch_size=1,
-                                      num_workers=2, infinite=False, expected_shape=(1, 8, 8), verify=False))
+    loader = ShardLoader(
+        StreamConfig(
+            urls=[str(tmp_path / f"{c}.tar") for c in "abcd"],
+            batch_size=1,
+            num_workers=2,
+            infinite=False,
+            expected_shape=(1, 8, 8),
+            verify=False,
+        )
+    )
     n = sum(len(b["x"]) for b in loader)  # warnings are printed by the worker processes
     assert n == 2 + 10 + 2
     assert loader.skipped["decode_error"] == 1
@@ -148,17 +195,29 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
 
 def test_nothing_readable_raises_instead_of_hanging(tmp_path):
     (tmp_path / "x.tar").write_bytes(b"junk" * 300)
-    loader = ShardLoader(StreamConfig(urls=str(tmp_path / "x.tar"), batch_size=4, num_workers=0, verify=False))
+    loader = ShardLoader(
+        StreamConfig(urls=str(tmp_path / "x.tar"), batch_size=4, num_workers=0, verify=False)
+    )
     with pytest.warns(UserWarning), pytest.raises(ShardSpecError, match="no valid sample in a whole pass"):
         next(iter(loader))
 
 
 def test_pipe_urls(digits):
     urls = [f"pipe:cat {p}" for p in sorted(digits.glob("*.tar"))]
-    loader = ShardLoader(StreamConfig(urls=urls, batch_size=100, num_workers=2, infinite=False, drop_last=False,
-                                      expected_shape=(1, 8, 8)))
+    loader = ShardLoader(
+        StreamConfig(
+            urls=urls,
+            batch_size=100,
+            num_workers=2,
+            infinite=False,
+            drop_last=False,
+            expected_shape=(1, 8, 8),
+        )
+    )
     assert sum(len(b["x"]) for b in loader) == 1797
-    failing = ShardLoader(StreamConfig(urls=["pipe:false"], batch_size=1, num_workers=0, expected_shape=(1, 8, 8)))
+    failing = ShardLoader(
+        StreamConfig(urls=["pipe:false"], batch_size=1, num_workers=0, expected_shape=(1, 8, 8))
+    )
     with pytest.warns(UserWarning), pytest.raises(ShardSpecError):
         next(iter(failing))
 
@@ -179,7 +238,9 @@ def test_spec_errors_name_the_problem(digits, tmp_path):
 
 
 def test_manifest_checksum_mismatch(tmp_path):
-    write_shards(MakeShardsConfig(source="digits", out=str(tmp_path), resolution=8, shard_size=500), progress=False)
+    write_shards(
+        MakeShardsConfig(source="digits", out=str(tmp_path), resolution=8, shard_size=500), progress=False
+    )
     shard = tmp_path / "digits-000001.tar"
     data = bytearray(shard.read_bytes())
     data[700] ^= 0xFF  # same size, different bytes

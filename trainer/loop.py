@@ -16,7 +16,7 @@ from trainer import checkpoint, tracking
 from trainer.config import Config, from_dict
 from trainer.ema import EMA
 from trainer.engines import Engine
-from trainer.metrics import Meter
+from trainer.metrics import Meter, replica_drift
 from trainer.models import build_pair
 from trainer.step import GANStep
 
@@ -115,6 +115,7 @@ def train_loop(config: dict) -> None:
                 elapsed = time.perf_counter() - tick
                 metrics = meter.reduce()  # collective: every rank is here at the same step
                 metrics["images_per_sec"] = images_done * world / max(elapsed, 1e-9)
+                metrics["replica_drift"] = replica_drift(G.module, D.module)
                 metrics["data_skipped"] = float(loader.num_skipped)
                 metrics["data_unreadable_shards"] = float(loader.skipped.get("unreadable_shard", 0))
                 images_done, tick = 0, time.perf_counter()

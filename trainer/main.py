@@ -61,6 +61,17 @@ def check_overrides(argv: list[str]) -> None:
             raise ConfigError(f"unknown key {key!r}; allowed keys in {parent}: {', '.join(allowed)}")
 
 
+def quote_brace_patterns(argv: list[str]) -> list[str]:
+    """`data.urls=x-{000000..000009}.tar` -> quoted, so Hydra reads the braces as text."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and "{" in value and value[:1] not in ("'", '"', "[") and not key.startswith("hydra"):
+            arg = f"{key}='{value}'"
+        out.append(arg)
+    return out
+
+
 def to_config(dcfg: DictConfig) -> Config:
     """Hydra's composed config -> validated typed `Config`."""
     data = OmegaConf.to_container(dcfg, resolve=True)
@@ -88,6 +99,7 @@ def main() -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     try:
         check_overrides(sys.argv[1:])
+        sys.argv[1:] = quote_brace_patterns(sys.argv[1:])
         _hydra_main()
     except ConfigError as exc:
         print(f"stablegan: config error: {exc}", file=sys.stderr)
@@ -101,7 +113,7 @@ def compose(overrides: list[str]) -> Config:
 
     check_overrides(overrides)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return to_config(hydra_compose(config_name="config", overrides=overrides))
+        return to_config(hydra_compose(config_name="config", overrides=quote_brace_patterns(overrides)))
 
 
 __all__ = ["main", "compose", "run", "asdict"]

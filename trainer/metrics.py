@@ -31,3 +31,25 @@ class Meter:
         self._sums.clear()
         self._counts.clear()
         return dict(zip(keys, means.tolist()))
+
+
+@torch.no_grad()
+def replica_drift(*modules: torch.nn.Module) -> float:
+    """Largest difference between ranks of a per-parameter fingerprint (0.0 = identical).
+
+    Data parallelism must keep G and D bitwise equal on every rank; a nonzero value means a
+    rank diverged (a missed all-reduce, a rank-dependent code path). Collective.
+    """
+    fingerprint = torch.stack(
+        [
+            p.detach().double().sum() + p.detach().double().square().sum()
+            for m in modules
+            for p in m.parameters()
+        ]
+    ).cpu()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0.0
+    high, low = fingerprint.clone(), fingerprint.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    return float((high - low).max())

@@ -17,9 +17,9 @@ DFn = Callable[[Tensor], Tensor]
 
 
 def input_grad(logits: Tensor, x: Tensor, scale: float = 1.0) -> Tensor:
-    """d sum(logits) / dx with the graph kept (for the penalty's own backward), in fp32."""
+    """d sum(logits) / dx with the graph kept (for the penalty's own backward), in >= fp32."""
     (grad,) = torch.autograd.grad(logits.sum() * scale, x, create_graph=True)
-    return grad.float() / scale
+    return grad.to(torch.promote_types(grad.dtype, torch.float32)) / scale
 
 
 def r1_from_logits(real_logits: Tensor, real: Tensor, scale: float = 1.0) -> Tensor:

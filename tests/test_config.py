@@ -1,0 +1,82 @@
+"""Config composition and validation: unknown keys and bad values fail early and clearly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from trainer.config import ConfigError
+from trainer.main import compose
+
+PRESETS = ["grid25", "ring8", "digits32", "dcgan64"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_compose_and_validate(preset):
+    cfg = compose([f"experiment={preset}"])
+    assert cfg.name == preset
+    assert cfg.model.arch == ("mlp" if preset in ("grid25", "ring8") else "dcgan")
+
+
+def test_user_facing_keys_override():
+    cfg = compose(
+        [
+            "trainer.num_workers=2",
+            "trainer.use_gpu=false",
+            "trainer.max_steps=7",
+            "trainer.seed=3",
+            "data.urls=shards/x-{000000..000003}.tar",
+            "tracking.uri=http://127.0.0.1:5000",
+            "tracking.registered_model=faces",
+            "parallel=cpu_bf16",
+            "penalty=wgan_gp",
+        ]
+    )
+    assert (cfg.trainer.num_workers, cfg.trainer.max_steps, cfg.trainer.seed) == (2, 7, 3)
+    assert cfg.data.urls.endswith(".tar") and cfg.tracking.registered_model == "faces"
+    assert cfg.parallel.precision == "bf16" and cfg.penalty.kind == "wgan_gp" and cfg.penalty.weight == 10.0
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("trainer.num_wokers=2", "unknown key 'trainer.num_wokers'; allowed keys in trainer: num_workers"),
+        ("bogus=1", "unknown key 'bogus'; config groups: model"),
+        ("parallel.zero_stage=3", "parallel.zero_stage=3 is invalid; allowed values: 0, 1, 2"),
+        ("parallel.precision=fp8", "allowed values: fp32, bf16, fp16"),
+        ("parallel.precision=fp16", "needs trainer.use_gpu=true"),
+        (
+            "loss.kind=bce",
+            "loss.kind='bce' is invalid; allowed values: nonsaturating, hinge, wasserstein, lsgan",
+        ),
+        ("trainer.num_workers=0", "trainer.num_workers=0 is invalid; it must be >= 1"),
+        ("optim.g_lr=2", "optim.g_lr=2.0 is invalid; a learning rate must be in (0, 1)"),
+        ("trainer.run_name=a/b", "trainer.run_name='a/b' is invalid"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        compose([override])
+
+
+def test_cli_reports_config_errors_without_a_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.main", "model.arch=gan"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "model.arch='gan' is invalid; allowed values: mlp, dcgan" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.main", "model=gan"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "Available options in 'model'" in proc.stderr

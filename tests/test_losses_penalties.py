@@ -1,0 +1,102 @@
+"""Losses and gradient penalties: analytic values, gradcheck, and the seed's saturating bug."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer import losses, penalties
+
+
+def test_nonsaturating_matches_bce_and_fixes_the_seed_bug():
+    real, fake = torch.randn(64), torch.randn(64)
+    d = losses.nonsaturating_d(real, fake)
+    ref = F.binary_cross_entropy_with_logits(real, torch.ones(64)) + F.binary_cross_entropy_with_logits(
+        fake, torch.zeros(64)
+    )
+    assert torch.allclose(d, ref, atol=1e-6)
+    # The seed trained G with BCE against zeros: its gradient pushes D(G(z)) *down* (toward "fake").
+    logits = torch.tensor([-4.0], requires_grad=True)
+    F.binary_cross_entropy_with_logits(logits, torch.zeros(1)).backward()
+    assert logits.grad.item() > 0  # minimising it lowers the logit: G learns to look fake
+    logits.grad = None
+    losses.nonsaturating_g(logits).backward()
+    assert logits.grad.item() < -0.9  # ours raises it, strongly when D rejects the fake
+
+
+@pytest.mark.parametrize("kind", list(losses.LOSSES))
+def test_losses_reward_separation(kind):
+    d_loss, g_loss = losses.get(kind)
+    good = d_loss(torch.full((8,), 3.0), torch.full((8,), -3.0))
+    bad = d_loss(torch.full((8,), -3.0), torch.full((8,), 3.0))
+    assert good < bad
+    assert g_loss(torch.full((8,), 3.0)) < g_loss(torch.full((8,), -3.0))
+
+
+def test_unknown_loss():
+    with pytest.raises(ValueError, match="allowed: nonsaturating, hinge"):
+        losses.get("bce")
+
+
+def test_r1_linear_discriminator_is_norm_w_squared():
+    w = torch.tensor([3.0, -4.0, 12.0])
+    x = torch.randn(16, 3)
+    assert torch.allclose(penalties.r1(lambda t: t @ w, x), torch.tensor(169.0))
+
+
+def test_wgan_gp_linear_discriminator_known_value():
+    w = torch.tensor([3.0, 4.0])  # |w| = 5 everywhere, so the penalty is (5 - 1)^2 = 16
+    real, fake = torch.randn(32, 2), torch.randn(32, 2)
+    assert torch.allclose(penalties.wgan_gp(lambda t: t @ w, real, fake), torch.tensor(16.0))
+
+
+def test_r1_quadratic_discriminator_and_loss_scaling():
+    # D(x) = 0.5 |x|^2 -> grad = x -> R1 = E|x|^2; the fp16 inner scale must cancel exactly.
+    x = torch.randn(10, 4)
+    d_fn = lambda t: 0.5 * t.square().sum(1)  # noqa: E731
+    expected = x.square().sum(1).mean()
+    assert torch.allclose(penalties.r1(d_fn, x), expected)
+    assert torch.allclose(penalties.r1(d_fn, x, scale=65536.0), expected, rtol=1e-6)
+
+
+def _mlp64():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1)).double()
+
+
+def test_penalties_gradcheck_and_gradgradcheck():
+    net = _mlp64()
+    params = list(net.parameters())
+
+    def r1_of_params(*ps):
+        with torch.nn.utils.stateless._reparametrize_module(
+            net, dict(zip([n for n, _ in net.named_parameters()], ps))
+        ):
+            return penalties.r1(lambda t: net(t).squeeze(1), x)
+
+    x = torch.randn(6, 3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(r1_of_params, params)
+    assert torch.autograd.gradgradcheck(r1_of_params, params)
+
+    real, fake = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+
+    def gp_of_params(*ps):
+        with torch.nn.utils.stateless._reparametrize_module(
+            net, dict(zip([n for n, _ in net.named_parameters()], ps))
+        ):
+            return penalties.wgan_gp(
+                lambda t: net(t).squeeze(1), real, fake, generator=torch.Generator().manual_seed(0)
+            )
+
+    assert torch.autograd.gradcheck(gp_of_params, params)
+
+
+def test_r1_from_logits_equals_separate_forward():
+    net = _mlp64().float()
+    x = torch.randn(8, 3)
+    fused_x = x.clone().requires_grad_(True)
+    logits = net(torch.cat([fused_x, torch.randn(8, 3)])).squeeze(1)
+    fused = penalties.r1_from_logits(logits[:8], fused_x)
+    separate = penalties.r1(lambda t: net(t).squeeze(1), x)
+    assert torch.allclose(fused, separate, atol=1e-6)

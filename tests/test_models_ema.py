@@ -1,0 +1,46 @@
+"""Models (shapes, channels from data) and the EMA generator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.ema import EMA
+from trainer.models import build_pair
+
+
+@pytest.mark.parametrize("resolution,channels", [(32, 1), (32, 3), (64, 1), (64, 3)])
+def test_dcgan_shapes_follow_the_data(resolution, channels):
+    G, D = build_pair("dcgan", 100, resolution=resolution, channels=channels, g_width=16, d_width=16)
+    x = G(torch.randn(3, 100))
+    assert x.shape == (3, channels, resolution, resolution)
+    assert x.abs().max() <= 1
+    assert D(x).shape == (3,)
+    with pytest.raises(AssertionError, match="D expects"):
+        D(torch.randn(3, 4 - channels if channels == 3 else 3, resolution, resolution))
+
+
+def test_mlp_pair_and_unknown_arch():
+    G, D = build_pair("mlp", 8, g_width=32, d_width=32, depth=2)
+    assert G(torch.randn(5, 8)).shape == (5, 2) and D(torch.randn(5, 2)).shape == (5,)
+    with pytest.raises(ValueError, match="allowed: mlp, dcgan"):
+        build_pair("vae", 8)
+
+
+def test_ema_tracks_with_ramp_up_and_round_trips():
+    G, _ = build_pair("mlp", 4, g_width=8, d_width=8, depth=1)
+    ema = EMA(G, decay=0.99)
+    assert ema.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0): early on, follow G closely
+    target = [torch.full_like(p, 1.0) for p in G.parameters()]
+    with torch.no_grad():
+        for p, t in zip(G.parameters(), target):
+            p.copy_(t)
+    for _ in range(2000):
+        ema.update(G)
+    assert ema.current_decay() == pytest.approx(0.99)
+    assert all(torch.allclose(e, t, atol=1e-4) for e, t in zip(ema.module.parameters(), target))
+    fresh = EMA(build_pair("mlp", 4, g_width=8, d_width=8, depth=1)[0], 0.99)
+    fresh.load_state_dict(ema.state_dict())
+    assert fresh.num_updates == 2000
+    assert all(torch.equal(a, b) for a, b in zip(fresh.module.parameters(), ema.module.parameters()))
+    assert not any(p.requires_grad for p in ema.module.parameters())
