@@ -64,6 +64,11 @@ class Engine:
         )
         self.dtype = DTYPES[parallel.precision]
         self.device = self.ds.device
+        # DeepSpeed casts parameters for bf16/fp16 but not buffers; BatchNorm2d then refuses
+        # fp32 running statistics next to bf16 weights.
+        for buf in self.ds.module.buffers():
+            if buf.is_floating_point():
+                buf.data = buf.data.to(self.dtype)
 
     @property
     def module(self) -> nn.Module:
