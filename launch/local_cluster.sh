@@ -40,6 +40,13 @@ up() {
     --disable-usage-stats >/dev/null
   ray start --address="$HEAD_IP:$PORT" --node-ip-address="$WORKER_IP" --num-cpus="$WORKER_CPUS" \
     --resources='{"node_worker": 1}' --disable-usage-stats >/dev/null
+  # The job agent comes up after the dashboard: wait until it accepts a (trivial) job.
+  local ok=""
+  for _ in $(seq 1 90); do
+    if ray job submit --address "http://$HEAD_IP:$DASH_PORT" --no-wait -- true >/dev/null 2>&1; then ok=1; break; fi
+    sleep 1
+  done
+  [ -n "$ok" ] || die "the job server at http://$HEAD_IP:$DASH_PORT did not accept jobs within 90 s"
   echo "RAY_ADDRESS=$HEAD_IP:$PORT"
   echo "DASHBOARD=http://$HEAD_IP:$DASH_PORT   (jobs: ray job submit --address http://$HEAD_IP:$DASH_PORT ...)"
 }

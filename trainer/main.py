@@ -21,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import Config, ConfigError, allowed_keys, from_dict, validate
-from trainer.run import UserError, run
+from trainer.run import RegistryError, UserError, run
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = (
@@ -89,6 +89,11 @@ def _hydra_main(dcfg: DictConfig) -> None:
         # Hydra would print a traceback; a user error deserves one clear line.
         print(f"stablegan: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except RegistryError as exc:
+        for k, v in exc.result.items():
+            print(f"  {k}: {v}")
+        print(f"stablegan: error: {exc}", file=sys.stderr)
+        sys.exit(3)
     print(f"\nstablegan: finished {cfg.trainer.max_steps} steps in {time.time() - start:.0f}s")
     for k, v in result.items():
         print(f"  {k}: {v}")

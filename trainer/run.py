@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -26,6 +27,19 @@ log = logging.getLogger("stablegan.run")
 
 class UserError(RuntimeError):
     """Something the user can fix (data, cluster address, registry); the message says how."""
+
+
+class RegistryError(RuntimeError):
+    """Training finished and the weights are on disk, but registering them failed."""
+
+    def __init__(self, result: dict[str, str]):
+        self.result = result
+        weights = result["generator_weights"]
+        super().__init__(
+            f"training finished but registering the generator failed: {result['registered_model']}. "
+            f"Register the saved weights later with: python -m trainer.register weights={weights} "
+            f"run_id={result['mlflow_run_id']}"
+        )
 
 
 def builtin_shards(cfg: Config, root: Path) -> str:
@@ -98,6 +112,32 @@ def init_ray(cfg: Config) -> None:
         ) from None
 
 
+def build_generator(cfg: Config, state: dict | None = None) -> torch.nn.Module:
+    """The generator that `cfg` describes, optionally loaded with `state`."""
+    m = cfg.model
+    G, _ = build_pair(
+        m.arch,
+        m.latent_dim,
+        resolution=m.resolution,
+        channels=m.channels,
+        g_width=m.g_width,
+        d_width=m.d_width,
+        depth=m.depth,
+    )
+    if state is not None:
+        G.load_state_dict(state)
+    return G
+
+
+def register_saved(weights: Path, cfg: Config, run_id: str, uri: str, dataset: str) -> str:
+    """Register EMA weights saved by a run as a new model version; returns its models:/ URI."""
+    G = build_generator(cfg, torch.load(weights, weights_only=True))
+    name = cfg.tracking.registered_model
+    tags = {"run_id": run_id, "dataset": dataset, "steps": cfg.trainer.max_steps, "experiment": cfg.name}
+    version = tracking.register_generator(uri, run_id, G, cfg.model.latent_dim, name, tags)
+    return f"models:/{name}/{version} (also models:/{name}@latest)"
+
+
 def run(cfg: Config) -> dict[str, str]:
     """Train `cfg` end to end; return where the results are."""
     t = cfg.trainer
@@ -138,22 +178,18 @@ def run(cfg: Config) -> dict[str, str]:
         raise RuntimeError(f"training run {run_name} ended without a checkpoint")
 
     out_dir = storage / run_name
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        # Under `ray job submit` Ray may delete the unpacked working_dir once the training
+        # workers release it; MLflow needs a working directory to log the model.
+        os.chdir(out_dir)
     with result.checkpoint.as_directory() as ckpt_dir:
         ema_state = checkpoint.load_ema_weights(Path(ckpt_dir))
-    m = cfg.model
-    G, _ = build_pair(
-        m.arch,
-        m.latent_dim,
-        resolution=m.resolution,
-        channels=m.channels,
-        g_width=m.g_width,
-        d_width=m.d_width,
-        depth=m.depth,
-    )
-    G.load_state_dict(ema_state)
     weights = out_dir / "generator_ema.pt"
     torch.save(ema_state, weights)  # kept on disk whatever the registry does
-
+    (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+    G = build_generator(cfg, ema_state)
     picture = out_dir / "samples.png"
     picture.write_bytes(sample_picture(G, cfg, t.max_steps))
     out = {
@@ -165,14 +201,12 @@ def run(cfg: Config) -> dict[str, str]:
         "sample_image": str(picture),
     }
     if cfg.tracking.register:
-        tags = {"run_id": run_id, "dataset": str(urls), "steps": t.max_steps, "experiment": cfg.name}
         try:
-            version = tracking.register_generator(
-                uri, run_id, G, m.latent_dim, cfg.tracking.registered_model, tags
-            )
-            name = cfg.tracking.registered_model
-            out["registered_model"] = f"models:/{name}/{version} (also models:/{name}@latest)"
+            out["registered_model"] = register_saved(weights, cfg, run_id, uri, str(urls))
         except Exception as exc:  # noqa: BLE001 - the weights are safe on disk; say how to retry
+            log.exception("registering the generator failed")
             out["registered_model"] = f"FAILED ({exc}); the weights are in {weights}"
     tracking.end_run(uri, run_id, tags={"stablegan.steps": t.max_steps})
+    if out.get("registered_model", "").startswith("FAILED"):
+        raise RegistryError(out)
     return out

@@ -1,0 +1,50 @@
+"""Register a finished run's saved generator when registering at the end of training failed.
+
+    python -m trainer.register weights=runs/NAME/generator_ema.pt run_id=RUN_ID [tracking_uri=...]
+
+The run folder holds `generator_ema.pt` (a state dict) and `config.json` (the resolved config).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_pipeline.cli import parse_overrides
+from trainer import tracking
+from trainer.config import from_dict
+from trainer.run import register_saved
+
+
+@dataclass
+class RegisterConfig:
+    weights: str = ""
+    run_id: str = ""
+    tracking_uri: str = ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_overrides(RegisterConfig, argv)
+        weights = Path(args.weights)
+        config_file = weights.parent / "config.json"
+        if not weights.is_file() or not config_file.is_file():
+            raise ValueError(
+                f"weights={args.weights!r}: need the file and config.json beside it (a run folder)"
+            )
+        if not args.run_id:
+            raise ValueError("run_id=... is required (printed as mlflow_run_id at the end of training)")
+        cfg = from_dict(json.loads(config_file.read_text()))
+        uri = tracking.resolve_uri(args.tracking_uri or cfg.tracking.uri)
+        print(register_saved(weights, cfg, args.run_id, uri, dataset=str(cfg.data.urls)))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"register: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
