@@ -15,7 +15,7 @@ class Meter:
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
         for k, v in values.items():
-            v = v.detach().float().cpu()
+            v = v.detach().float()  # stays on its device until reduce(): no per-step sync
             self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
             self._counts[k] = self._counts.get(k, 0) + 1
 
@@ -24,7 +24,7 @@ class Meter:
         keys = sorted(self._sums)
         if not keys:
             return {}
-        means = torch.stack([self._sums[k] / self._counts[k] for k in keys])
+        means = torch.stack([(self._sums[k] / self._counts[k]).cpu() for k in keys])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(means)  # gloo CPU tensor; NaN stays NaN, which is what we want to see
             means /= dist.get_world_size()

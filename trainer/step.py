@@ -48,7 +48,9 @@ class GANStep:
         with torch.no_grad():
             fake = self.G(self.latent(real.shape[0]))
         real = real.to(self.D.device)
-        if reg_due and pen_cfg.kind == "r1":
+        # Under fp16 the penalty gets its own fp32 forward; otherwise R1 reuses the main one.
+        fp16 = self.cfg.parallel.precision == "fp16"
+        if reg_due and pen_cfg.kind == "r1" and not fp16:
             real.requires_grad_(True)
         # One forward for real and fake: D has no batch statistics, so this equals two forwards,
         # and R1 differentiates the real rows of this same graph.
@@ -57,12 +59,12 @@ class GANStep:
         loss = self.d_loss(real_logits, fake_logits)
         penalty = torch.zeros(())
         if reg_due:
-            scale = self.D.loss_scale
+            d_fn = self.D.fp32_forward if fp16 else self.D
             if pen_cfg.kind == "r1":
-                penalty = penalties.r1_from_logits(real_logits, real, scale)
+                penalty = penalties.r1(d_fn, real) if fp16 else penalties.r1_from_logits(real_logits, real)
                 gain = pen_cfg.weight / 2
             else:
-                penalty = penalties.wgan_gp(self.D, real, fake, scale, generator=self.noise)
+                penalty = penalties.wgan_gp(d_fn, real, fake, generator=self.noise)
                 gain = pen_cfg.weight
             loss = loss + gain * self.phases[1].interval * penalty
         self.D.backward(loss)

@@ -1,0 +1,163 @@
+"""Training images/sec: stablegan's step (DeepSpeed engines) against a bare PyTorch loop.
+
+Both sides use identical models, loss (non-saturating), optimizer (Adam) and the same fused
+D forward (real and fake in one batch, R1 from that forward), so the ratio isolates what the
+engines cost. Synthetic batches in memory: the data pipeline has its own benchmark.
+
+    python benchmarks/train_throughput.py                        # CPU: DCGAN-32, batch 64, fp32
+    python benchmarks/train_throughput.py --device cuda --resolution 64 --channels 3 \
+        --precision bf16 --steps 300                             # GPU: DCGAN-64 bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import time
+
+import torch
+
+from trainer import losses, penalties
+from trainer.config import Config, ParallelConfig
+from trainer.engines import Engine
+from trainer.models import build_pair
+from trainer.step import GANStep
+
+
+def init_dist(device: str) -> None:
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_cfg(args, penalty: str) -> Config:
+    cfg = Config()
+    cfg.model.arch, cfg.model.latent_dim = "dcgan", 100
+    cfg.model.resolution, cfg.model.channels = args.resolution, args.channels
+    cfg.model.g_width = cfg.model.d_width = args.width
+    cfg.penalty.kind, cfg.penalty.weight, cfg.penalty.interval = penalty, 1.0, 1
+    cfg.parallel = ParallelConfig(zero_stage=args.zero_stage, precision=args.precision)
+    cfg.data.batch_size = args.batch
+    return cfg
+
+
+def bench_stablegan(args, penalty: str, real: torch.Tensor) -> float:
+    cfg = make_cfg(args, penalty)
+    torch.manual_seed(0)
+    G, D = build_pair("dcgan", 100, resolution=args.resolution, channels=args.channels,
+                      g_width=args.width, d_width=args.width)
+    dev = torch.device(args.device)
+    g = Engine(G.to(dev), 2e-4, (0.5, 0.999), cfg.parallel, args.batch)
+    d = Engine(D.to(dev), 2e-4, (0.5, 0.999), cfg.parallel, args.batch)
+    step = GANStep(g, d, cfg, torch.Generator().manual_seed(1))
+
+    def one() -> None:
+        step.d_step(real)
+        step.g_step(args.batch)
+
+    return timed(args, one)
+
+
+def bench_bare(args, penalty: str, real: torch.Tensor) -> float:
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    G, D = build_pair("dcgan", 100, resolution=args.resolution, channels=args.channels,
+                      g_width=args.width, d_width=args.width)
+    G, D = G.to(dev), D.to(dev)
+    opt_g = torch.optim.Adam(G.parameters(), 2e-4, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), 2e-4, betas=(0.5, 0.999))
+    gen = torch.Generator().manual_seed(1)
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    def one() -> None:
+        z = torch.randn(args.batch, 100, generator=gen).to(dev)
+        with torch.no_grad(), autocast:
+            fake = G(z).float()
+        x = real.detach().requires_grad_(penalty == "r1")
+        with autocast:
+            logits = D(torch.cat([x, fake])).float()
+        r, f = logits.split(args.batch)
+        loss = losses.nonsaturating_d(r, f)
+        if penalty == "r1":
+            loss = loss + 0.5 * penalties.r1_from_logits(r, x)
+        opt_d.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_d.step()
+        D.requires_grad_(False)
+        z = torch.randn(args.batch, 100, generator=gen).to(dev)
+        with autocast:
+            g_loss = losses.nonsaturating_g(D(G(z)).float())
+        opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        opt_g.step()
+        D.requires_grad_(True)
+
+    return timed(args, one)
+
+
+def timed(args, one) -> float:
+    for _ in range(args.warmup):
+        one()
+    sync(args.device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        one()
+    sync(args.device)
+    return args.batch * args.steps / (time.perf_counter() - start)  # real images through D per second
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=2, help="alternate bare/stablegan this many times; best of each")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--zero-stage", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", default="")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    init_dist(args.device)
+    real = torch.rand(args.batch, args.channels, args.resolution, args.resolution, device=args.device) * 2 - 1
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"# DCGAN-{args.resolution} x{args.channels}ch, batch {args.batch}, {args.precision}, ZeRO {args.zero_stage}, "
+          f"{args.steps} steps after {args.warmup} warm-up, on {machine}; torch {torch.__version__}")
+    rows = []
+    for penalty in ("none", "r1"):
+        best = {"bare": 0.0, "stablegan": 0.0}
+        for _ in range(args.repeats):  # interleaved, so drift in machine load hits both sides
+            best["bare"] = max(best["bare"], bench_bare(args, penalty, real))
+            best["stablegan"] = max(best["stablegan"], bench_stablegan(args, penalty, real))
+        row = {"penalty": penalty, "bare_images_per_sec": round(best["bare"], 1),
+               "stablegan_images_per_sec": round(best["stablegan"], 1),
+               "ratio": round(best["stablegan"] / best["bare"], 3)}
+        rows.append(row)
+        print(f"penalty={penalty:5s} bare {row['bare_images_per_sec']:9.1f} img/s   stablegan "
+              f"{row['stablegan_images_per_sec']:9.1f} img/s   ratio {row['ratio']:.3f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "machine": machine, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
