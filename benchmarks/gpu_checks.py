@@ -47,9 +47,17 @@ def check(stage: int, precision: str) -> dict:
         # Grad norms are inf on the steps that fp16 dynamic loss scaling skips: not a failure.
         finite &= all(torch.isfinite(v).all().item() for k, v in m.items() if not k.endswith("grad_norm"))
     rel = abs(r1 - reference) / max(abs(reference), 1e-12)
-    return {"stage": stage, "precision": precision, "r1_engine": r1, "r1_fp32_ref": reference, "rel_err": rel,
-            "loss_scale": d.loss_scale, "finite_20_steps": finite, "d_grads_after_g": d_grads_after_g,
-            "ok": rel < 0.05 and finite and d_grads_after_g == 0}
+    return {
+        "stage": stage,
+        "precision": precision,
+        "r1_engine": r1,
+        "r1_fp32_ref": reference,
+        "rel_err": rel,
+        "loss_scale": d.loss_scale,
+        "finite_20_steps": finite,
+        "d_grads_after_g": d_grads_after_g,
+        "ok": rel < 0.05 and finite and d_grads_after_g == 0,
+    }
 
 
 def main() -> int:

@@ -33,7 +33,9 @@ def init_dist(device: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
+    )
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
 
 
@@ -56,8 +58,14 @@ def make_cfg(args, penalty: str) -> Config:
 def bench_stablegan(args, penalty: str, real: torch.Tensor) -> float:
     cfg = make_cfg(args, penalty)
     torch.manual_seed(0)
-    G, D = build_pair("dcgan", 100, resolution=args.resolution, channels=args.channels,
-                      g_width=args.width, d_width=args.width)
+    G, D = build_pair(
+        "dcgan",
+        100,
+        resolution=args.resolution,
+        channels=args.channels,
+        g_width=args.width,
+        d_width=args.width,
+    )
     dev = torch.device(args.device)
     g = Engine(G.to(dev), 2e-4, (0.5, 0.999), cfg.parallel, args.batch)
     d = Engine(D.to(dev), 2e-4, (0.5, 0.999), cfg.parallel, args.batch)
@@ -73,8 +81,14 @@ def bench_stablegan(args, penalty: str, real: torch.Tensor) -> float:
 def bench_bare(args, penalty: str, real: torch.Tensor) -> float:
     torch.manual_seed(0)
     dev = torch.device(args.device)
-    G, D = build_pair("dcgan", 100, resolution=args.resolution, channels=args.channels,
-                      g_width=args.width, d_width=args.width)
+    G, D = build_pair(
+        "dcgan",
+        100,
+        resolution=args.resolution,
+        channels=args.channels,
+        g_width=args.width,
+        d_width=args.width,
+    )
     G, D = G.to(dev), D.to(dev)
     opt_g = torch.optim.Adam(G.parameters(), 2e-4, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), 2e-4, betas=(0.5, 0.999))
@@ -127,7 +141,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=2, help="alternate bare/stablegan this many times; best of each")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="alternate bare/stablegan this many times; best of each"
+    )
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--zero-stage", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
@@ -139,21 +155,33 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
     init_dist(args.device)
     real = torch.rand(args.batch, args.channels, args.resolution, args.resolution, device=args.device) * 2 - 1
-    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"# DCGAN-{args.resolution} x{args.channels}ch, batch {args.batch}, {args.precision}, ZeRO {args.zero_stage}, "
-          f"{args.steps} steps after {args.warmup} warm-up, on {machine}; torch {torch.__version__}")
+    machine = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"# DCGAN-{args.resolution} x{args.channels}ch, batch {args.batch}, {args.precision}, ZeRO {args.zero_stage}, "
+        f"{args.steps} steps after {args.warmup} warm-up, on {machine}; torch {torch.__version__}"
+    )
     rows = []
     for penalty in ("none", "r1"):
         best = {"bare": 0.0, "stablegan": 0.0}
         for _ in range(args.repeats):  # interleaved, so drift in machine load hits both sides
             best["bare"] = max(best["bare"], bench_bare(args, penalty, real))
             best["stablegan"] = max(best["stablegan"], bench_stablegan(args, penalty, real))
-        row = {"penalty": penalty, "bare_images_per_sec": round(best["bare"], 1),
-               "stablegan_images_per_sec": round(best["stablegan"], 1),
-               "ratio": round(best["stablegan"] / best["bare"], 3)}
+        row = {
+            "penalty": penalty,
+            "bare_images_per_sec": round(best["bare"], 1),
+            "stablegan_images_per_sec": round(best["stablegan"], 1),
+            "ratio": round(best["stablegan"] / best["bare"], 3),
+        }
         rows.append(row)
-        print(f"penalty={penalty:5s} bare {row['bare_images_per_sec']:9.1f} img/s   stablegan "
-              f"{row['stablegan_images_per_sec']:9.1f} img/s   ratio {row['ratio']:.3f}", flush=True)
+        print(
+            f"penalty={penalty:5s} bare {row['bare_images_per_sec']:9.1f} img/s   stablegan "
+            f"{row['stablegan_images_per_sec']:9.1f} img/s   ratio {row['ratio']:.3f}",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "machine": machine, "rows": rows}, f, indent=2)

@@ -89,7 +89,9 @@ class Engine:
         gradient still reaches the fp16 parameters through the casts.
         """
         state = {n: t.float() for n, t in self.ds.module.named_parameters()}
-        state.update({n: t.float() if t.is_floating_point() else t for n, t in self.ds.module.named_buffers()})
+        state.update(
+            {n: t.float() if t.is_floating_point() else t for n, t in self.ds.module.named_buffers()}
+        )
         return torch.func.functional_call(self.ds.module, state, (x.float(),)).float()
 
     @property
@@ -98,7 +100,9 @@ class Engine:
         if self.parallel.precision != "fp16":
             return 1.0
         opt = self.ds.optimizer
-        scale = getattr(opt, "cur_scale", None) or getattr(getattr(opt, "loss_scaler", None), "cur_scale", None)
+        scale = getattr(opt, "cur_scale", None) or getattr(
+            getattr(opt, "loss_scaler", None), "cur_scale", None
+        )
         return float(scale or 1.0)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -118,7 +122,11 @@ class Engine:
         self.ds.step()
         if norm is None:
             value = self.ds.get_global_grad_norm()
-            norm = value if isinstance(value, torch.Tensor) else torch.tensor(float("nan") if value is None else value)
+            norm = (
+                value
+                if isinstance(value, torch.Tensor)
+                else torch.tensor(float("nan") if value is None else value)
+            )
         return norm.detach().float()  # left on its device: no host sync in the step
 
     def requires_grad_(self, flag: bool) -> None:

@@ -23,11 +23,10 @@ from trainer.step import GANStep
 log = logging.getLogger("stablegan.loop")
 
 
-def build_engines(cfg: Config, device: torch.device) -> tuple[Engine, Engine, EMA]:
-    """G and D with identical initialisation on every rank, each in its own DeepSpeed engine."""
-    torch.manual_seed(cfg.trainer.seed)
+def build_models(cfg: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(G, D) as `cfg.model` describes them, freshly initialised from the global RNG."""
     m = cfg.model
-    G, D = build_pair(
+    return build_pair(
         m.arch,
         m.latent_dim,
         resolution=m.resolution,
@@ -36,6 +35,12 @@ def build_engines(cfg: Config, device: torch.device) -> tuple[Engine, Engine, EM
         d_width=m.d_width,
         depth=m.depth,
     )
+
+
+def build_engines(cfg: Config, device: torch.device) -> tuple[Engine, Engine, EMA]:
+    """G and D with identical initialisation on every rank, each in its own DeepSpeed engine."""
+    torch.manual_seed(cfg.trainer.seed)
+    G, D = build_models(cfg)
     o, p, b = cfg.optim, cfg.parallel, cfg.data.batch_size
     g_engine = Engine(G.to(device), o.g_lr, (o.beta1, o.beta2), p, b, o.grad_clip)
     d_engine = Engine(D.to(device), o.d_lr, (o.beta1, o.beta2), p, b, o.grad_clip)

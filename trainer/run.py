@@ -19,8 +19,7 @@ from data_pipeline.make_shards import MakeShardsConfig, write_shards
 from data_pipeline.shards import MANIFEST, ShardSpecError, resolve
 from trainer import checkpoint, tracking
 from trainer.config import Config
-from trainer.loop import sample_picture, train_loop
-from trainer.models import build_pair
+from trainer.loop import build_models, sample_picture, train_loop
 
 log = logging.getLogger("stablegan.run")
 
@@ -114,16 +113,7 @@ def init_ray(cfg: Config) -> None:
 
 def build_generator(cfg: Config, state: dict | None = None) -> torch.nn.Module:
     """The generator that `cfg` describes, optionally loaded with `state`."""
-    m = cfg.model
-    G, _ = build_pair(
-        m.arch,
-        m.latent_dim,
-        resolution=m.resolution,
-        channels=m.channels,
-        g_width=m.g_width,
-        d_width=m.d_width,
-        depth=m.depth,
-    )
+    G, _ = build_models(cfg)
     if state is not None:
         G.load_state_dict(state)
     return G
