@@ -43,10 +43,12 @@ up() {
   # The job agent comes up after the dashboard: wait until it accepts a (trivial) job.
   local ok=""
   for _ in $(seq 1 90); do
-    if ray job submit --address "http://$HEAD_IP:$DASH_PORT" --no-wait -- true >/dev/null 2>&1; then ok=1; break; fi
+    if timeout 20 ray job submit --address "http://$HEAD_IP:$DASH_PORT" --no-wait -- true >/dev/null 2>&1; then
+      ok=1; break
+    fi
     sleep 1
   done
-  [ -n "$ok" ] || die "the job server at http://$HEAD_IP:$DASH_PORT did not accept jobs within 90 s"
+  [ -n "$ok" ] || { down >/dev/null; die "the job server at http://$HEAD_IP:$DASH_PORT did not accept jobs; stopped the cluster again"; }
   echo "RAY_ADDRESS=$HEAD_IP:$PORT"
   echo "DASHBOARD=http://$HEAD_IP:$DASH_PORT   (jobs: ray job submit --address http://$HEAD_IP:$DASH_PORT ...)"
 }

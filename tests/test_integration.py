@@ -234,7 +234,9 @@ def test_stopped_run_resumes_and_continues_the_step_counter(env, ray_cluster, tm
     output = second.stdout + second.stderr
     assert "(resumed)" in output
     resumed_at = [int(s) for s in re.findall(r"resumed from checkpoint at step (\d+)", output)]
-    assert resumed_at and min(resumed_at) >= 80
+    # The folder of checkpoint 80 appears while it is still being written; Ray registers it
+    # only when every rank has reported, so a kill just then resumes from 40 (correctly).
+    assert resumed_at and min(resumed_at) >= 40
     assert "step 20/160" not in output  # it did not start over
     assert (tmp_path / "runs" / "resume-it" / "checkpoint_00000160").exists()
 

@@ -99,6 +99,8 @@ def init_ray(cfg: Config) -> None:
             # this is a one-node cluster; then every node address is 127.0.0.1.
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
             ray.init(
+                # "local": a new Ray of our own, never one a past `ray start` left recorded.
+                address="local",
                 _node_ip_address="127.0.0.1",
                 include_dashboard=False,
                 num_cpus=cfg.cluster.num_cpus or None,

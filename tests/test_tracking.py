@@ -1,0 +1,93 @@
+"""Tracking: the background logger never blocks training and survives a server outage."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+import torch
+
+from tests.conftest import BIN, free_port, stop_group, wait_http
+from trainer import tracking
+from trainer.metrics import Meter, replica_drift
+
+
+def test_logger_never_blocks_and_counts_what_it_could_not_send():
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens here
+    logger = tracking.RunLogger(dead, "0" * 32)
+    start = time.perf_counter()
+    for step in range(1, 501):
+        logger.log_metrics({"d_loss": 1.0, "g_loss": 2.0}, step)
+    assert time.perf_counter() - start < 0.5
+    assert logger.pending() == 1000
+    assert logger.close(timeout=1.0) == 1000
+
+
+def test_meter_means_and_single_process_drift():
+    meter = Meter()
+    for v in (1.0, 2.0, 6.0):
+        meter.add({"x": torch.tensor(v), "y": torch.tensor(2 * v)})
+    assert meter.reduce() == {"x": 3.0, "y": 6.0}
+    assert meter.reduce() == {}
+    assert replica_drift(torch.nn.Linear(3, 2)) == 0.0
+
+
+def test_flatten():
+    assert tracking.flatten({"a": {"b": 1, "c": {"d": "x"}}, "e": 2}) == {"a.b": 1, "a.c.d": "x", "e": 2}
+
+
+@pytest.mark.slow
+def test_metrics_buffered_through_a_server_outage_arrive_when_it_returns(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+
+    def start_server() -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{tmp_path}/mlflow.db",
+                "--artifacts-destination",
+                str(tmp_path / "a"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_http(f"{uri}/health")
+        return proc
+
+    server = start_server()
+    run_id, resumed = tracking.start_run(uri, "outage", "blink", {"trainer": {"max_steps": 100}})
+    assert not resumed
+    stop_group(server)  # the server goes away mid-run
+
+    logger = tracking.RunLogger(uri, run_id)
+    start = time.perf_counter()
+    for step in range(1, 101):
+        logger.log_metrics({"g_loss": float(step)}, step)
+    logger.log_bytes(b"\x89PNG fake", "samples/during_outage.png")
+    assert time.perf_counter() - start < 0.5  # training did not wait
+    time.sleep(3)
+    assert logger.pending() == 101 and logger.send_failures >= 1
+
+    server = start_server()  # back, same store
+    try:
+        assert logger.close(timeout=60) == 0
+        client = MlflowClient(uri)
+        assert [m.step for m in client.get_metric_history(run_id, "g_loss")] == list(range(1, 101))
+        assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/during_outage.png"]
+        again, resumed = tracking.start_run(uri, "outage", "blink", {"trainer": {"max_steps": 100}})
+        assert resumed and again == run_id  # the same run name finds the same run
+    finally:
+        stop_group(server)
