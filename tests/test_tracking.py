@@ -91,3 +91,32 @@ def test_metrics_buffered_through_a_server_outage_arrive_when_it_returns(tmp_pat
         assert resumed and again == run_id  # the same run name finds the same run
     finally:
         stop_group(server)
+
+
+def test_register_saved_weights_later(tmp_path, capsys):
+    """After a registry failure: `trainer.register` registers the weights a run left on disk."""
+    import json
+    from dataclasses import asdict
+
+    from mlflow.tracking import MlflowClient
+
+    from trainer import register
+    from trainer.config import Config
+
+    cfg = Config()
+    cfg.model.g_width, cfg.model.depth = 16, 1
+    cfg.tracking.registered_model = "later"
+    uri = f"sqlite:///{tmp_path}/m.db"
+    run_id, _ = tracking.start_run(uri, "later", "run-a", asdict(cfg))
+    from trainer.run import build_generator
+
+    weights = tmp_path / "run-a" / "generator_ema.pt"
+    weights.parent.mkdir()
+    torch.save(build_generator(cfg).state_dict(), weights)
+    (weights.parent / "config.json").write_text(json.dumps(asdict(cfg)))
+    assert register.main([f"weights={weights}", f"run_id={run_id}", f"tracking_uri={uri}"]) == 0
+    assert "models:/later/1" in capsys.readouterr().out
+    version = MlflowClient(uri).get_model_version("later", "1")
+    assert version.run_id == run_id and version.tags["steps"] == str(cfg.trainer.max_steps)
+    assert register.main([f"weights={tmp_path}/nope.pt", f"run_id={run_id}"]) == 2
+    assert "config.json beside it" in capsys.readouterr().err

@@ -123,6 +123,8 @@ def train_loop(config: dict) -> None:
                 metrics["replica_drift"] = replica_drift(G.module, D.module)
                 metrics["data_skipped"] = float(loader.num_skipped)
                 metrics["data_unreadable_shards"] = float(loader.skipped.get("unreadable_shard", 0))
+                if cfg.parallel.precision == "fp16":
+                    metrics["d_loss_scale"], metrics["g_loss_scale"] = D.loss_scale, G.loss_scale
                 images_done, tick = 0, time.perf_counter()
                 steps_per_sec = (step - last_logged) / max(elapsed, 1e-9)
                 last_logged = step

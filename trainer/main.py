@@ -13,7 +13,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -121,7 +120,7 @@ def compose(overrides: list[str]) -> Config:
         return to_config(hydra_compose(config_name="config", overrides=quote_brace_patterns(overrides)))
 
 
-__all__ = ["main", "compose", "run", "asdict"]
+__all__ = ["main", "compose", "run"]
 
 if __name__ == "__main__":
     main()
