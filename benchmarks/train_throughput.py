@@ -55,8 +55,8 @@ def make_cfg(args, penalty: str) -> Config:
     return cfg
 
 
-def bench_stablegan(args, penalty: str, real: torch.Tensor) -> float:
-    cfg = make_cfg(args, penalty)
+def models(args) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The same freshly initialised DCGAN pair for both sides, on the benchmark's device."""
     torch.manual_seed(0)
     G, D = build_pair(
         "dcgan",
@@ -66,9 +66,14 @@ def bench_stablegan(args, penalty: str, real: torch.Tensor) -> float:
         g_width=args.width,
         d_width=args.width,
     )
-    dev = torch.device(args.device)
-    g = Engine(G.to(dev), 2e-4, (0.5, 0.999), cfg.parallel, args.batch)
-    d = Engine(D.to(dev), 2e-4, (0.5, 0.999), cfg.parallel, args.batch)
+    return G.to(args.device), D.to(args.device)
+
+
+def bench_stablegan(args, penalty: str, real: torch.Tensor) -> float:
+    cfg = make_cfg(args, penalty)
+    G, D = models(args)
+    g = Engine(G, 2e-4, (0.5, 0.999), cfg.parallel, args.batch)
+    d = Engine(D, 2e-4, (0.5, 0.999), cfg.parallel, args.batch)
     step = GANStep(g, d, cfg, torch.Generator().manual_seed(1))
 
     def one() -> None:
@@ -79,17 +84,8 @@ def bench_stablegan(args, penalty: str, real: torch.Tensor) -> float:
 
 
 def bench_bare(args, penalty: str, real: torch.Tensor) -> float:
-    torch.manual_seed(0)
     dev = torch.device(args.device)
-    G, D = build_pair(
-        "dcgan",
-        100,
-        resolution=args.resolution,
-        channels=args.channels,
-        g_width=args.width,
-        d_width=args.width,
-    )
-    G, D = G.to(dev), D.to(dev)
+    G, D = models(args)
     opt_g = torch.optim.Adam(G.parameters(), 2e-4, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), 2e-4, betas=(0.5, 0.999))
     gen = torch.Generator().manual_seed(1)

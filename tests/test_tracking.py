@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import BIN, free_port, stop_group, wait_http
+from tests.conftest import free_port, start_mlflow_server, stop_group
 from trainer import tracking
 from trainer.metrics import Meter, replica_drift
 
@@ -45,27 +45,7 @@ def test_metrics_buffered_through_a_server_outage_arrive_when_it_returns(tmp_pat
     uri = f"http://127.0.0.1:{port}"
 
     def start_server() -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [
-                str(BIN / "mlflow"),
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-                "--backend-store-uri",
-                f"sqlite:///{tmp_path}/mlflow.db",
-                "--artifacts-destination",
-                str(tmp_path / "a"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        wait_http(f"{uri}/health")
-        return proc
+        return start_mlflow_server(tmp_path, port)  # same port, same store each time
 
     server = start_server()
     run_id, resumed = tracking.start_run(uri, "outage", "blink", {"trainer": {"max_steps": 100}})
