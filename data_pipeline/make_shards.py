@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import sys
-import tarfile
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -113,8 +112,6 @@ class _ShardSink:
         tar_writer = wds.TarWriter(
             stream, encoder=False, mtime=0, user="stablegan", group="stablegan", mode=0o444
         )
-        # wds opens a streaming tar whose default format (PAX) is stable across runs.
-        assert isinstance(tar_writer.tarstream, tarfile.TarFile)
         self._writer = tar_writer
         self._stream = stream
         self._count = 0

@@ -2,8 +2,10 @@
 
 Each takes `d_fn`, the discriminator's *module* forward: going through the DeepSpeed engine's
 `__call__` makes `autograd.grad(..., create_graph=True)` fail under ZeRO 0-2 (its hooks fire).
-The inner gradient is taken of `scale * sum(D(x))` and divided back, so that under fp16 loss
-scaling it does not underflow; the squared norm is computed in fp32 whatever D's dtype.
+The inner gradient comes back in at least fp32 whatever D's dtype. `scale` multiplies the inner
+gradient's seed and is divided back out; the trainer leaves it at 1: under fp16, scaling by
+the loss scale overflowed (measured on an H200), so there the penalty runs through an fp32
+forward instead (`Engine.fp32_forward`).
 """
 
 from __future__ import annotations

@@ -7,19 +7,11 @@ multiplied by the interval, and D's Adam lr/betas are rescaled by c = k / (k + 1
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from trainer import losses, penalties
 from trainer.config import Config
 from trainer.engines import Engine, set_optimizer_hparams
-
-
-@dataclass
-class Phase:
-    name: str
-    interval: int
 
 
 class GANStep:
@@ -30,7 +22,7 @@ class GANStep:
         self.noise = noise
         self.d_loss, self.g_loss = losses.get(cfg.loss.kind)
         k = cfg.penalty.interval if cfg.penalty.kind != "none" else 1
-        self.phases = [Phase("D_main", 1), Phase("D_reg", k), Phase("G_main", cfg.optim.d_steps)]
+        self.reg_interval = k  # D_reg runs on every k-th D step (D_main every step, G_main after d_steps)
         self.d_iters = 0
         if k > 1:
             c = k / (k + 1)
@@ -43,7 +35,7 @@ class GANStep:
     def d_step(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
         """D main phase, fused with the penalty when it is due."""
         pen_cfg = self.cfg.penalty
-        reg_due = pen_cfg.kind != "none" and self.d_iters % self.phases[1].interval == 0
+        reg_due = pen_cfg.kind != "none" and self.d_iters % self.reg_interval == 0
         self.d_iters += 1
         with torch.no_grad():
             fake = self.G(self.latent(real.shape[0]))
@@ -56,7 +48,8 @@ class GANStep:
         # and R1 differentiates the real rows of this same graph.
         logits = self.D(torch.cat([real, fake.to(real.dtype)]))
         real_logits, fake_logits = logits.split(real.shape[0])
-        loss = self.d_loss(real_logits, fake_logits)
+        adversarial = self.d_loss(real_logits, fake_logits)
+        loss = adversarial
         penalty = torch.zeros(())
         if reg_due:
             d_fn = self.D.fp32_forward if fp16 else self.D
@@ -66,11 +59,11 @@ class GANStep:
             else:
                 penalty = penalties.wgan_gp(d_fn, real, fake, generator=self.noise)
                 gain = pen_cfg.weight
-            loss = loss + gain * self.phases[1].interval * penalty
+            loss = loss + gain * self.reg_interval * penalty
         self.D.backward(loss)
         grad_norm = self.D.step()
         return {
-            "d_loss": loss.detach(),
+            "d_loss": adversarial.detach(),  # the penalty is its own metric
             "penalty": penalty.detach(),
             "d_real": real_logits.detach().mean(),
             "d_fake": fake_logits.detach().mean(),
