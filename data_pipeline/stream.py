@@ -55,6 +55,7 @@ class StreamConfig:
     verify: bool = True  # check sha256 against the manifest before reading
     drop_last: bool = True  # full batches only (the trainer wants equal steps on every rank)
     expected_shape: tuple[int, ...] | None = None  # (C,H,W) or (2,); default: the manifest's
+    with_keys: bool = False  # each batch also carries (epoch, sample key) per sample, for audits
 
 
 def _read_shard(url: str) -> tuple[list[dict], Exception | None]:
@@ -137,17 +138,22 @@ class ShardStream(IterableDataset):
                     skipped["bad_shape"] += 1
                     continue
                 cls = np.load(io.BytesIO(s["cls.npy"]), allow_pickle=False) if "cls.npy" in s else None
-                items.extend(zip(pts.astype(np.float32), cls if cls is not None else [-1] * len(pts)))
+                keys = (
+                    [f"{s['__key__']}/{i}" for i in range(len(pts))]
+                    if self.cfg.with_keys
+                    else [""] * len(pts)
+                )
+                items.extend(zip(pts.astype(np.float32), cls if cls is not None else [-1] * len(pts), keys))
             else:
                 raw = next((s[k] for k in ("png", "jpg", "jpeg", "webp") if k in s), None)
                 if raw is None:
                     skipped["missing_field"] += 1
                     continue
-                items.append((raw, int(s["cls"]) if "cls" in s else -1))
+                items.append((raw, int(s["cls"]) if "cls" in s else -1, s["__key__"]))
         return items
 
     def _decode(self, item, skipped: Counter) -> tuple[np.ndarray, int] | None:
-        x, y = item
+        x, y, _ = item
         if self.kind == "image":
             try:
                 x = _decode_image(x)
@@ -169,6 +175,7 @@ class ShardStream(IterableDataset):
         skipped: Counter = Counter()
         xs: list[np.ndarray] = []
         ys: list[int] = []
+        keys: list[tuple[int, str]] = []
         good_this_pass = 0
         while True:
             order = self.shards_for(epoch, slot, total)
@@ -199,12 +206,14 @@ class ShardStream(IterableDataset):
                         x = x[..., ::-1]
                     xs.append(x)
                     ys.append(y)
+                    if self.cfg.with_keys:
+                        keys.append((epoch, items[perm[j]][2]))
                     good_this_pass += 1
                     if len(xs) == self.cfg.batch_size:
                         # Position after this batch: the next sample to read.
                         pos = (epoch, shard_i, j + 1) if j + 1 < len(items) else (epoch, shard_i + 1, 0)
-                        yield self._batch(xs, ys, slot, pos, skipped)
-                        xs, ys, skipped = [], [], Counter()
+                        yield self._batch(xs, ys, slot, pos, skipped, keys)
+                        xs, ys, keys, skipped = [], [], [], Counter()
                 shard_i, sample_i = shard_i + 1, 0
             epoch, shard_i = epoch + 1, 0
             if good_this_pass == 0:
@@ -216,19 +225,24 @@ class ShardStream(IterableDataset):
             good_this_pass = 0
             if not self.cfg.infinite:
                 if xs and not self.cfg.drop_last:
-                    yield self._batch(xs, ys, slot, (epoch, 0, 0), skipped)
+                    yield self._batch(xs, ys, slot, (epoch, 0, 0), skipped, keys)
                 elif skipped:
                     yield self._batch([], [], slot, (epoch, 0, 0), skipped)
                 return
 
-    def _batch(self, xs: list, ys: list, slot: int, pos: Position, skipped: Counter) -> dict:
-        return {
+    def _batch(
+        self, xs: list, ys: list, slot: int, pos: Position, skipped: Counter, keys: list | None = None
+    ) -> dict:
+        batch = {
             "x": self._to_tensor(xs) if xs else torch.empty(0),
             "y": torch.tensor(ys, dtype=torch.long),
             "slot": slot,
             "pos": pos,
             "skipped": dict(skipped),
         }
+        if self.cfg.with_keys:
+            batch["keys"] = list(keys or [])
+        return batch
 
 
 class ShardLoader:

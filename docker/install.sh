@@ -2,7 +2,8 @@
 # Installs stablegan and its dependencies into a virtual environment (default .venv).
 # The one install recipe: `make setup`, .ci/run and docker/Dockerfile all run this script.
 #
-#   docker/install.sh [VENV_DIR]        STABLEGAN_DEV=1 adds the test tools
+#   docker/install.sh [VENV_DIR]        STABLEGAN_EXTRAS=server adds the MLflow server's drivers;
+#                                       STABLEGAN_DEV=1 adds those and the test tools
 #
 # torch comes first and pinned, so no resolver ever chooses it: on a machine without an
 # NVIDIA GPU, torch==2.13.0 (a CPU build; on this project's CPU machines pip takes a local
@@ -20,10 +21,12 @@ PY="$VENV/bin/python"
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null; then
   "$PY" -m pip install -q "torch==$TORCH_VERSION"
 fi
-extras=""
-[ "${STABLEGAN_DEV:-0}" = "1" ] && extras="[dev]"
-# torch is already satisfied, so this adds deepspeed, ray, webdataset, mlflow, hydra, ...
-"$PY" -m pip install -q -e ".$extras"
+# Extras: server (psycopg for a PostgreSQL-backed MLflow, boto3 for S3 artifacts), dev (tests).
+extras="${STABLEGAN_EXTRAS:-}"
+[ "${STABLEGAN_DEV:-0}" = "1" ] && extras="dev,server"
+# torch is already satisfied, so this adds deepspeed, ray, webdataset, mlflow, hydra, ... at
+# the versions in docker/constraints.txt.
+"$PY" -m pip install -q -c docker/constraints.txt -e ".${extras:+[$extras]}"
 "$PY" - <<'PY'
 import deepspeed, hydra, mlflow, ray, torch, webdataset  # noqa: F401
 print(f"stablegan env ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}, "

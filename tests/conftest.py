@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,28 +79,81 @@ def mlflow_server(tmp_path_factory):
         stop_group(proc)
 
 
+def postgres_bindir() -> Path | None:
+    """Where Debian's PostgreSQL server binaries are (None when it is not installed)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """A two-node Ray cluster (head + worker node) on loopback via launch/local_cluster.sh."""
+def postgres():
+    """A throwaway PostgreSQL server on 127.0.0.1 with a database `mlflow`; yields its URI.
+
+    initdb refuses to run as root, so as root the server runs as Debian's `postgres` user.
+    Skipped when PostgreSQL is not installed, unless STABLEGAN_REQUIRE_POSTGRES=1 (CI sets it).
+    """
+    bindir = postgres_bindir()
+    if bindir is None:
+        if os.environ.get("STABLEGAN_REQUIRE_POSTGRES") == "1":
+            pytest.fail("PostgreSQL is not installed (apt-get install postgresql); .ci/run installs it")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    root = Path(tempfile.mkdtemp(prefix="stablegan-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = root / "data", free_port()
+
+    def pg(*cmd: str, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run([*as_user, *cmd], capture_output=True, text=True, check=True, timeout=120, **kw)
+
+    pg(str(bindir / "initdb"), "-D", str(data), "-U", "stablegan", "--auth=trust", "-E", "UTF8")
+    opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {root}"
+    pg(str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "pg.log"), "-w", "start")
+    try:
+        pg(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "stablegan", "mlflow")
+        yield f"postgresql://stablegan@127.0.0.1:{port}/mlflow"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory, request):
+    """The local stack from launch/local_cluster.sh: a Ray head plus one worker node on loopback
+    and an MLflow server, on PostgreSQL when it is installed (else sqlite)."""
+    state = tmp_path_factory.mktemp("cluster")
     env = {
         **os.environ,
         "PATH": f"{BIN}:{os.environ['PATH']}",
         "STABLEGAN_RAY_PORT": str(free_port()),
         "STABLEGAN_DASHBOARD_PORT": str(free_port()),
+        "STABLEGAN_MLFLOW_PORT": str(free_port()),
+        "STABLEGAN_MLFLOW_DIR": str(state / "mlflow"),
+        "STABLEGAN_STATE_DIR": str(state),
         "STABLEGAN_HEAD_CPUS": "2",
         "STABLEGAN_WORKER_CPUS": "1",
         "RAY_AUTH_MODE": "token",
     }
+    backend: list[str] = []
+    if postgres_bindir() is not None or os.environ.get("STABLEGAN_REQUIRE_POSTGRES") == "1":
+        backend = ["--backend-store-uri", request.getfixturevalue("postgres")]
     script = str(ROOT / "launch" / "local_cluster.sh")
-    out = subprocess.run([script, "up"], env=env, capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr + out.stdout
-    info = dict(
-        line.split("=", 1)
-        for line in out.stdout.splitlines()
-        if line.startswith(("RAY_ADDRESS", "DASHBOARD"))
-    )
-    try:
-        yield {"address": info["RAY_ADDRESS"], "dashboard": info["DASHBOARD"].split()[0], "env": env}
+    try:  # `down` in any case: a timed-out `up` may have started part of the cluster
+        out = subprocess.run([script, "up", *backend], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr + out.stdout
+        info = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line and line[0] != "#")
+        yield {
+            "address": info["RAY_ADDRESS"],
+            "dashboard": info["RAY_JOB_ADDRESS"],
+            "mlflow": info["MLFLOW_TRACKING_URI"],
+            "backend": backend[1] if backend else "sqlite",
+            "env": env,
+            "script": script,
+        }
     finally:
         subprocess.run([script, "down"], env=env, capture_output=True, timeout=120)
 

@@ -54,6 +54,11 @@ def test_user_facing_keys_override():
         ("trainer.num_workers=0", "trainer.num_workers=0 is invalid; it must be >= 1"),
         ("optim.g_lr=2", "optim.g_lr=2.0 is invalid; a learning rate must be in (0, 1)"),
         ("trainer.run_name=a/b", "trainer.run_name='a/b' is invalid"),
+        ("trainer.storage_path=s3://bucket/runs", "object-store URLs are not supported yet"),
+        ("trainer.worker_resources={GPU:1}", "trainer.worker_resources.GPU=1.0 is invalid"),
+        ("trainer.worker_resources.slot=0", "trainer.worker_resources.slot=0.0 is invalid"),
+        ("tracking.alias=latest", "MLflow reserves 'latest'"),
+        ("tracking.alias=v3", "MLflow reserves 'latest' and 'v<N>'"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -80,3 +85,11 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path):
         timeout=120,
     )
     assert proc.returncode != 0 and "Available options in 'model'" in proc.stderr
+
+
+def test_worker_resources_take_new_keys_and_brace_patterns_stay_text():
+    cfg = compose(["trainer.worker_resources={stablegan_slot:1}", "trainer.worker_resources.gpu_a100=0.5"])
+    assert cfg.trainer.worker_resources == {"stablegan_slot": 1.0, "gpu_a100": 0.5}
+    cfg = compose(["data.urls=/s/x-{000000..000003}.tar", "data.verify=false"])
+    assert cfg.data.urls == "/s/x-{000000..000003}.tar"
+    assert compose(["tracking.alias="]).tracking.alias == ""

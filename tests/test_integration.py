@@ -39,11 +39,11 @@ def mode_distances(points: np.ndarray) -> tuple[float, float]:
 
 
 @pytest.fixture(scope="module")
-def env(ray_cluster, mlflow_server):
-    return {**ray_cluster["env"], "MLFLOW_TRACKING_URI": mlflow_server, "PYTHONUNBUFFERED": "1"}
+def env(ray_cluster):
+    return {**ray_cluster["env"], "MLFLOW_TRACKING_URI": ray_cluster["mlflow"], "PYTHONUNBUFFERED": "1"}
 
 
-def test_two_workers_grid25_r1_tracked_registered_and_sampled(env, ray_cluster, mlflow_server, tmp_path):
+def test_two_workers_grid25_r1_tracked_registered_and_sampled(env, ray_cluster, tmp_path):
     from mlflow.tracking import MlflowClient
 
     name = "it-grid25"
@@ -65,7 +65,7 @@ def test_two_workers_grid25_r1_tracked_registered_and_sampled(env, ray_cluster, 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_id = re.search(r"MLflow run (\w+)", proc.stdout).group(1)
 
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(ray_cluster["mlflow"])
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["trainer.num_workers"] == "2" and run.data.params["penalty.kind"] == "r1"
@@ -106,7 +106,7 @@ def test_two_workers_grid25_r1_tracked_registered_and_sampled(env, ray_cluster, 
             sys.executable,
             "-m",
             "trainer.sample",
-            f"model=models:/{name}@latest",
+            f"model=models:/{name}@champion",
             "num=2000",
             f"out={out}",
             "seed=5",
@@ -152,26 +152,34 @@ def test_two_workers_grid25_r1_tracked_registered_and_sampled(env, ray_cluster, 
     )
     assert proc.returncode == 0 and png.read_bytes()[:4] == b"\x89PNG"
     bad = subprocess.run(
-        [sys.executable, "-m", "trainer.sample", f"model=models:/{name}@champion", f"out={png}"],
+        [sys.executable, "-m", "trainer.sample", f"model=models:/{name}@production", f"out={png}"],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert bad.returncode == 2 and f"versions of '{name}': [1]" in bad.stderr
+    assert bad.returncode == 2 and f"versions of '{name}': [1]; aliases: champion -> 1" in bad.stderr
 
 
-def test_ray_job_submit(env, ray_cluster, mlflow_server, tmp_path):
+def test_ray_job_submit_two_nodes_exactly_once_per_epoch(env, ray_cluster, tmp_path):
+    """The multi-node path: `ray job submit` to a head + worker node, one training worker per
+    node (custom resources), the shards split between them exactly once per epoch."""
+    import gzip
+    import json
+
     from mlflow.tracking import MlflowClient
 
     submit = str(ROOT / "launch" / "submit.sh")
     args = [
         "trainer.num_workers=2",
-        "trainer.max_steps=40",
-        "trainer.log_every=20",
-        "trainer.checkpoint_every=40",
+        "trainer.worker_resources={stablegan_slot:1}",  # one per node: each node has one slot
+        "trainer.max_steps=200",  # an epoch is 50,000 points per rank = 196 batches of 256
+        "trainer.log_every=100",
+        "trainer.checkpoint_every=200",
+        "trainer.sample_every=0",
         f"trainer.storage_path={tmp_path}/runs",
         "data.loader_workers=1",
+        "data.audit=true",
         "tracking.registered_model=it-job",
     ]
     proc = subprocess.run(
@@ -183,9 +191,22 @@ def test_ray_job_submit(env, ray_cluster, mlflow_server, tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "step 40/40" in proc.stdout, proc.stdout[-4000:]  # worker logs stream back to the submitter
-    assert "registered_model: models:/it-job/1" in proc.stdout, proc.stdout[-4000:]
-    assert len(MlflowClient(mlflow_server).search_model_versions("name='it-job'")) == 1
+    assert "step 200/200" in proc.stdout, proc.stdout[-4000:]  # worker logs stream back to the submitter
+    assert "registered_model: models:/it-job/1 (also models:/it-job@champion" in proc.stdout
+    run_id = re.search(r"MLflow run (\w+)", proc.stdout).group(1)
+
+    client = MlflowClient(ray_cluster["mlflow"])
+    assert client.get_model_version_by_alias("it-job", "champion").run_id == run_id
+    path = client.download_artifacts(run_id, "data_audit.json.gz", str(tmp_path))
+    ranks = json.loads(gzip.decompress(open(path, "rb").read()))["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert {r["node_ip"] for r in ranks} == {"127.0.0.2", "127.0.0.3"}  # head and worker node
+    epoch0 = [r["epochs"]["0"] for r in ranks]
+    assert all(len(keys) == len(set(keys)) for keys in epoch0)  # no sample twice on a rank
+    assert not set(epoch0[0]) & set(epoch0[1])  # no sample on both ranks
+    assert len(epoch0[0]) + len(epoch0[1]) == 100_000  # and every sample of the dataset
+    manifest = json.loads((tmp_path / "runs" / "datasets" / "grid25" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 100_000
 
     failing = subprocess.run(
         [submit, "--address", ray_cluster["dashboard"], "--", "trainer.num_workers=0"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import tarfile
 from pathlib import Path
 
@@ -55,6 +56,22 @@ def test_exactly_once_over_2_ranks_x_2_workers(digits):
 
     assert Counter(keys0 + keys1) == Counter(everything)
     assert 0 < len(keys0) < 1797 and len(keys0) + len(keys1) == 1797
+
+
+def test_sample_keys_carry_the_epoch_and_match_the_shards(tmp_path):
+    write_shards(
+        MakeShardsConfig(source="ring8", out=str(tmp_path), num_samples=4000, shard_size=1000), progress=False
+    )
+    cfg = dict(urls=str(tmp_path), batch_size=100, num_workers=0, with_keys=True, seed=3)
+    batches = itertools.islice(ShardLoader(StreamConfig(**cfg)), 80)  # 2 epochs of 40 batches
+    keys = [k for b in batches for k in b["keys"]]
+    # Step-based (infinite) stream: epoch 0 then epoch 1, each every point exactly once.
+    for epoch in (0, 1):
+        names = [k for e, k in keys if e == epoch]
+        assert len(names) == len(set(names)) == 4000
+    assert [e for e, _ in keys] == sorted(e for e, _ in keys)  # epochs do not interleave
+    plain = next(iter(ShardLoader(StreamConfig(**{**cfg, "with_keys": False}))))
+    assert "keys" not in plain
 
 
 def test_too_few_shards_is_a_clear_error_unless_resampling(tmp_path):

@@ -6,6 +6,7 @@ what is allowed, and it runs before Ray, DeepSpeed or MLflow start.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -66,6 +67,7 @@ class DataConfig:
     resample: bool = False
     hflip: bool = False
     verify: bool = True  # sha256 of every shard against its manifest before training
+    audit: bool = False  # log which samples each rank read, per epoch (data_audit.json.gz in MLflow)
 
 
 @dataclass
@@ -79,6 +81,9 @@ class TrainerConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    # Extra Ray resources per training worker, e.g. {stablegan_slot: 1} to put each worker on
+    # its own node (launch/local_cluster.sh gives every node one stablegan_slot).
+    worker_resources: dict[str, float] = field(default_factory=dict)
     max_steps: int = 1000  # G steps
     seed: int = 0
     log_every: int = 50  # metrics to MLflow every this many steps
@@ -87,7 +92,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     max_failures: int = 2  # worker-group restarts from the last checkpoint before giving up
     run_name: str = ""  # same name + storage_path again = resume; "" = a new timestamped name
-    storage_path: str = "runs"
+    storage_path: str = "runs"  # a filesystem path every node sees (NFS/EFS on a cluster)
     torch_threads: int = 0  # intra-op threads per worker; 0 = cpus_per_worker
 
 
@@ -97,6 +102,7 @@ class TrackingConfig:
     experiment: str = "stablegan"
     registered_model: str = "stablegan-generator"
     register: bool = True
+    alias: str = "champion"  # moved to each newly registered version ("" = leave aliases alone)
     sample_grid: int = 64  # images in a logged grid (points in a scatter: x40)
 
 
@@ -179,6 +185,24 @@ def validate(cfg: Config) -> Config:
             "parallel.precision=fp16 needs trainer.use_gpu=true (DeepSpeed's fp16 loss scaling is GPU-only); "
             "use parallel.precision=bf16 or fp32 on CPU"
         )
+    if "://" in cfg.trainer.storage_path:
+        raise ConfigError(
+            f"trainer.storage_path={cfg.trainer.storage_path!r} is invalid: checkpoints, datasets and "
+            "weights need a filesystem path that every node sees (local disk on one machine, an NFS/EFS "
+            "mount on a cluster); object-store URLs are not supported yet"
+        )
+    for key, amount in cfg.trainer.worker_resources.items():
+        if key in ("CPU", "GPU") or amount <= 0:
+            raise ConfigError(
+                f"trainer.worker_resources.{key}={amount} is invalid: give custom resources with a "
+                "positive amount; CPUs and GPUs come from trainer.cpus_per_worker and trainer.use_gpu"
+            )
+    alias = cfg.tracking.alias
+    if alias and (alias == "latest" or re.fullmatch(r"v\d+", alias) or not re.fullmatch(r"[\w-]+", alias)):
+        raise ConfigError(
+            f"tracking.alias={alias!r} is invalid: MLflow reserves 'latest' and 'v<N>'; use letters, "
+            "digits, '-' and '_' (e.g. champion), or '' for no alias"
+        )
     if cfg.trainer.run_name and not all(c.isalnum() or c in "-_." for c in cfg.trainer.run_name):
         raise ConfigError(
             f"trainer.run_name={cfg.trainer.run_name!r} is invalid; use letters, digits, '-', '_' and '.'"
@@ -216,3 +240,16 @@ def allowed_keys(path: str) -> list[str] | None:
             return None
         cls = match.default_factory
     return [f.name for f in fields(cls)]
+
+
+def dict_keys() -> set[str]:
+    """Dotted paths of the schema's free-form dict fields (e.g. trainer.worker_resources)."""
+    out = set()
+    for section in fields(Config):
+        if is_dataclass(section.default_factory):  # type: ignore[arg-type]
+            out |= {
+                f"{section.name}.{f.name}"
+                for f in fields(section.default_factory)  # type: ignore[arg-type]
+                if f.default_factory is dict
+            }
+    return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 import tempfile
 import time
@@ -62,6 +64,22 @@ def sample_picture(generator: torch.nn.Module, cfg: Config, step: int, seed: int
     return tracking.grid_png(x)
 
 
+def gather_audit(audit: dict[int, list[str]], rank: int, world: int) -> bytes:
+    """Every rank's node and sample keys per epoch, gathered on all ranks, as gzipped JSON."""
+    mine = {
+        "rank": rank,
+        "node_ip": ray.util.get_node_ip_address(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "epochs": {str(e): keys for e, keys in sorted(audit.items())},
+    }
+    ranks: list = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(ranks, mine)
+    else:
+        ranks = [mine]
+    return gzip.compress(json.dumps({"ranks": ranks}).encode())
+
+
 def train_loop(config: dict) -> None:
     """Ray Train entry point: `config` holds the resolved config, shard URLs and run id."""
     cfg = from_dict(config["cfg"])
@@ -87,8 +105,10 @@ def train_loop(config: dict) -> None:
             hflip=d.hflip,
             verify=d.verify,
             expected_shape=expected,
+            with_keys=d.audit,
         )
     )
+    audit: dict[int, list[str]] | None = {} if d.audit else None  # epoch -> sample keys read here
     G, D, ema = build_engines(cfg, device)
     noise = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + rank + 1)  # per-rank latents
     step = 0
@@ -110,6 +130,9 @@ def train_loop(config: dict) -> None:
         while step < t.max_steps:
             for _ in range(cfg.optim.d_steps):
                 batch = next(batches)
+                if audit is not None:
+                    for epoch, key in batch["keys"]:
+                        audit.setdefault(int(epoch), []).append(key)
                 meter.add(gan.d_step(batch["x"]))
                 images_done += len(batch["x"])
             meter.add(gan.g_step(d.batch_size))
@@ -154,6 +177,10 @@ def train_loop(config: dict) -> None:
                     )
         if logger is not None:
             logger.log_bytes(sample_picture(ema.module, cfg, step), "samples/final.png")
+        if audit is not None:
+            report = gather_audit(audit, rank, world)
+            if logger is not None:
+                logger.log_bytes(report, "data_audit.json.gz")
     finally:
         if logger is not None:
             logger.close(timeout=60)

@@ -19,7 +19,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import Config, ConfigError, allowed_keys, from_dict, validate
+from trainer.config import Config, ConfigError, allowed_keys, dict_keys, from_dict, validate
 from trainer.run import RegistryError, UserError, run
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -46,6 +46,8 @@ def check_overrides(argv: list[str]) -> None:
         if arg.startswith("-") or "=" not in arg or arg.startswith(("hydra", "+hydra", "~")):
             continue
         key = arg.split("=", 1)[0].lstrip("+")
+        if key in dict_keys() or key.rsplit(".", 1)[0] in dict_keys():
+            continue  # free-form dict: any key
         if "." not in key:
             if key not in GROUPS and key not in allowed_keys(""):
                 raise ConfigError(f"unknown key {key!r}; config groups: {', '.join(GROUPS)}")
@@ -61,11 +63,14 @@ def check_overrides(argv: list[str]) -> None:
 
 
 def quote_brace_patterns(argv: list[str]) -> list[str]:
-    """`data.urls=x-{000000..000009}.tar` -> quoted, so Hydra reads the braces as text."""
+    """`data.urls=x-{000000..000009}.tar` -> quoted, so Hydra reads the braces as text; and
+    `trainer.worker_resources={a:1}` -> `++...`, since a typed dict only takes new keys that way."""
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if sep and "{" in value and value[:1] not in ("'", '"', "[") and not key.startswith("hydra"):
+        if sep and (key in dict_keys() or key.rsplit(".", 1)[0] in dict_keys()):
+            arg = f"++{arg}"
+        if sep and key.lstrip("+").endswith("urls") and "{" in value and value[:1] not in ("'", '"', "["):
             arg = f"{key}='{value}'"
         out.append(arg)
     return out

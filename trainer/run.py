@@ -126,8 +126,10 @@ def register_saved(weights: Path, cfg: Config, run_id: str, uri: str, dataset: s
     G = build_generator(cfg, torch.load(weights, weights_only=True))
     name = cfg.tracking.registered_model
     tags = {"run_id": run_id, "dataset": dataset, "steps": cfg.trainer.max_steps, "experiment": cfg.name}
-    version = tracking.register_generator(uri, run_id, G, cfg.model.latent_dim, name, tags)
-    return f"models:/{name}/{version} (also models:/{name}@latest)"
+    alias = cfg.tracking.alias
+    version = tracking.register_generator(uri, run_id, G, cfg.model.latent_dim, name, tags, alias)
+    also = ", ".join(f"models:/{name}@{a}" for a in (alias, "latest") if a)
+    return f"models:/{name}/{version} (also {also})"
 
 
 def run(cfg: Config) -> dict[str, str]:
@@ -152,7 +154,9 @@ def run(cfg: Config) -> dict[str, str]:
         train_loop_config={"cfg": config_dict, "data_urls": urls, "tracking_uri": uri, "run_id": run_id},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker, **t.worker_resources},
         ),
         run_config=RunConfig(
             name=run_name,

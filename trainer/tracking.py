@@ -239,11 +239,13 @@ def register_generator(
     latent_dim: int,
     model_name: str,
     tags: dict[str, Any],
+    alias: str = "",
 ) -> str:
-    """Log the EMA generator with signature and input example and register it as a new version.
+    """Log the EMA generator with signature and input example, register it as a new version
+    and point `alias` (e.g. champion) at it.
 
     MLflow 3 reserves the alias `latest`: `models:/NAME@latest` always resolves to the newest
-    version, i.e. the one registered here, so no alias needs moving for it.
+    version without being set.
     """
     import mlflow
     from mlflow.models import infer_signature
@@ -269,6 +271,8 @@ def register_generator(
     version = str(info.registered_model_version)
     for k, v in tags.items():
         client.set_model_version_tag(model_name, version, k, str(v))
+    if alias:
+        client.set_registered_model_alias(model_name, alias, version)
     return version
 
 
