@@ -80,3 +80,35 @@ def test_lazy_regularization_schedule_and_rescaled_optimizer(ds_dist):
     assert group["betas"][1] == pytest.approx(cfg.optim.beta2**c)
     ran = [step.d_step(torch.randn(8, 2))["penalty"].item() > 0 for _ in range(8)]
     assert ran == [True, False, False, False, True, False, False, False]
+
+
+@pytest.mark.parametrize("kind", ["r1", "r2", "wgan_gp", "dragan"])
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (2, "bf16")])
+def test_every_penalty_trains_through_engines(ds_dist, kind, stage, precision):
+    cfg = Config()
+    cfg.parallel = ParallelConfig(zero_stage=stage, precision=precision)
+    cfg.penalty.kind = kind
+    cfg.model.latent_dim = 8
+    torch.manual_seed(0)
+    G, D = build_pair("mlp", 8, g_width=16, d_width=16, depth=2, spectral_norm="d", mbstd_group=4)
+    g = Engine(G, 1e-3, (0.5, 0.99), cfg.parallel, 16)
+    d = Engine(D, 1e-3, (0.5, 0.99), cfg.parallel, 16)
+    step = GANStep(g, d, cfg, torch.Generator().manual_seed(1))
+    before = [p.detach().float().clone() for p in d.module.parameters()]
+    out = step.d_step(torch.randn(16, 2))
+    assert out["penalty"].dtype == torch.float32 and out["penalty"] > 0
+    assert out["nonfinite"] == 0
+    assert any(not torch.equal(a, b.float()) for a, b in zip(before, d.module.parameters()))
+    assert torch.isfinite(step.g_step(16)["g_loss"])
+
+
+def test_linear_lr_schedule_keeps_the_lazy_correction(ds_dist):
+    cfg = Config()
+    cfg.penalty.interval = 4
+    G, D = build_pair("mlp", cfg.model.latent_dim, g_width=16, d_width=16, depth=1)
+    g = Engine(G, 1e-3, (0.5, 0.99), cfg.parallel, 8)
+    d = Engine(D, 1e-3, (0.5, 0.99), cfg.parallel, 8)
+    step = GANStep(g, d, cfg, torch.Generator().manual_seed(0))
+    step.set_lr_scale(0.25)
+    assert d.ds.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.optim.d_lr * 4 / 5 * 0.25)
+    assert g.ds.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.optim.g_lr * 0.25)

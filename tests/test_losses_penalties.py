@@ -92,6 +92,47 @@ def test_penalties_gradcheck_and_gradgradcheck():
     assert torch.autograd.gradcheck(gp_of_params, params)
 
 
+def test_r2_and_dragan_linear_discriminator_known_values():
+    w = torch.tensor([3.0, 4.0])
+    real, fake = torch.randn(32, 2), torch.randn(32, 2)
+    assert torch.allclose(penalties.r2(lambda t: t @ w, fake), torch.tensor(25.0))
+    # DRAGAN's perturbed points still see |grad| = 5: (5 - 1)^2
+    gen = torch.Generator().manual_seed(0)
+    assert torch.allclose(penalties.dragan(lambda t: t @ w, real, generator=gen), torch.tensor(16.0))
+
+
+def test_dragan_probes_near_the_reals_only():
+    seen = []
+
+    def d_fn(t):
+        seen.append(t.detach().clone())
+        return t.square().sum(1)
+
+    real = torch.randn(64, 2)
+    penalties.dragan(d_fn, real, generator=torch.Generator().manual_seed(0))
+    (x_hat,) = seen
+    step = (x_hat - real).abs()
+    assert (step <= 0.5 * real.std() + 1e-6).all() and step.sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["r2", "dragan"])
+def test_new_penalties_gradcheck_and_gradgradcheck(kind):
+    net = _mlp64()
+    names = [n for n, _ in net.named_parameters()]
+    x = torch.randn(6, 3, dtype=torch.float64)
+
+    def of_params(*ps):
+        with torch.nn.utils.stateless._reparametrize_module(net, dict(zip(names, ps))):
+            d_fn = lambda t: net(t).squeeze(1)  # noqa: E731
+            if kind == "r2":
+                return penalties.r2(d_fn, x)
+            return penalties.dragan(d_fn, x, generator=torch.Generator().manual_seed(0))
+
+    params = list(net.parameters())
+    assert torch.autograd.gradcheck(of_params, params)
+    assert torch.autograd.gradgradcheck(of_params, params)
+
+
 def test_r1_from_logits_equals_separate_forward():
     net = _mlp64().float()
     x = torch.randn(8, 3)

@@ -10,9 +10,11 @@ import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
-ARCHS = ("mlp", "dcgan")
+ARCHS = ("mlp", "dcgan", "resnet")
+SPECTRAL_NORM = ("none", "d", "both")
+LR_SCHEDULES = ("constant", "linear")
 LOSSES = ("nonsaturating", "hinge", "wasserstein", "lsgan")
-PENALTIES = ("none", "r1", "wgan_gp")
+PENALTIES = ("none", "r1", "r2", "wgan_gp", "dragan")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ZERO_STAGES = (0, 1, 2)
 BUILTINS = ("grid25", "ring8", "digits")
@@ -25,13 +27,15 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "mlp"  # mlp (2-D points) | dcgan (images)
+    arch: str = "mlp"  # mlp (2-D points) | dcgan | resnet (images, SNGAN-style)
     latent_dim: int = 16
     resolution: int = 32  # dcgan only: 32 or 64
     channels: int = 1  # dcgan only: must match the data
     g_width: int = 256  # mlp: hidden units; dcgan: channels of the last feature map (x8 at 4x4)
     d_width: int = 256
     depth: int = 3  # mlp hidden layers
+    spectral_norm: str = "none"  # none | d (every D layer) | both
+    mbstd_group: int = 0  # > 0: minibatch stddev feature in D over groups of this many samples
 
 
 @dataclass
@@ -41,8 +45,10 @@ class LossConfig:
 
 @dataclass
 class PenaltyConfig:
-    kind: str = "r1"  # none | r1 (on reals) | wgan_gp (on interpolates)
-    weight: float = 1.0  # r1: gamma (term = gamma/2 * E|grad|^2); wgan_gp: lambda
+    kind: str = (
+        "r1"  # none | r1 (on reals) | r2 (on fakes) | wgan_gp (on interpolates) | dragan (around reals)
+    )
+    weight: float = 1.0  # r1/r2: gamma (term = gamma/2 * E|grad|^2); wgan_gp/dragan: lambda
     interval: int = 1  # lazy regularization: every k D steps with gain k
 
 
@@ -55,6 +61,15 @@ class OptimConfig:
     d_steps: int = 1  # D updates per G update
     grad_clip: float = 0.0  # 0 = off
     ema_decay: float = 0.999  # EMA of G's weights; the EMA generator is sampled and registered
+    lr_schedule: str = "constant"  # constant | linear (both lrs decay linearly to 0 at max_steps)
+
+
+@dataclass
+class StabilityConfig:
+    every: int = 100  # stability probe every this many steps (0 = off); see trainer/stability.py
+    power_iters: int = 1  # power iterations per probe for the spectral norms
+    samples: int = 2500  # EMA samples for mode metrics (2-D) or diversity (images, <= 256)
+    summary: bool = True  # end-of-run stability summary: MLflow tags + report artifacts
 
 
 @dataclass
@@ -122,6 +137,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -144,7 +160,9 @@ def validate(cfg: Config) -> Config:
     _choice("parallel.precision", cfg.parallel.precision, PRECISIONS)
     _choice("parallel.zero_stage", cfg.parallel.zero_stage, ZERO_STAGES)
     _choice("data.builtin", cfg.data.builtin, BUILTINS)
-    if cfg.model.arch == "dcgan":
+    _choice("model.spectral_norm", cfg.model.spectral_norm, SPECTRAL_NORM)
+    _choice("optim.lr_schedule", cfg.optim.lr_schedule, LR_SCHEDULES)
+    if cfg.model.arch in ("dcgan", "resnet"):
         _choice("model.resolution", cfg.model.resolution, RESOLUTIONS)
         _choice("model.channels", cfg.model.channels, (1, 3))
     for key, value, low in [
@@ -152,6 +170,10 @@ def validate(cfg: Config) -> Config:
         ("model.g_width", cfg.model.g_width, 8),
         ("model.d_width", cfg.model.d_width, 8),
         ("model.depth", cfg.model.depth, 1),
+        ("model.mbstd_group", cfg.model.mbstd_group, 0),
+        ("stability.every", cfg.stability.every, 0),
+        ("stability.power_iters", cfg.stability.power_iters, 1),
+        ("stability.samples", cfg.stability.samples, 16),
         ("penalty.weight", cfg.penalty.weight, 0.0),
         ("penalty.interval", cfg.penalty.interval, 1),
         ("optim.d_steps", cfg.optim.d_steps, 1),
@@ -180,6 +202,12 @@ def validate(cfg: Config) -> Config:
     ]:
         if not 0 <= value < 1:
             raise ConfigError(f"{key}={value} is invalid; it must be in [0, 1)")
+    g = cfg.model.mbstd_group
+    if g and cfg.data.batch_size % g:
+        raise ConfigError(
+            f"model.mbstd_group={g} must divide data.batch_size={cfg.data.batch_size}, so that no "
+            "minibatch-stddev group mixes real and generated samples"
+        )
     if cfg.parallel.precision == "fp16" and not cfg.trainer.use_gpu:
         raise ConfigError(
             "parallel.precision=fp16 needs trainer.use_gpu=true (DeepSpeed's fp16 loss scaling is GPU-only); "

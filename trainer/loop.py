@@ -14,7 +14,7 @@ import torch
 
 from data_pipeline.sources import MIXTURES
 from data_pipeline.stream import ShardLoader, StreamConfig
-from trainer import checkpoint, tracking
+from trainer import checkpoint, stability, tracking
 from trainer.config import Config, from_dict
 from trainer.ema import EMA
 from trainer.engines import Engine
@@ -36,6 +36,8 @@ def build_models(cfg: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
         g_width=m.g_width,
         d_width=m.d_width,
         depth=m.depth,
+        spectral_norm=m.spectral_norm,
+        mbstd_group=m.mbstd_group,
     )
 
 
@@ -62,6 +64,31 @@ def sample_picture(generator: torch.nn.Module, cfg: Config, step: int, seed: int
         modes = MIXTURES[cfg.data.builtin][0]() if cfg.data.builtin in MIXTURES else None
         return tracking.scatter_png(x.numpy(), modes, title=f"EMA generator, step {step}")
     return tracking.grid_png(x)
+
+
+def record(history: dict[str, list[tuple[int, float]]], metrics: dict[str, float], step: int) -> None:
+    for k, v in metrics.items():
+        history.setdefault(k, []).append((step, float(v)))
+
+
+def make_probe(cfg: Config, G: Engine, D: Engine, ema: EMA, gan: GANStep) -> stability.Probe:
+    """The periodic stability probe on this rank's modules (2-D data: mode metrics)."""
+    modes, sigma = None, 0.0
+    if cfg.model.arch == "mlp" and cfg.data.builtin in MIXTURES and not cfg.data.urls:
+        modes_fn, sigma = MIXTURES[cfg.data.builtin]
+        modes = modes_fn()
+    return stability.Probe(
+        G.module,
+        D.module,
+        lambda: ema.module,
+        cfg.model.latent_dim,
+        gan.d_loss,
+        gan.g_loss,
+        modes=modes,
+        sigma=sigma,
+        num_samples=cfg.stability.samples,
+        power_iters=cfg.stability.power_iters,
+    )
 
 
 def gather_audit(audit: dict[int, list[str]], rank: int, world: int) -> bytes:
@@ -122,12 +149,17 @@ def train_loop(config: dict) -> None:
     logger = tracking.RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     gan = GANStep(G, D, cfg, noise)
     meter = Meter()
+    probe = make_probe(cfg, G, D, ema, gan) if rank == 0 and cfg.stability.every else None
+    history: dict[str, list[tuple[int, float]]] = {}  # rank 0: what was logged, for the summary
+    last_metrics: dict[str, float] = {}
     t = cfg.trainer
     batches = iter(loader)
     images_done, tick = 0, time.perf_counter()
     last_logged = step
     try:
         while step < t.max_steps:
+            if cfg.optim.lr_schedule == "linear":
+                gan.set_lr_scale(1.0 - step / t.max_steps)
             for _ in range(cfg.optim.d_steps):
                 batch = next(batches)
                 if audit is not None:
@@ -151,9 +183,11 @@ def train_loop(config: dict) -> None:
                 images_done, tick = 0, time.perf_counter()
                 steps_per_sec = (step - last_logged) / max(elapsed, 1e-9)
                 last_logged = step
+                last_metrics = metrics
                 if logger is not None:
                     metrics["tracking_dropped"] = float(logger.dropped)
                     logger.log_metrics(metrics, step)
+                    record(history, metrics, step)
                     log.warning(
                         "step %d/%d  d_loss %.3f  g_loss %.3f  %.0f img/s  eta %.0fs",
                         step,
@@ -163,15 +197,29 @@ def train_loop(config: dict) -> None:
                         metrics["images_per_sec"],
                         (t.max_steps - step) / max(steps_per_sec, 1e-9),
                     )
+            if probe is not None and (step % cfg.stability.every == 0 or step == t.max_steps):
+                signals = probe(batch["x"], last_metrics)
+                record(history, signals, step)
+                if logger is not None:
+                    logger.log_metrics(signals, step)
             if logger is not None and t.sample_every and step % t.sample_every == 0:
                 logger.log_bytes(sample_picture(ema.module, cfg, step), f"samples/step_{step:07d}.png")
+            report: dict = {"step": step}
+            if step == t.max_steps and logger is not None and cfg.stability.summary:
+                summary = stability.summarize(history)
+                logger.log_bytes(
+                    json.dumps({"summary": summary, "history": history}).encode(), "stability.json"
+                )
+                logger.log_bytes(stability.report_png(history, summary, cfg.name), "stability.png")
+                log.warning("stability summary: %s", json.dumps(summary))
+                report["stability"] = json.dumps(summary)  # the driver turns it into run tags
             if step % t.checkpoint_every == 0 or step == t.max_steps:
                 with tempfile.TemporaryDirectory() as tmp:
                     checkpoint.save(
                         Path(tmp), rank, G, D, ema, step, noise, loader.state_dict(), config["cfg"]
                     )
                     ray.train.report(
-                        {"step": step},
+                        report,
                         checkpoint=ray.train.Checkpoint.from_directory(tmp),
                         checkpoint_dir_name=f"checkpoint_{step:08d}",
                     )

@@ -31,6 +31,7 @@ GROUPS = (
     "data",
     "parallel",
     "trainer",
+    "stability",
     "tracking",
     "cluster",
     "experiment",

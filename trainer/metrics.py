@@ -9,9 +9,10 @@ import torch.distributed as dist
 class Meter:
     """Accumulates detached scalar tensors; `reduce()` is the only sync point (one all-reduce)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sum_keys: tuple[str, ...] = ("nonfinite",)) -> None:
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
+        self.sum_keys = set(sum_keys)  # reported as totals over steps and ranks, not means
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
         for k, v in values.items():
@@ -20,14 +21,17 @@ class Meter:
             self._counts[k] = self._counts.get(k, 0) + 1
 
     def reduce(self) -> dict[str, float]:
-        """Means over steps and ranks; clears the meter. Collective when distributed."""
+        """Means over steps and ranks (totals for `sum_keys`); clears the meter. Collective."""
         keys = sorted(self._sums)
         if not keys:
             return {}
-        means = torch.stack([(self._sums[k] / self._counts[k]).cpu() for k in keys])
+        means = torch.stack(
+            [(self._sums[k] / (1 if k in self.sum_keys else self._counts[k])).cpu() for k in keys]
+        )
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(means)  # gloo CPU tensor; NaN stays NaN, which is what we want to see
-            means /= dist.get_world_size()
+            mean_rows = torch.tensor([k not in self.sum_keys for k in keys])
+            means[mean_rows] /= dist.get_world_size()
         self._sums.clear()
         self._counts.clear()
         return dict(zip(keys, means.tolist()))

@@ -39,6 +39,30 @@ def r1(d_fn: DFn, real: Tensor, scale: float = 1.0) -> Tensor:
     return r1_from_logits(d_fn(x), x, scale)
 
 
+def r2_from_logits(fake_logits: Tensor, fake: Tensor, scale: float = 1.0) -> Tensor:
+    """R2 on fakes, reusing the fused forward (`fake` needs `requires_grad_` before it)."""
+    return input_grad(fake_logits, fake, scale).square().flatten(1).sum(1).mean()
+
+
+def r2(d_fn: DFn, fake: Tensor, scale: float = 1.0) -> Tensor:
+    """R2 (Mescheder et al. 2018): E ||grad_x D(x)||^2 over generated samples."""
+    x = fake.detach().requires_grad_(True)
+    return r2_from_logits(d_fn(x), x, scale)
+
+
+def dragan(
+    d_fn: DFn, real: Tensor, scale: float = 1.0, generator: torch.Generator | None = None, c: float = 0.5
+) -> Tensor:
+    """DRAGAN (Kodali et al. 2017): E (||grad D(x_hat)|| - 1)^2 around the reals, where
+    x_hat = x + t * c * std(x) * u with u ~ U[0, 1) per element and t ~ U[0, 1) per sample."""
+    x = real.detach()
+    u = torch.rand(x.shape, generator=generator).to(x.device, x.dtype)
+    perturbed = x + c * x.float().std().to(x.dtype) * u
+    x_hat = interpolate(perturbed, x, generator)  # t * perturbed + (1 - t) * x
+    grad = input_grad(d_fn(x_hat), x_hat, scale)
+    return (grad.flatten(1).norm(2, dim=1) - 1.0).square().mean()
+
+
 def interpolate(real: Tensor, fake: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Random points on the lines between real and fake samples (one t per sample)."""
     shape = (real.shape[0],) + (1,) * (real.dim() - 1)

@@ -202,7 +202,18 @@ def run(cfg: Config) -> dict[str, str]:
         except Exception as exc:  # noqa: BLE001 - the weights are safe on disk; say how to retry
             log.exception("registering the generator failed")
             out["registered_model"] = f"FAILED ({exc}); the weights are in {weights}"
-    tracking.end_run(uri, run_id, tags={"stablegan.steps": t.max_steps})
+    tags: dict = {"stablegan.steps": t.max_steps}
+    if "stability" in (result.metrics or {}):
+        summary = json.loads(result.metrics["stability"])
+        tags |= {
+            "stablegan.diverged": str(summary["diverged"]).lower(),
+            "stablegan.diverged_at": summary["diverged_at"] if summary["diverged"] else "",
+            "stablegan.first_signal": summary["first_signal"],
+        }
+        out["stability"] = (
+            "diverged at step {diverged_at}".format(**summary) if summary["diverged"] else "stable"
+        )
+    tracking.end_run(uri, run_id, tags=tags)
     if out.get("registered_model", "").startswith("FAILED"):
         raise RegistryError(out)
     return out

@@ -24,44 +24,47 @@ class GANStep:
         k = cfg.penalty.interval if cfg.penalty.kind != "none" else 1
         self.reg_interval = k  # D_reg runs on every k-th D step (D_main every step, G_main after d_steps)
         self.d_iters = 0
-        if k > 1:
-            c = k / (k + 1)
-            o = cfg.optim
-            set_optimizer_hparams(D, o.d_lr * c, (o.beta1**c, o.beta2**c))
+        o = cfg.optim
+        c = k / (k + 1) if k > 1 else 1.0
+        self._d_hparams = (o.d_lr * c, (o.beta1**c, o.beta2**c))
+        self.set_lr_scale(1.0)
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Both learning rates times `scale` (the linear schedule), D's lazy correction kept."""
+        o = self.cfg.optim
+        set_optimizer_hparams(self.D, self._d_hparams[0] * scale, self._d_hparams[1])
+        set_optimizer_hparams(self.G, o.g_lr * scale, (o.beta1, o.beta2))
 
     def latent(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.cfg.model.latent_dim, generator=self.noise).to(self.G.device)
 
     def d_step(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
         """D main phase, fused with the penalty when it is due."""
-        pen_cfg = self.cfg.penalty
-        reg_due = pen_cfg.kind != "none" and self.d_iters % self.reg_interval == 0
+        kind = self.cfg.penalty.kind
+        reg_due = kind != "none" and self.d_iters % self.reg_interval == 0
         self.d_iters += 1
         with torch.no_grad():
             fake = self.G(self.latent(real.shape[0]))
-        real = real.to(self.D.device)
-        # Under fp16 the penalty gets its own fp32 forward; otherwise R1 reuses the main one.
+        real, fake = real.to(self.D.device), fake.to(real.dtype)
+        # Under fp16 the penalty gets its own fp32 forward; otherwise R1 / R2 reuse the main one.
         fp16 = self.cfg.parallel.precision == "fp16"
-        if reg_due and pen_cfg.kind == "r1" and not fp16:
-            real.requires_grad_(True)
+        fused = reg_due and kind in ("r1", "r2") and not fp16
+        if fused:
+            (real if kind == "r1" else fake).requires_grad_(True)
         # One forward for real and fake: D has no batch statistics, so this equals two forwards,
-        # and R1 differentiates the real rows of this same graph.
-        logits = self.D(torch.cat([real, fake.to(real.dtype)]))
+        # and R1 / R2 differentiate the real / fake rows of this same graph.
+        logits = self.D(torch.cat([real, fake]))
         real_logits, fake_logits = logits.split(real.shape[0])
         adversarial = self.d_loss(real_logits, fake_logits)
         loss = adversarial
         penalty = torch.zeros(())
         if reg_due:
-            d_fn = self.D.fp32_forward if fp16 else self.D
-            if pen_cfg.kind == "r1":
-                penalty = penalties.r1(d_fn, real) if fp16 else penalties.r1_from_logits(real_logits, real)
-                gain = pen_cfg.weight / 2
-            else:
-                penalty = penalties.wgan_gp(d_fn, real, fake, generator=self.noise)
-                gain = pen_cfg.weight
+            penalty = self._penalty(kind, real, fake, real_logits, fake_logits, fused, fp16)
+            gain = self.cfg.penalty.weight / (2 if kind in ("r1", "r2") else 1)
             loss = loss + gain * self.reg_interval * penalty
         self.D.backward(loss)
         grad_norm = self.D.step()
+        stats = torch.stack([adversarial.detach().float(), grad_norm.float(), penalty.detach().float()])
         return {
             "d_loss": adversarial.detach(),  # the penalty is its own metric
             "penalty": penalty.detach(),
@@ -70,7 +73,22 @@ class GANStep:
             "d_acc_real": (real_logits.detach() > 0).float().mean(),
             "d_acc_fake": (fake_logits.detach() < 0).float().mean(),
             "d_grad_norm": grad_norm,
+            "nonfinite": (~torch.isfinite(stats)).sum().float(),  # summed over steps by the loop
         }
+
+    def _penalty(self, kind, real, fake, real_logits, fake_logits, fused: bool, fp16: bool) -> torch.Tensor:
+        if fused:
+            if kind == "r1":
+                return penalties.r1_from_logits(real_logits, real)
+            return penalties.r2_from_logits(fake_logits, fake)
+        d_fn = self.D.fp32_forward if fp16 else self.D
+        if kind == "r1":
+            return penalties.r1(d_fn, real)
+        if kind == "r2":
+            return penalties.r2(d_fn, fake)
+        if kind == "dragan":
+            return penalties.dragan(d_fn, real, generator=self.noise)
+        return penalties.wgan_gp(d_fn, real, fake, generator=self.noise)
 
     def g_step(self, batch_size: int) -> dict[str, torch.Tensor]:
         """G main phase: D is frozen so no gradient lands in D, and D's engine is not touched."""
@@ -82,4 +100,9 @@ class GANStep:
             grad_norm = self.G.step()
         finally:
             self.D.requires_grad_(True)
-        return {"g_loss": loss.detach(), "g_grad_norm": grad_norm}
+        stats = torch.stack([loss.detach().float(), grad_norm.float()])
+        return {
+            "g_loss": loss.detach(),
+            "g_grad_norm": grad_norm,
+            "nonfinite": (~torch.isfinite(stats)).sum().float(),
+        }

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from trainer.models.layers import MinibatchStd
+
 
 class DCGANGenerator(nn.Module):
     """z (N, latent_dim) -> images (N, channels, resolution, resolution) in [-1, 1]."""
@@ -49,11 +51,12 @@ class DCGANGenerator(nn.Module):
 class DCGANDiscriminator(nn.Module):
     """images (N, channels, resolution, resolution) -> logits (N,)."""
 
-    def __init__(self, resolution: int = 32, channels: int = 1, width: int = 64):
+    def __init__(self, resolution: int = 32, channels: int = 1, width: int = 64, mbstd_group: int = 0):
         super().__init__()
         if resolution not in (32, 64):
             raise ValueError(f"DCGAN resolution must be 32 or 64, got {resolution}")
         self.in_shape = (channels, resolution, resolution)
+        self.mbstd = MinibatchStd(mbstd_group) if mbstd_group else None
         n_down = int(math.log2(resolution)) - 2
         layers: list[nn.Module] = []
         ch_in, ch = channels, width
@@ -61,8 +64,11 @@ class DCGANDiscriminator(nn.Module):
             layers += [nn.Conv2d(ch_in, ch, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
             ch_in, ch = ch, ch * 2
         self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(ch_in * 16, 1)
+        self.head = nn.Linear((ch_in + (1 if mbstd_group else 0)) * 16, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert x.shape[1:] == self.in_shape, f"D expects {self.in_shape} images, got {tuple(x.shape[1:])}"
-        return self.head(self.body(x).flatten(1)).squeeze(1)
+        h = self.body(x)
+        if self.mbstd is not None:
+            h = self.mbstd(h)
+        return self.head(h.flatten(1)).squeeze(1)

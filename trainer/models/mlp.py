@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from trainer.models.layers import MinibatchStd
+
 
 def _mlp(sizes: list[int], act: nn.Module) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -29,11 +31,17 @@ class MLPGenerator(nn.Module):
 
 
 class MLPDiscriminator(nn.Module):
-    """points (N, 2) -> logits (N,)."""
+    """points (N, 2) -> logits (N,); optionally with minibatch stddev before the last layer."""
 
-    def __init__(self, width: int = 256, depth: int = 3):
+    def __init__(self, width: int = 256, depth: int = 3, mbstd_group: int = 0):
         super().__init__()
-        self.net = _mlp([2] + [width] * depth + [1], nn.LeakyReLU(0.2))
+        self.net = _mlp([2] + [width] * depth, nn.LeakyReLU(0.2))
+        self.act = nn.LeakyReLU(0.2)
+        self.mbstd = MinibatchStd(mbstd_group) if mbstd_group else None
+        self.head = nn.Linear(width + (1 if mbstd_group else 0), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(1)
+        h = self.act(self.net(x))
+        if self.mbstd is not None:
+            h = self.mbstd(h)
+        return self.head(h).squeeze(1)

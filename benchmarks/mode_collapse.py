@@ -1,0 +1,161 @@
+"""Mode-collapse benchmark against published tables (PacGAN, Lin et al. 2018, Table 1).
+
+Runs the sweeps as Hydra multiruns of the real trainer (`python -m trainer.main -m ...`, one
+local Ray reused across the runs of a sweep), each into its own MLflow experiment, then builds
+the tables from the MLflow store (not from stdout): the final probe of each run measures 2,500
+samples of the EMA generator with PacGAN's definitions (trainer/stability.py: `mode_metrics`).
+
+    python benchmarks/mode_collapse.py run [--sweeps main,robustness] [--store DIR]
+    python benchmarks/mode_collapse.py table [--store DIR]      # markdown to stdout + JSON
+
+Sweeps: `main`: vanilla (non-saturating, no penalty, no SN) vs the recommended `stable`
+preset, 10 seeds on grid25 and 5 on ring8. `robustness`: both on grid25, learning rate in
+{1e-4, 3e-4, 1e-3, 3e-3} (G and D) x 3 seeds; reported as the fraction of runs covering all modes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PUBLISHED = {  # PacGAN Table 1: modes, high-quality %, reverse KL
+    "grid25": [("GAN", 17.3, 94.8, 0.70), ("PacGAN4", 24.8, 93.6, 0.04)],
+    "ring8": [("GAN", 6.3, 98.2, 0.45), ("PacGAN2", 7.9, 95.6, 0.07)],
+}
+COMMON = ["tracking.register=false", "trainer.sample_every=0", "data.loader_workers=1", "stability.every=500"]
+
+
+def sweeps() -> dict[str, list[list[str]]]:
+    """Sweep name -> the multirun argument lists it consists of."""
+    seeds10, seeds5 = ",".join(map(str, range(10))), ",".join(map(str, range(5)))
+    return {
+        "main": [
+            ["experiment=vanilla,stable", "data.builtin=grid25", f"trainer.seed={seeds10}"],
+            ["experiment=vanilla,stable", "data.builtin=ring8", f"trainer.seed={seeds5}"],
+        ],
+        "robustness": [
+            [
+                "experiment=vanilla,stable",
+                "data.builtin=grid25",
+                "trainer.seed=100,101,102",
+                "optim.g_lr=1e-4,3e-4,1e-3,3e-3",
+                "optim.d_lr=${optim.g_lr}",
+            ]
+        ],
+    }
+
+
+def run(names: list[str], store: Path) -> None:
+    store.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
+    env.pop("RAY_ADDRESS", None)
+    for name in names:
+        for args in sweeps()[name]:
+            cmd = [sys.executable, "-m", "trainer.main", "-m", *args, *COMMON]
+            cmd += [f"tracking.experiment=bench-{name}", f"trainer.storage_path={store / 'runs'}"]
+            cmd += [f"hydra.sweep.dir={store / 'multirun' / name}"]
+            print("+", " ".join(cmd[1:]), flush=True)
+            t0 = time.time()
+            subprocess.run(cmd, env=env, cwd=store, check=True)
+            print(f"  sweep part done in {time.time() - t0:.0f}s", flush=True)
+
+
+def collect(store: Path, name: str) -> list[dict]:
+    """One row per finished run of sweep `name`: its params and final mode metrics."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(f"bench-{name}")
+    if exp is None:
+        return []
+    rows = []
+    for r in client.search_runs([exp.experiment_id], max_results=5000):
+        if r.info.status != "FINISHED" or "modes_covered" not in r.data.metrics:
+            continue
+        p = r.data.params
+        rows.append(
+            {
+                "preset": p["name"],
+                "data": p["data.builtin"],
+                "seed": int(p["trainer.seed"]),
+                "lr": float(p["optim.g_lr"]),
+                "steps": int(p["trainer.max_steps"]),
+                "modes": r.data.metrics["modes_covered"],
+                "hq": 100 * r.data.metrics["high_quality"],
+                "kl": r.data.metrics["reverse_kl"],
+                "seconds": (r.info.end_time - r.info.start_time) / 1000,
+            }
+        )
+    return rows
+
+
+def mean_se(values: list[float]) -> str:
+    m = statistics.fmean(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return f"{m:.2f} ± {se:.2f}" if abs(m) < 10 else f"{m:.1f} ± {se:.1f}"
+
+
+def table(store: Path) -> dict:
+    main_rows, robust_rows = collect(store, "main"), collect(store, "robustness")
+    out: dict = {"main": main_rows, "robustness": robust_rows}
+    lines = []
+    for data, n_modes in (("grid25", 25), ("ring8", 8)):
+        lines += [
+            f"\n{data} (2,500 EMA samples, 3σ; mean ± standard error over seeds)\n",
+            "| method | runs | modes | high quality % | reverse KL | all modes in every run | s/run |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for preset in ("vanilla", "stable"):
+            rows = [r for r in main_rows if r["data"] == data and r["preset"] == preset]
+            if not rows:
+                continue
+            full = sum(r["modes"] == n_modes for r in rows)
+            lines.append(
+                f"| stablegan {preset} | {len(rows)} | {mean_se([r['modes'] for r in rows])} "
+                f"| {mean_se([r['hq'] for r in rows])} | {mean_se([r['kl'] for r in rows])} "
+                f"| {full}/{len(rows)} | {statistics.fmean(r['seconds'] for r in rows):.0f} |"
+            )
+        for method, modes, hq, kl in PUBLISHED[data]:
+            lines.append(f"| {method} (PacGAN paper) | | {modes} | {hq} | {kl} | | |")
+    if robust_rows:
+        lines += [
+            "\ngrid25 robustness: fraction of runs covering all 25 modes (3 seeds per lr)\n",
+            "| preset | " + " | ".join(f"lr {lr:g}" for lr in (1e-4, 3e-4, 1e-3, 3e-3)) + " | all |",
+            "|---|---|---|---|---|---|",
+        ]
+        for preset in ("vanilla", "stable"):
+            rows = [r for r in robust_rows if r["preset"] == preset]
+            cells = []
+            for lr in (1e-4, 3e-4, 1e-3, 3e-3):
+                sub = [r for r in rows if math.isclose(r["lr"], lr)]
+                cells.append(f"{sum(r['modes'] == 25 for r in sub)}/{len(sub)}")
+            total = sum(r["modes"] == 25 for r in rows)
+            lines.append(f"| {preset} | " + " | ".join(cells) + f" | {total}/{len(rows)} |")
+    print("\n".join(lines))
+    out["markdown"] = "\n".join(lines)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["run", "table"])
+    ap.add_argument("--sweeps", default="main,robustness")
+    ap.add_argument("--store", default=str(ROOT / "benchmarks" / "results" / "mode_collapse"))
+    args = ap.parse_args()
+    store = Path(args.store).resolve()
+    if args.command == "run":
+        run(args.sweeps.split(","), store)
+    result = table(store)
+    (store / "table.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

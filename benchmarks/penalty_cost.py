@@ -1,0 +1,114 @@
+"""D-step time with gradient penalties: stablegan's step against a straightforward reference.
+
+All in one process, on the same DeepSpeed engine and DCGAN-32, interleaved in rounds so that
+machine noise hits every variant alike:
+
+- `none`       our D step without a penalty (the floor);
+- `r1`, `wgan_gp`, `r2`, `dragan`: our D step (real and fake in one forward; R1/R2 take their
+  input gradient from that same forward);
+- `ref_r1`, `ref_wgan_gp`: the textbook step: D(real) and D(fake) as separate forwards, then
+  one more forward for the penalty and a plain `autograd.grad`;
+- `r1_lazy16`: R1 every 16th D step with gain 16 (StyleGAN2), averaged over whole periods.
+
+    python benchmarks/penalty_cost.py [--batch 64] [--rounds 5] [--steps 32] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from benchmarks.train_throughput import init_dist
+from trainer import losses
+from trainer.config import Config
+from trainer.engines import Engine
+from trainer.models import build_pair
+from trainer.step import GANStep
+
+
+def make(kind: str, interval: int, batch: int) -> tuple[GANStep, Config]:
+    cfg = Config()
+    cfg.model.arch, cfg.model.latent_dim, cfg.model.channels = "dcgan", 100, 1
+    cfg.model.g_width = cfg.model.d_width = 64
+    cfg.penalty.kind, cfg.penalty.interval = kind, interval
+    cfg.data.batch_size = batch
+    torch.manual_seed(0)
+    G, D = build_pair("dcgan", 100, resolution=32, channels=1, g_width=64, d_width=64)
+    g = Engine(G, 2e-4, (0.5, 0.999), cfg.parallel, batch)
+    d = Engine(D, 2e-4, (0.5, 0.999), cfg.parallel, batch)
+    return GANStep(g, d, cfg, torch.Generator().manual_seed(1)), cfg
+
+
+def reference_step(gan: GANStep, kind: str, real: torch.Tensor) -> None:
+    """The straightforward D step: three forwards, one plain autograd.grad."""
+    D, d_loss = gan.D, losses.get("nonsaturating")[0]
+    with torch.no_grad():
+        fake = gan.G(gan.latent(real.shape[0]))
+    loss = d_loss(D(real), D(fake))
+    if kind == "r1":
+        x = real.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
+        loss = loss + 0.5 * grad.square().flatten(1).sum(1).mean()
+    else:
+        t = torch.rand(real.shape[0], 1, 1, 1)
+        x = (t * real + (1 - t) * fake).requires_grad_(True)
+        (grad,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
+        loss = loss + (grad.flatten(1).norm(dim=1) - 1).square().mean()
+    D.backward(loss)
+    D.step()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=32, help="D steps per variant per round (a multiple of 16)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    init_dist("cpu")
+    variants = {
+        "none": ("none", 1),
+        "r1": ("r1", 1),
+        "ref_r1": ("r1", 1),
+        "wgan_gp": ("wgan_gp", 1),
+        "ref_wgan_gp": ("wgan_gp", 1),
+        "r2": ("r2", 1),
+        "dragan": ("dragan", 1),
+        "r1_lazy16": ("r1", 16),
+    }
+    steps = {name: make(kind, k, args.batch)[0] for name, (kind, k) in variants.items()}
+    real = torch.randn(args.batch, 1, 32, 32)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(args.rounds + 1):  # round 0 warms up
+        for name, gan in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                if name.startswith("ref_"):
+                    reference_step(gan, variants[name][0], real)
+                else:
+                    gan.d_step(real)
+            if r:
+                times[name].append((time.perf_counter() - t0) / args.steps * 1000)
+    ms = {name: statistics.median(v) for name, v in times.items()}
+    result = {
+        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}), {args.threads} threads",
+        "torch": torch.__version__,
+        "batch": args.batch,
+        "ms_per_d_step": {k: round(v, 2) for k, v in ms.items()},
+        "ours_over_reference": {
+            "r1": round(ms["r1"] / ms["ref_r1"], 3),
+            "wgan_gp": round(ms["wgan_gp"] / ms["ref_wgan_gp"], 3),
+        },
+        "overhead_over_none": {k: round(ms[k] / ms["none"] - 1, 3) for k in ms if k != "none"},
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
