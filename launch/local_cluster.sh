@@ -46,6 +46,12 @@ our_ray_pids() {
 
 worker_ip() { echo "127.0.0.$((2 + $1))"; }
 
+# A free TCP port on address $1. Ray's fixed defaults (dashboard agent 52365, Ray client
+# 10001) collide with any other Ray on the machine; the agent then serves no jobs.
+free_port() {
+  python3 -c 'import socket, sys; s = socket.socket(); s.bind((sys.argv[1], 0)); print(s.getsockname()[1])' "$1"
+}
+
 start_mlflow() {
   local backend="${BACKEND_URI:-sqlite:///$MLFLOW_DIR/mlflow.db}"
   if [[ "$backend" == postgresql* ]] && ! python -c "import psycopg" 2>/dev/null; then
@@ -84,9 +90,11 @@ up() {
 
   ray start --head --node-ip-address="$HEAD_IP" --port="$PORT" --dashboard-host="$HEAD_IP" \
     --dashboard-port="$DASH_PORT" --num-cpus="$HEAD_CPUS" \
+    --dashboard-agent-listen-port="$(free_port "$HEAD_IP")" --ray-client-server-port="$(free_port "$HEAD_IP")" \
     --resources='{"node_head": 1, "stablegan_slot": 1}' --disable-usage-stats >/dev/null
   for i in $(seq 1 "$WORKERS"); do
     ray start --address="$HEAD_IP:$PORT" --node-ip-address="$(worker_ip "$i")" --num-cpus="$WORKER_CPUS" \
+      --dashboard-agent-listen-port="$(free_port "$(worker_ip "$i")")" \
       --resources="{\"node_worker_$i\": 1, \"stablegan_slot\": 1}" --disable-usage-stats >/dev/null
   done
   # The job agent comes up after the dashboard: wait until it accepts a (trivial) job.

@@ -112,3 +112,53 @@ def test_linear_lr_schedule_keeps_the_lazy_correction(ds_dist):
     step.set_lr_scale(0.25)
     assert d.ds.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.optim.d_lr * 4 / 5 * 0.25)
     assert g.ds.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.optim.g_lr * 0.25)
+
+
+def _saved_checkpoint(tmp_path, step=10):
+    from trainer import checkpoint
+    from trainer.ema import EMA
+
+    cfg = Config()
+    G, D = build_pair("mlp", cfg.model.latent_dim, g_width=16, d_width=16, depth=1)
+    g = Engine(G, 1e-3, (0.5, 0.99), cfg.parallel, 8)
+    d = Engine(D, 1e-3, (0.5, 0.99), cfg.parallel, 8)
+    ema = EMA(g.module, 0.9)
+    folder = tmp_path / f"checkpoint_{step:08d}"
+    checkpoint.save(folder, 0, g, d, ema, step, torch.Generator(), {"positions": {}}, {"model": {}})
+    return folder, (g, d, ema)
+
+
+def test_checkpoints_are_checksummed_and_a_corrupt_one_falls_back(ds_dist, tmp_path):
+    from trainer import checkpoint
+
+    old, _ = _saved_checkpoint(tmp_path, 10)
+    new, (g, d, ema) = _saved_checkpoint(tmp_path, 20)
+    assert checkpoint.verify(new) == 20
+    assert checkpoint.latest_valid(new) == new
+    victim = next(p for p in sorted(new.rglob("*.pt")) if "D" in p.parts)
+    victim.write_bytes(victim.read_bytes()[:-100])  # truncated
+    with pytest.raises(checkpoint.CheckpointError, match="does not match its sha256"):
+        checkpoint.verify(new)
+    assert checkpoint.latest_valid(new) == old  # the previous one, with a warning
+    (old / "ema.pt").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="ema.pt is missing"):
+        checkpoint.verify(old)
+    assert checkpoint.latest_valid(new) is None
+    step, _ = checkpoint.load(_saved_checkpoint(tmp_path, 30)[0], 0, g, d, ema, torch.Generator())
+    assert step == 30
+
+
+def test_incompatible_checkpoint_config_names_the_keys():
+    from dataclasses import asdict
+
+    from trainer import checkpoint
+
+    saved = asdict(Config())
+    current = asdict(Config())
+    checkpoint.check_compatible(saved, current)  # same: fine
+    current["model"]["g_width"] = 128
+    current["trainer"]["num_workers"] = 4
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"model.g_width=256 \(now 128\), trainer.num_workers=1"
+    ):
+        checkpoint.check_compatible(saved, current)

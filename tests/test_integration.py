@@ -3,12 +3,14 @@ a real `mlflow server`, and real tar shards. Slow: each run starts Ray Train wor
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +87,14 @@ def test_two_workers_grid25_r1_tracked_registered_and_sampled(env, ray_cluster, 
         assert [m.step for m in history] == [100, 200, 300, 400], key
     # Data parallelism kept G and D bitwise identical on both ranks, at every logged step.
     assert all(m.value == 0.0 for m in client.get_metric_history(run_id, "replica_drift"))
+    # The stability probe ran every 100 steps and the summary became tags and a report.
+    for key in ("sn/D/max", "grad/D/total", "grad/G/total", "modes_covered", "high_quality", "reverse_kl"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [100, 200, 300, 400], key
+    assert client.get_metric_history(run_id, "nonfinite")[-1].value == 0
+    assert (
+        run.data.tags.get("stablegan.diverged") in ("true", "false")
+        and "stablegan.first_signal" in run.data.tags
+    )
     assert all(m.value > 0 for m in client.get_metric_history(run_id, "penalty"))
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {
         a.path for a in client.list_artifacts(run_id, "samples")
@@ -94,7 +104,9 @@ def test_two_workers_grid25_r1_tracked_registered_and_sampled(env, ray_cluster, 
         "samples/step_0000200.png",
         "samples/step_0000400.png",
         "samples/final.png",
-    } <= artifacts
+        "stability.json",
+        "stability.png",
+    } <= artifacts, proc.stdout[-3000:]
 
     versions = client.search_model_versions(f"name='{name}'")
     assert len(versions) == 1 and versions[0].run_id == run_id
@@ -180,6 +192,10 @@ def test_ray_job_submit_two_nodes_exactly_once_per_epoch(env, ray_cluster, tmp_p
         f"trainer.storage_path={tmp_path}/runs",
         "data.loader_workers=1",
         "data.audit=true",
+        # Spectral norm keeps power-iteration vectors in buffers: the stability probe on rank 0
+        # must put them back, or the two ranks drift apart (replica_drift below).
+        "model.spectral_norm=d",
+        "stability.every=100",
         "tracking.registered_model=it-job",
     ]
     proc = subprocess.run(
@@ -197,6 +213,9 @@ def test_ray_job_submit_two_nodes_exactly_once_per_epoch(env, ray_cluster, tmp_p
 
     client = MlflowClient(ray_cluster["mlflow"])
     assert client.get_model_version_by_alias("it-job", "champion").run_id == run_id
+    assert [m.value for m in client.get_metric_history(run_id, "replica_drift")] == [0.0, 0.0]
+    assert [m.step for m in client.get_metric_history(run_id, "sn/D/max")] == [100, 200]
+    assert max(m.value for m in client.get_metric_history(run_id, "sn/D/max")) < 1.1
     path = client.download_artifacts(run_id, "data_audit.json.gz", str(tmp_path))
     ranks = json.loads(gzip.decompress(open(path, "rb").read()))["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]
@@ -264,6 +283,8 @@ def test_stopped_run_resumes_and_continues_the_step_counter(env, ray_cluster, tm
 
 def test_dcgan32_bf16_smoke_on_digits_with_embedded_ray(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    secret = "s3cr3t-7f1c9a2e-never-log-me"
+    env |= {"AWS_SECRET_ACCESS_KEY": secret, "MLFLOW_TRACKING_PASSWORD": secret}
     proc = run_main(
         [
             "experiment=digits32",
@@ -281,9 +302,22 @@ def test_dcgan32_bf16_smoke_on_digits_with_embedded_ray(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "mlflow.db").exists()  # the embedded default store
+    # The embedded Ray stays on loopback (Ray would turn 127.0.0.1 into the host's address).
+    assert "(ip=127.0.0.100, pid=" in proc.stdout + proc.stderr
     image = re.search(r"sample_image: (\S+)", proc.stdout).group(1)
     from PIL import Image
 
     with Image.open(image) as img:
         assert img.mode == "L" and img.size[0] > 32 * 7
     assert "models:/it-digits/1" in proc.stdout
+    # Credentials from the environment never reach the run's params, tags or config artifact.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs
+    for run in runs:
+        recorded = json.dumps([run.data.params, run.data.tags])
+        config = client.download_artifacts(run.info.run_id, "config", str(tmp_path / run.info.run_id))
+        recorded += "".join(p.read_text() for p in Path(config).rglob("*") if p.is_file())
+        assert secret not in recorded

@@ -9,17 +9,32 @@ the ranks' uploads into one checkpoint):
     ema.pt                          EMA generator (rank 0)
     rank-{r}.pt                     step, noise RNG, data position of rank r
     config.json                     the resolved config (rank 0)
+    MANIFEST-rank{r}.json           sha256 of every file rank r wrote, written last
+
+A checkpoint counts only when every manifest's files are there with the right checksums:
+`verify` checks that before a restore, and `latest_valid` falls back to an older checkpoint of
+the run when the newest is truncated or corrupt. Ray Train writes each rank's files to a
+temporary folder and registers a checkpoint only once every rank has reported; keeping the
+last `trainer.keep_checkpoints` is Ray's `CheckpointConfig(num_to_keep)`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
+from data_pipeline.shards import sha256_file
 from trainer.ema import EMA
 from trainer.engines import Engine
+
+log = logging.getLogger("stablegan.checkpoint")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is incomplete, corrupt, or from an incompatible config; the message says which."""
 
 
 def save(
@@ -44,6 +59,83 @@ def save(
     if rank == 0:
         torch.save(ema.state_dict(), directory / "ema.pt")
         (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    # Every file in this rank's folder is this rank's (each rank saves into its own temp dir).
+    files = {
+        str(p.relative_to(directory)): sha256_file(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and not p.name.startswith("MANIFEST-")
+    }
+    (directory / f"MANIFEST-rank{rank}.json").write_text(json.dumps({"step": step, "files": files}))
+
+
+def verify(directory: Path) -> int:
+    """Check every rank's manifest against the files; return the step. Raises CheckpointError."""
+    manifests = sorted(directory.glob("MANIFEST-rank*.json"))
+    if not manifests:
+        raise CheckpointError(f"{directory}: no MANIFEST-rank*.json (incomplete, or older than checksums)")
+    steps = set()
+    for manifest in manifests:
+        try:
+            entry = json.loads(manifest.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{manifest}: unreadable manifest ({exc})") from None
+        steps.add(entry["step"])
+        for rel, digest in entry["files"].items():
+            path = directory / rel
+            if not path.is_file():
+                raise CheckpointError(f"{directory}: {rel} is missing")
+            if sha256_file(path) != digest:
+                raise CheckpointError(f"{directory}: {rel} does not match its sha256 (truncated or corrupt)")
+    if len(steps) != 1:
+        raise CheckpointError(f"{directory}: ranks' manifests disagree on the step: {sorted(steps)}")
+    return steps.pop()
+
+
+def latest_valid(directory: Path) -> Path | None:
+    """`directory` if it verifies, else the newest older checkpoint of the same run that does.
+
+    Every rank runs this over the same shared files, so all ranks pick the same one.
+    """
+    candidates = [directory] + sorted(
+        (p for p in directory.parent.glob("checkpoint_*") if p.is_dir() and p.name < directory.name),
+        reverse=True,
+    )
+    for candidate in candidates:
+        try:
+            verify(candidate)
+            if candidate != directory:
+                log.warning(
+                    "checkpoint %s is unusable; resuming from %s instead", directory.name, candidate.name
+                )
+            return candidate
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint: %s", exc)
+    return None
+
+
+def check_compatible(saved: dict, current: dict) -> None:
+    """Fail with the differing keys when a checkpoint's config cannot be resumed with `current`.
+
+    The model must be the same, and the data layout (workers x loader workers, seed, batch)
+    that the data position depends on.
+    """
+    keys = [("model", k) for k in current["model"]] + [
+        ("trainer", "num_workers"),
+        ("trainer", "seed"),
+        ("data", "loader_workers"),
+        ("data", "batch_size"),
+    ]
+    diffs = [
+        f"{a}.{b}={saved.get(a, {}).get(b)!r} (now {current[a][b]!r})"
+        for a, b in keys
+        if saved.get(a, {}).get(b, current[a][b]) != current[a][b]
+    ]
+    if diffs:
+        raise CheckpointError(
+            "the run's checkpoint was written with a different config: "
+            + ", ".join(diffs)
+            + ". Resume with those values, or start a new run (another trainer.run_name)"
+        )
 
 
 def load(

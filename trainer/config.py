@@ -123,7 +123,7 @@ class TrackingConfig:
 
 @dataclass
 class ClusterConfig:
-    address: str = ""  # "" = start a local Ray on 127.0.0.1; "auto" or ray://HOST:PORT = connect
+    address: str = ""  # "" = start a local Ray on 127.0.0.100; "auto" or ray://HOST:PORT = connect
     num_cpus: int = 0  # local Ray only; 0 = all cores
 
 

@@ -141,8 +141,14 @@ def train_loop(config: dict) -> None:
     step = 0
     restored = ray.train.get_checkpoint()
     if restored is not None:
-        with restored.as_directory() as ckpt_dir:
-            step, data_state = checkpoint.load(Path(ckpt_dir), rank, G, D, ema, noise)
+        # storage_path is a shared filesystem, so the checkpoint's path is a local folder.
+        chosen = checkpoint.latest_valid(Path(restored.path))
+        if chosen is None:
+            raise checkpoint.CheckpointError(
+                f"no usable checkpoint in {Path(restored.path).parent} (all fail their checksums): "
+                "move the folder away to start over, or use another trainer.run_name"
+            )
+        step, data_state = checkpoint.load(chosen, rank, G, D, ema, noise)
         loader.load_state_dict(data_state)
         log.warning("rank %d resumed from checkpoint at step %d", rank, step)
 

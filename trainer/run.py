@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -87,7 +88,7 @@ def check_data(cfg: Config, urls: str | list) -> None:
 
 
 def init_ray(cfg: Config) -> None:
-    """Connect to `cluster.address` / $RAY_ADDRESS, or start a local Ray bound to 127.0.0.1."""
+    """Connect to `cluster.address` / $RAY_ADDRESS, or start a local Ray on loopback (127.0.0.100)."""
     if ray.is_initialized():
         return
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
@@ -95,14 +96,24 @@ def init_ray(cfg: Config) -> None:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            # Ray rewrites a literal 127.0.0.1 to the host's outward address unless it is told
-            # this is a one-node cluster; then every node address is 127.0.0.1.
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            # Ray rewrites a literal 127.0.0.1 (and "localhost") to the host's outward address;
+            # any other loopback address is kept. 127.0.0.100 keeps the embedded Ray on loopback,
+            # apart from launch/local_cluster.sh's 127.0.0.2, 127.0.0.3, ...
+            ip = os.environ.get("STABLEGAN_LOCAL_IP", "127.0.0.100")
+            with socket.socket() as s:
+                s.bind((ip, 0))
+                dashboard_port = s.getsockname()[1]
             ray.init(
                 # "local": a new Ray of our own, never one a past `ray start` left recorded.
                 address="local",
-                _node_ip_address="127.0.0.1",
-                include_dashboard=False,
+                _node_ip_address=ip,
+                include_dashboard=True,
+                dashboard_host=ip,
+                dashboard_port=dashboard_port,
+                # Ray Train's placement-group cleaner asks the state API whether the controller
+                # lives; unpointed, it finds *another* Ray on the machine, sees no controller
+                # there and kills our workers (seen here beside launch/local_cluster.sh).
+                runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://{ip}:{dashboard_port}"}},
                 num_cpus=cfg.cluster.num_cpus or None,
                 log_to_driver=True,
             )
@@ -143,8 +154,14 @@ def run(cfg: Config) -> dict[str, str]:
         urls = list(urls)
     check_data(cfg, urls)
 
-    uri = tracking.resolve_uri(cfg.tracking.uri)
     config_dict = asdict(cfg)
+    previous = sorted((storage / run_name).glob("checkpoint_*/config.json"))
+    if previous:  # resuming: the same model and data layout, or a clear error before any work
+        try:
+            checkpoint.check_compatible(checkpoint.load_config(previous[-1].parent), config_dict)
+        except checkpoint.CheckpointError as exc:
+            raise UserError(f"trainer.run_name={run_name}: {exc}") from None
+    uri = tracking.resolve_uri(cfg.tracking.uri)
     run_id, resumed = tracking.start_run(uri, cfg.tracking.experiment, run_name, config_dict)
     print(f"stablegan: run {run_name} ({'resumed' if resumed else 'new'}), MLflow run {run_id} at {uri}")
 
