@@ -14,6 +14,11 @@ from trainer.config import Config
 from trainer.engines import Engine, set_optimizer_hparams
 
 
+def _on(device: torch.device, *values: torch.Tensor) -> torch.Tensor:
+    """Scalars stacked on one device (a grad norm DeepSpeed reports may live on the CPU)."""
+    return torch.stack([v.detach().float().to(device) for v in values])
+
+
 class GANStep:
     """Runs the D and G phases on two engines; returns detached metric tensors (no sync)."""
 
@@ -62,14 +67,14 @@ class GANStep:
             real_logits, fake_logits = self.D(torch.cat([real, fake])).split(real.shape[0])
         adversarial = self.d_loss(real_logits, fake_logits)
         loss = adversarial
-        penalty = torch.zeros(())
+        penalty = torch.zeros((), device=adversarial.device)
         if reg_due:
             penalty = self._penalty(kind, real, fake, real_logits, fake_logits, fused, fp16)
             gain = self.cfg.penalty.weight / (2 if kind in ("r1", "r2") else 1)
             loss = loss + gain * self.reg_interval * penalty
         self.D.backward(loss)
         grad_norm = self.D.step()
-        stats = torch.stack([adversarial.detach().float(), grad_norm.float(), penalty.detach().float()])
+        stats = _on(adversarial.device, adversarial, grad_norm, penalty)
         return {
             "d_loss": adversarial.detach(),  # the penalty is its own metric
             "penalty": penalty.detach(),
@@ -105,7 +110,7 @@ class GANStep:
             grad_norm = self.G.step()
         finally:
             self.D.requires_grad_(True)
-        stats = torch.stack([loss.detach().float(), grad_norm.float()])
+        stats = _on(loss.device, loss, grad_norm)
         return {
             "g_loss": loss.detach(),
             "g_grad_norm": grad_norm,
