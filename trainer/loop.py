@@ -232,9 +232,9 @@ def train_loop(config: dict) -> None:
         if logger is not None:
             logger.log_bytes(sample_picture(ema.module, cfg, step), "samples/final.png")
         if audit is not None:
-            report = gather_audit(audit, rank, world)
+            gathered = gather_audit(audit, rank, world)  # collective: every rank calls it
             if logger is not None:
-                logger.log_bytes(report, "data_audit.json.gz")
+                logger.log_bytes(gathered, "data_audit.json.gz")
     finally:
         if logger is not None:
             logger.close(timeout=60)

@@ -38,6 +38,13 @@ GROUPS = (
 )
 
 ConfigStore.instance().store(name="stablegan_schema", node=Config)
+DICT_KEYS = dict_keys()  # free-form dict fields: any key below them is allowed
+
+
+def _in_dict_field(key: str) -> bool:
+    return key in DICT_KEYS or key.rsplit(".", 1)[0] in DICT_KEYS
+
+
 log = logging.getLogger("stablegan")
 
 
@@ -47,8 +54,8 @@ def check_overrides(argv: list[str]) -> None:
         if arg.startswith("-") or "=" not in arg or arg.startswith(("hydra", "+hydra", "~")):
             continue
         key = arg.split("=", 1)[0].lstrip("+")
-        if key in dict_keys() or key.rsplit(".", 1)[0] in dict_keys():
-            continue  # free-form dict: any key
+        if _in_dict_field(key):
+            continue
         if "." not in key:
             if key not in GROUPS and key not in allowed_keys(""):
                 raise ConfigError(f"unknown key {key!r}; config groups: {', '.join(GROUPS)}")
@@ -63,13 +70,13 @@ def check_overrides(argv: list[str]) -> None:
             raise ConfigError(f"unknown key {key!r}; allowed keys in {parent}: {', '.join(allowed)}")
 
 
-def quote_brace_patterns(argv: list[str]) -> list[str]:
+def prepare_overrides(argv: list[str]) -> list[str]:
     """`data.urls=x-{000000..000009}.tar` -> quoted, so Hydra reads the braces as text; and
     `trainer.worker_resources={a:1}` -> `++...`, since a typed dict only takes new keys that way."""
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if sep and (key in dict_keys() or key.rsplit(".", 1)[0] in dict_keys()):
+        if sep and _in_dict_field(key):
             arg = f"++{arg}"
         if sep and key.lstrip("+").endswith("urls") and "{" in value and value[:1] not in ("'", '"', "["):
             arg = f"{key}='{value}'"
@@ -109,7 +116,7 @@ def main() -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     try:
         check_overrides(sys.argv[1:])
-        sys.argv[1:] = quote_brace_patterns(sys.argv[1:])
+        sys.argv[1:] = prepare_overrides(sys.argv[1:])
         _hydra_main()
     except ConfigError as exc:
         print(f"stablegan: config error: {exc}", file=sys.stderr)
@@ -123,7 +130,7 @@ def compose(overrides: list[str]) -> Config:
 
     check_overrides(overrides)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return to_config(hydra_compose(config_name="config", overrides=quote_brace_patterns(overrides)))
+        return to_config(hydra_compose(config_name="config", overrides=prepare_overrides(overrides)))
 
 
 __all__ = ["main", "compose", "run"]

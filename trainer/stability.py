@@ -225,8 +225,6 @@ class Probe:
         z = torch.randn(len(real), self.latent_dim, generator=torch.Generator().manual_seed(99)).to(dev)
         out = {}
         fake = self.G(z.to(next(self.G.parameters()).dtype))
-        for p in self.D.parameters():
-            p.requires_grad_(True)
         d = group_grad_norms(self.D, self.d_loss(self.D(real), self.D(fake.detach().to(dtype))))
         g = group_grad_norms(self.G, self.g_loss(self.D(fake.to(dtype))))
         out.update({f"grad/D/{k}": v for k, v in d.items()})
