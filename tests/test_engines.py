@@ -144,7 +144,7 @@ def test_checkpoints_are_checksummed_and_a_corrupt_one_falls_back(ds_dist, tmp_p
     with pytest.raises(checkpoint.CheckpointError, match="ema.pt is missing"):
         checkpoint.verify(old)
     assert checkpoint.latest_valid(new) is None
-    step, _ = checkpoint.load(_saved_checkpoint(tmp_path, 30)[0], 0, g, d, ema, torch.Generator())
+    step, _, _ = checkpoint.load(_saved_checkpoint(tmp_path, 30)[0], 0, g, d, ema, torch.Generator())
     assert step == 30
 
 
@@ -162,3 +162,35 @@ def test_incompatible_checkpoint_config_names_the_keys():
         checkpoint.CheckpointError, match=r"model.g_width=256 \(now 128\), trainer.num_workers=1"
     ):
         checkpoint.check_compatible(saved, current)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("pwned",))  # what a tampered checkpoint could run on load
+
+
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (1, "bf16"), (2, "bf16")])
+def test_engine_checkpoints_load_weights_only(ds_dist, tmp_path, stage, precision):
+    """Every ZeRO stage's files load with weights_only=True; a pickled object is refused."""
+    import pickle
+
+    torch.manual_seed(0)
+    G, _ = build_pair("mlp", 4, g_width=16, d_width=16, depth=1)
+    parallel = ParallelConfig(zero_stage=stage, precision=precision)
+    engine = Engine(G, 1e-3, (0.5, 0.99), parallel, 8)
+    engine.backward(engine(torch.randn(8, 4)).float().square().mean())
+    engine.step()
+    engine.save(tmp_path / "G")
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    with torch.no_grad():
+        for p in engine.module.parameters():
+            p.zero_()
+    engine.load(tmp_path / "G")
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
+
+    model_file = next((tmp_path / "G").rglob("mp_rank_00_model_states.pt"))
+    state = torch.load(model_file, weights_only=True)
+    state["evil"] = _Payload()
+    torch.save(state, model_file)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        engine.load(tmp_path / "G")

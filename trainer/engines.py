@@ -48,6 +48,21 @@ def ds_config(parallel: ParallelConfig, batch_size: int, grad_clip: float) -> di
     return cfg
 
 
+def _deepspeed_safe_globals() -> list:
+    """The plain DeepSpeed types its optimizer-state files hold (listed by
+    torch.serialization.get_unsafe_globals_in_checkpoint): data, not code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _load_weights_only(path: str, map_location=None) -> dict:
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 class Engine:
     """A network with its optimizer, wrapped in its own DeepSpeed engine."""
 
@@ -67,6 +82,9 @@ class Engine:
         )
         self.dtype = DTYPES[parallel.precision]
         self.device = self.ds.device
+        # DeepSpeed reads its checkpoint files with weights_only=False, which would run any
+        # pickled code a tampered checkpoint holds; tensors and plain containers are all ours has.
+        self.ds.checkpoint_engine.load = _load_weights_only
         # DeepSpeed casts parameters for bf16/fp16 but not buffers; BatchNorm2d then refuses
         # fp32 running statistics next to bf16 weights.
         for buf in self.ds.module.buffers():
