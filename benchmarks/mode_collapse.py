@@ -31,7 +31,7 @@ PUBLISHED = {  # PacGAN Table 1: modes, high-quality %, reverse KL
     "grid25": [("GAN", 17.3, 94.8, 0.70), ("PacGAN4", 24.8, 93.6, 0.04)],
     "ring8": [("GAN", 6.3, 98.2, 0.45), ("PacGAN2", 7.9, 95.6, 0.07)],
 }
-COMMON = ["tracking.register=false", "trainer.sample_every=0", "data.loader_workers=1", "stability.every=500"]
+COMMON = ["tracking.register=false", "trainer.sample_every=0", "data.loader_workers=1"]
 
 
 def sweeps(grid_seeds: int = 10, ring_seeds: int = 5, robust_seeds: int = 3) -> dict[str, list[list[str]]]:
@@ -39,8 +39,43 @@ def sweeps(grid_seeds: int = 10, ring_seeds: int = 5, robust_seeds: int = 3) -> 
     seeds10, seeds5 = ",".join(map(str, range(grid_seeds))), ",".join(map(str, range(ring_seeds)))
     return {
         "main": [
-            ["experiment=vanilla,stable", "data.builtin=grid25", f"trainer.seed={seeds10}"],
-            ["experiment=vanilla,stable", "data.builtin=ring8", f"trainer.seed={seeds5}"],
+            [
+                "experiment=vanilla,stable",
+                "data.builtin=grid25",
+                f"trainer.seed={seeds10}",
+                "stability.every=500",
+            ],
+            [
+                "experiment=vanilla,stable",
+                "data.builtin=ring8",
+                f"trainer.seed={seeds5}",
+                "stability.every=500",
+            ],
+        ],
+        # The stability guard's drills (issue: a deliberately unstable run recovers): each run
+        # once unguarded (stability=default) and once guarded, checkpointing every 500 steps.
+        "guard": [
+            [
+                "trainer.seed=0,1",
+                "stability=default,guarded",
+                "experiment=stable",
+                "data.builtin=ring8",
+                "trainer.inject_nan_at=1500",  # a poisoned batch
+                "trainer.checkpoint_every=500",
+                "trainer.keep_checkpoints=4",
+                "stability.every=100",  # the guard sees coverage every 100 steps
+            ],
+            [
+                "trainer.seed=0,1",
+                "stability=default,guarded",
+                "experiment=vanilla",
+                "data.builtin=grid25",
+                "optim.g_lr=1e-2",  # far too high, no penalty
+                "optim.d_lr=1e-2",
+                "trainer.checkpoint_every=500",
+                "trainer.keep_checkpoints=4",
+                "stability.every=100",  # the guard sees coverage every 100 steps
+            ],
         ],
         "robustness": [
             [
@@ -50,6 +85,7 @@ def sweeps(grid_seeds: int = 10, ring_seeds: int = 5, robust_seeds: int = 3) -> 
                 "experiment=vanilla,stable",
                 "data.builtin=grid25",
                 "optim.d_lr=${optim.g_lr}",
+                "stability.every=500",
             ]
         ],
     }
@@ -98,6 +134,11 @@ def collect(store: Path, name: str) -> list[dict]:
                 "hq": 100 * r.data.metrics["high_quality"],
                 "kl": r.data.metrics["reverse_kl"],
                 "seconds": (r.info.end_time - r.info.start_time) / 1000,
+                "guarded": p.get("stability.guard.enabled") == "True",
+                "nan_at": int(p.get("trainer.inject_nan_at", 0)),
+                "rollbacks": int(r.data.tags.get("stablegan.guard.rollbacks", 0)),
+                "triggers": r.data.tags.get("stablegan.guard.triggers", ""),
+                "diverged": r.data.tags.get("stablegan.diverged", ""),
             }
         )
     return rows
@@ -145,6 +186,21 @@ def table(store: Path) -> dict:
                 cells.append(f"{sum(r['modes'] == 25 for r in sub)}/{len(sub)}")
             total = sum(r["modes"] == 25 for r in rows)
             lines.append(f"| {preset} | " + " | ".join(cells) + f" | {total}/{len(rows)} |")
+    guard_rows = collect(store, "guard")
+    out["guard"] = guard_rows
+    if guard_rows:
+        lines += [
+            "\nStability guard drills: the same unstable run unguarded and guarded (final EMA probe)\n",
+            "| drill | data | seed | guard | rollbacks (triggers) | modes | HQ % | KL | diverged tag |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(guard_rows, key=lambda r: (r["data"], r["seed"], r["guarded"])):
+            drill = f"NaN batch at step {r['nan_at']}" if r["nan_at"] else f"lr {r['lr']:g}, no penalty"
+            lines.append(
+                f"| {drill} | {r['data']} | {r['seed']} | {'on' if r['guarded'] else 'off'} "
+                f"| {r['rollbacks']} ({r['triggers'] or '-'}) | {r['modes']:.0f} | {r['hq']:.1f} "
+                f"| {r['kl']:.2f} | {r['diverged']} |"
+            )
     print("\n".join(lines))
     out["markdown"] = "\n".join(lines)
     return out

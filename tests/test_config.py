@@ -59,6 +59,9 @@ def test_user_facing_keys_override():
         ("trainer.worker_resources.slot=0", "trainer.worker_resources.slot=0.0 is invalid"),
         ("tracking.alias=latest", "MLflow reserves 'latest'"),
         ("tracking.alias=v3", "MLflow reserves 'latest' and 'v<N>'"),
+        ("stability.guard.lr_factor=0", "stability.guard.lr_factor=0.0 is invalid; it must be in (0, 1]"),
+        ("stability.guard.bogus=1", "unknown key 'stability.guard.bogus'; allowed keys in stability.guard"),
+        ("trainer.inject_nan_at=-1", "trainer.inject_nan_at=-1 is invalid"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -93,3 +96,9 @@ def test_worker_resources_take_new_keys_and_brace_patterns_stay_text():
     cfg = compose(["data.urls=/s/x-{000000..000003}.tar", "data.verify=false"])
     assert cfg.data.urls == "/s/x-{000000..000003}.tar"
     assert compose(["tracking.alias="]).tracking.alias == ""
+
+
+def test_guard_needs_checkpoints_on_checked_steps():
+    assert compose(["stability=guarded"]).stability.guard.enabled
+    with pytest.raises(ConfigError, match="multiple of trainer.log_every=50"):
+        compose(["stability=guarded", "trainer.checkpoint_every=75"])

@@ -47,13 +47,22 @@ def save(
     noise: torch.Generator,
     data_state: dict,
     config: dict,
+    extra: dict | None = None,
 ) -> None:
-    """Write this rank's part of a checkpoint (collective: every rank must call it)."""
+    """Write this rank's part of a checkpoint (collective: every rank must call it).
+
+    `extra` is JSON-serialisable state of this rank's (the stability guard's), returned by `load`.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     G.save(directory / "G")
     D.save(directory / "D")
     torch.save(
-        {"step": step, "noise_rng": noise.get_state(), "data": json.dumps(data_state)},
+        {
+            "step": step,
+            "noise_rng": noise.get_state(),
+            "data": json.dumps(data_state),
+            "extra": json.dumps(extra or {}),
+        },
         directory / f"rank-{rank}.pt",
     )
     if rank == 0:
@@ -68,11 +77,16 @@ def save(
     (directory / f"MANIFEST-rank{rank}.json").write_text(json.dumps({"step": step, "files": files}))
 
 
-def verify(directory: Path) -> int:
-    """Check every rank's manifest against the files; return the step. Raises CheckpointError."""
+def verify(directory: Path, expected_ranks: int | None = None) -> int:
+    """Check every rank's manifest against the files; return the step. Raises CheckpointError.
+
+    With `expected_ranks`, a checkpoint with fewer manifests (still being written) fails too.
+    """
     manifests = sorted(directory.glob("MANIFEST-rank*.json"))
     if not manifests:
         raise CheckpointError(f"{directory}: no MANIFEST-rank*.json (incomplete, or older than checksums)")
+    if expected_ranks is not None and len(manifests) != expected_ranks:
+        raise CheckpointError(f"{directory}: {len(manifests)} of {expected_ranks} ranks' manifests")
     steps = set()
     for manifest in manifests:
         try:
@@ -140,8 +154,8 @@ def check_compatible(saved: dict, current: dict) -> None:
 
 def load(
     directory: Path, rank: int, G: Engine, D: Engine, ema: EMA, noise: torch.Generator
-) -> tuple[int, dict]:
-    """Restore a checkpoint written by `save`; returns (step, data state of this rank)."""
+) -> tuple[int, dict, dict]:
+    """Restore a checkpoint written by `save`; returns (step, data state, extra) of this rank."""
     G.load(directory / "G")
     D.load(directory / "D")
     ema.load_state_dict(torch.load(directory / "ema.pt", weights_only=True))
@@ -153,7 +167,7 @@ def load(
         )
     state = torch.load(own, weights_only=True)
     noise.set_state(state["noise_rng"])
-    return int(state["step"]), json.loads(state["data"])
+    return int(state["step"]), json.loads(state["data"]), json.loads(state.get("extra", "{}"))
 
 
 def load_config(directory: Path) -> dict:

@@ -65,11 +65,29 @@ class OptimConfig:
 
 
 @dataclass
+class GuardConfig:
+    """The stability guard (trainer/guard.py): triggers, interventions and their budget."""
+
+    enabled: bool = False
+    loss_z: float = 8.0  # d_loss or g_loss beyond this many EW standard deviations (0 = off)
+    d_saturation: float = 0.99  # D accuracy on reals and on fakes both at least this ...
+    saturated_checks: int = 3  # ... for this many checks in a row (0 = off)
+    sn_growth: float = 10.0  # top singular value of D beyond this x its first probe (0 = off)
+    coverage_drop: float = 0.5  # modes covered (2-D) or diversity below this x its best (0 = off)
+    lr_factor: float = 0.5  # intervention: both learning rates times this per rollback
+    penalty_factor: float = 2.0  # intervention: the penalty weight times this per rollback
+    add_r1: float = 0.1  # a run without a penalty gets R1 with this gamma at its first rollback (0 = no)
+    max_rollbacks: int = 3  # budget; once spent the guard only watches and records
+    reseed: bool = True  # new latent noise after a rollback, so the same bad luck is not replayed
+
+
+@dataclass
 class StabilityConfig:
     every: int = 100  # stability probe every this many steps (0 = off); see trainer/stability.py
     power_iters: int = 1  # power iterations per probe for the spectral norms
     samples: int = 2500  # EMA samples for mode metrics (2-D) or diversity (images, <= 256)
     summary: bool = True  # end-of-run stability summary: MLflow tags + report artifacts
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 @dataclass
@@ -109,6 +127,7 @@ class TrainerConfig:
     run_name: str = ""  # same name + storage_path again = resume; "" = a new timestamped name
     storage_path: str = "runs"  # a filesystem path every node sees (NFS/EFS on a cluster)
     torch_threads: int = 0  # intra-op threads per worker; 0 = cpus_per_worker
+    inject_nan_at: int = 0  # fault drill: poison one batch with NaN at this step, once (0 = never)
 
 
 @dataclass
@@ -119,6 +138,9 @@ class TrackingConfig:
     register: bool = True
     alias: str = "champion"  # moved to each newly registered version ("" = leave aliases alone)
     sample_grid: int = 64  # images in a logged grid (points in a scatter: x40)
+    flush_timeout: float = (
+        60.0  # at the end, seconds to wait for an unreachable server to take what is buffered
+    )
 
 
 @dataclass
@@ -189,7 +211,16 @@ def validate(cfg: Config) -> Config:
         ("trainer.keep_checkpoints", cfg.trainer.keep_checkpoints, 1),
         ("trainer.max_failures", cfg.trainer.max_failures, 0),
         ("trainer.torch_threads", cfg.trainer.torch_threads, 0),
+        ("trainer.inject_nan_at", cfg.trainer.inject_nan_at, 0),
+        ("stability.guard.loss_z", cfg.stability.guard.loss_z, 0.0),
+        ("stability.guard.saturated_checks", cfg.stability.guard.saturated_checks, 0),
+        ("stability.guard.sn_growth", cfg.stability.guard.sn_growth, 0.0),
+        ("stability.guard.coverage_drop", cfg.stability.guard.coverage_drop, 0.0),
+        ("stability.guard.penalty_factor", cfg.stability.guard.penalty_factor, 1.0),
+        ("stability.guard.add_r1", cfg.stability.guard.add_r1, 0.0),
+        ("stability.guard.max_rollbacks", cfg.stability.guard.max_rollbacks, 0),
         ("tracking.sample_grid", cfg.tracking.sample_grid, 1),
+        ("tracking.flush_timeout", cfg.tracking.flush_timeout, 0.0),
     ]:
         _at_least(key, value, low)
     for key, value in [("optim.g_lr", cfg.optim.g_lr), ("optim.d_lr", cfg.optim.d_lr)]:
@@ -202,6 +233,19 @@ def validate(cfg: Config) -> Config:
     ]:
         if not 0 <= value < 1:
             raise ConfigError(f"{key}={value} is invalid; it must be in [0, 1)")
+    guard = cfg.stability.guard
+    if not 0 < guard.lr_factor <= 1:
+        raise ConfigError(f"stability.guard.lr_factor={guard.lr_factor} is invalid; it must be in (0, 1]")
+    if guard.enabled and cfg.trainer.checkpoint_every % cfg.trainer.log_every:
+        raise ConfigError(
+            f"stability.guard.enabled needs trainer.checkpoint_every={cfg.trainer.checkpoint_every} to be "
+            f"a multiple of trainer.log_every={cfg.trainer.log_every}: a checkpoint counts as healthy only "
+            "when the guard has checked the steps before it"
+        )
+    if guard.enabled and not 0 < guard.d_saturation <= 1:
+        raise ConfigError(
+            f"stability.guard.d_saturation={guard.d_saturation} is invalid; it must be in (0, 1]"
+        )
     g = cfg.model.mbstd_group
     if g and cfg.data.batch_size % g:
         raise ConfigError(

@@ -18,6 +18,7 @@ from trainer import checkpoint, stability, tracking
 from trainer.config import Config, from_dict
 from trainer.ema import EMA
 from trainer.engines import Engine
+from trainer.guard import Guard, usable_checkpoints
 from trainer.metrics import Meter, replica_drift
 from trainer.models import build_pair
 from trainer.step import GANStep
@@ -91,6 +92,15 @@ def make_probe(cfg: Config, G: Engine, D: Engine, ema: EMA, gan: GANStep) -> sta
     )
 
 
+def broadcast_from_rank0(obj: object, world: int) -> object:
+    """Rank 0's `obj` on every rank (collective when world > 1)."""
+    if world == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather_audit(audit: dict[int, list[str]], rank: int, world: int) -> bytes:
     """Every rank's node and sample keys per epoch, gathered on all ranks, as gzipped JSON."""
     mine = {
@@ -138,6 +148,7 @@ def train_loop(config: dict) -> None:
     audit: dict[int, list[str]] | None = {} if d.audit else None  # epoch -> sample keys read here
     G, D, ema = build_engines(cfg, device)
     noise = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + rank + 1)  # per-rank latents
+    guard = Guard(cfg.stability.guard, cfg.penalty.kind, cfg.penalty.weight)
     step = 0
     restored = ray.train.get_checkpoint()
     if restored is not None:
@@ -148,36 +159,78 @@ def train_loop(config: dict) -> None:
                 f"no usable checkpoint in {Path(restored.path).parent} (all fail their checksums): "
                 "move the folder away to start over, or use another trainer.run_name"
             )
-        step, data_state = checkpoint.load(chosen, rank, G, D, ema, noise)
+        step, data_state, extra = checkpoint.load(chosen, rank, G, D, ema, noise)
         loader.load_state_dict(data_state)
+        if "guard" in extra:
+            guard.load_state_dict(extra["guard"])
+        guard.saved(step, str(chosen))
         log.warning("rank %d resumed from checkpoint at step %d", rank, step)
 
     logger = tracking.RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    if logger is not None and restored is not None:
+        # A resumed run continues its MLflow run: steps it already logged are not logged twice.
+        logger.skip_through = logger.last_step("d_loss")
     gan = GANStep(G, D, cfg, noise)
+    gan.d_iters = step * cfg.optim.d_steps  # the lazy-regularization phase, as if never stopped
+    gan.set_penalty(guard.penalty_kind, guard.penalty_weight)
     meter = Meter()
     probe = make_probe(cfg, G, D, ema, gan) if rank == 0 and cfg.stability.every else None
     history: dict[str, list[tuple[int, float]]] = {}  # rank 0: what was logged, for the summary
     last_metrics: dict[str, float] = {}
     t = cfg.trainer
+    guarded = cfg.stability.guard.enabled
+    poisoned = False  # trainer.inject_nan_at fires once per process
+
+    def save_checkpoint(report: dict) -> None:
+        # After a rollback, steps repeat: the suffix keeps the new branch's folders apart.
+        name = f"checkpoint_{step:08d}" + (f"-r{guard.rollbacks}" if guard.rollbacks else "")
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint.save(
+                Path(tmp),
+                rank,
+                G,
+                D,
+                ema,
+                step,
+                noise,
+                loader.state_dict(),
+                config["cfg"],
+                extra={"guard": guard.state_dict()},
+            )
+            ray.train.report(
+                report, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name
+            )
+        guard.saved(step, str(Path(config["run_dir"]) / name))
+
+    if guarded and step == 0:
+        save_checkpoint({"step": 0})  # a healthy point to roll back to before the first interval
+
     batches = iter(loader)
     images_done, tick = 0, time.perf_counter()
     last_logged = step
     try:
         while step < t.max_steps:
-            if cfg.optim.lr_schedule == "linear":
-                gan.set_lr_scale(1.0 - step / t.max_steps)
+            scale = guard.lr_scale * (1.0 - step / t.max_steps if cfg.optim.lr_schedule == "linear" else 1.0)
+            if scale != gan.lr_scale:
+                gan.set_lr_scale(scale)
             for _ in range(cfg.optim.d_steps):
                 batch = next(batches)
                 if audit is not None:
                     for epoch, key in batch["keys"]:
                         audit.setdefault(int(epoch), []).append(key)
+                if t.inject_nan_at == step + 1 and not poisoned:
+                    poisoned = True
+                    batch["x"] = torch.full_like(batch["x"], float("nan"))
+                    log.warning("rank %d: trainer.inject_nan_at=%d: this batch is all NaN", rank, step + 1)
                 meter.add(gan.d_step(batch["x"]))
                 images_done += len(batch["x"])
             meter.add(gan.g_step(d.batch_size))
             ema.update(G.module)
             step += 1
 
-            if step % t.log_every == 0 or step == t.max_steps:
+            checked: dict[str, float] = {}  # what the guard looks at on this step
+            log_step = step % t.log_every == 0 or step == t.max_steps
+            if log_step:
                 elapsed = time.perf_counter() - tick
                 metrics = meter.reduce()  # collective: every rank is here at the same step
                 metrics["images_per_sec"] = images_done * world / max(elapsed, 1e-9)
@@ -189,7 +242,7 @@ def train_loop(config: dict) -> None:
                 images_done, tick = 0, time.perf_counter()
                 steps_per_sec = (step - last_logged) / max(elapsed, 1e-9)
                 last_logged = step
-                last_metrics = metrics
+                last_metrics = checked = metrics
                 if logger is not None:
                     metrics["tracking_dropped"] = float(logger.dropped)
                     logger.log_metrics(metrics, step)
@@ -203,16 +256,52 @@ def train_loop(config: dict) -> None:
                         metrics["images_per_sec"],
                         (t.max_steps - step) / max(steps_per_sec, 1e-9),
                     )
-            if probe is not None and (step % cfg.stability.every == 0 or step == t.max_steps):
+            probe_step = bool(cfg.stability.every) and (
+                step % cfg.stability.every == 0 or step == t.max_steps
+            )
+            if probe is not None and probe_step:
                 signals = probe(batch["x"], last_metrics)
+                checked = {**checked, **signals}
                 record(history, signals, step)
                 if logger is not None:
                     logger.log_metrics(signals, step)
+            if guarded and (log_step or probe_step):
+                event = None
+                if rank == 0:
+                    tripped = guard.trigger(checked)
+                    if tripped is not None:
+                        usable = usable_checkpoints(guard.healthy, world)
+                        event = guard.plan(step, *tripped, usable)
+                event = broadcast_from_rank0(event, world)  # collective: the same decision everywhere
+                if event is not None:
+                    guard.apply(event)
+                    if logger is not None and event["action"] != "repeat":
+                        log.warning("stability guard: %s", json.dumps(guard.events[-1]))
+                        logger.log_metrics({"guard_rollbacks": guard.rollbacks}, step)
+                        logger.log_bytes(guard.table(), "guard/events.json")
+                    if event["action"] == "rollback":
+                        step, data_state, _ = checkpoint.load(Path(event["target"]), rank, G, D, ema, noise)
+                        loader.load_state_dict(data_state)
+                        batches.close()  # stops the old DataLoader's workers
+                        batches = iter(loader)
+                        gan.d_iters = step * cfg.optim.d_steps
+                        gan.set_penalty(guard.penalty_kind, guard.penalty_weight)
+                        if guard.cfg.reseed:
+                            noise.manual_seed(guard.noise_seed(cfg.trainer.seed, rank))
+                        meter.clear()
+                        images_done, tick, last_logged = 0, time.perf_counter(), step
+                        if probe is not None:
+                            probe.reset()
+                        # The summary describes the branch that survives.
+                        history = {k: [(s, v) for s, v in vs if s <= step] for k, vs in history.items()}
+                        continue
             if logger is not None and t.sample_every and step % t.sample_every == 0:
                 logger.log_bytes(sample_picture(ema.module, cfg, step), f"samples/step_{step:07d}.png")
             report: dict = {"step": step}
             if step == t.max_steps and logger is not None and cfg.stability.summary:
                 summary = stability.summarize(history)
+                if guarded:
+                    summary["guard"] = guard.summary()
                 logger.log_bytes(
                     json.dumps({"summary": summary, "history": history}).encode(), "stability.json"
                 )
@@ -220,15 +309,7 @@ def train_loop(config: dict) -> None:
                 log.warning("stability summary: %s", json.dumps(summary))
                 report["stability"] = json.dumps(summary)  # the driver turns it into run tags
             if step % t.checkpoint_every == 0 or step == t.max_steps:
-                with tempfile.TemporaryDirectory() as tmp:
-                    checkpoint.save(
-                        Path(tmp), rank, G, D, ema, step, noise, loader.state_dict(), config["cfg"]
-                    )
-                    ray.train.report(
-                        report,
-                        checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                        checkpoint_dir_name=f"checkpoint_{step:08d}",
-                    )
+                save_checkpoint(report)
         if logger is not None:
             logger.log_bytes(sample_picture(ema.module, cfg, step), "samples/final.png")
         if audit is not None:
@@ -237,4 +318,4 @@ def train_loop(config: dict) -> None:
                 logger.log_bytes(gathered, "data_audit.json.gz")
     finally:
         if logger is not None:
-            logger.close(timeout=60)
+            logger.close(timeout=cfg.tracking.flush_timeout)

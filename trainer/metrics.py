@@ -20,6 +20,11 @@ class Meter:
             self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
             self._counts[k] = self._counts.get(k, 0) + 1
 
+    def clear(self) -> None:
+        """Drop what was accumulated (local, not collective)."""
+        self._sums.clear()
+        self._counts.clear()
+
     def reduce(self) -> dict[str, float]:
         """Means over steps and ranks (totals for `sum_keys`); clears the meter. Collective."""
         keys = sorted(self._sums)
@@ -32,8 +37,7 @@ class Meter:
             dist.all_reduce(means)  # gloo CPU tensor; NaN stays NaN, which is what we want to see
             mean_rows = torch.tensor([k not in self.sum_keys for k in keys])
             means[mean_rows] /= dist.get_world_size()
-        self._sums.clear()
-        self._counts.clear()
+        self.clear()
         return dict(zip(keys, means.tolist()))
 
 

@@ -8,8 +8,10 @@ import math
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import BinaryIO
 
 import ray
 import torch
@@ -40,6 +42,17 @@ class RegistryError(RuntimeError):
             f"Register the saved weights later with: python -m trainer.register weights={weights} "
             f"run_id={result['mlflow_run_id']}"
         )
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write `path` through a temporary file in the same folder, then rename: a crash leaves
+    the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def builtin_shards(cfg: Config, root: Path) -> str:
@@ -162,13 +175,26 @@ def run(cfg: Config) -> dict[str, str]:
         except checkpoint.CheckpointError as exc:
             raise UserError(f"trainer.run_name={run_name}: {exc}") from None
     uri = tracking.resolve_uri(cfg.tracking.uri)
-    run_id, resumed = tracking.start_run(uri, cfg.tracking.experiment, run_name, config_dict)
+    try:
+        run_id, resumed = tracking.start_run(uri, cfg.tracking.experiment, run_name, config_dict)
+    except Exception as exc:  # noqa: BLE001 - any failure here means: no usable tracking server
+        raise UserError(
+            f"cannot open the MLflow run at {uri}: {str(exc).splitlines()[0][:300]}. Start the server "
+            "(launch/local_cluster.sh up starts one), fix tracking.uri / $MLFLOW_TRACKING_URI, or leave "
+            "both empty for a local sqlite store"
+        ) from None
     print(f"stablegan: run {run_name} ({'resumed' if resumed else 'new'}), MLflow run {run_id} at {uri}")
 
     init_ray(cfg)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": config_dict, "data_urls": urls, "tracking_uri": uri, "run_id": run_id},
+        train_loop_config={
+            "cfg": config_dict,
+            "data_urls": urls,
+            "tracking_uri": uri,
+            "run_id": run_id,
+            "run_dir": str(storage / run_name),  # where Ray Train puts the checkpoints
+        },
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
@@ -200,11 +226,13 @@ def run(cfg: Config) -> dict[str, str]:
     with result.checkpoint.as_directory() as ckpt_dir:
         ema_state = checkpoint.load_ema_weights(Path(ckpt_dir))
     weights = out_dir / "generator_ema.pt"
-    torch.save(ema_state, weights)  # kept on disk whatever the registry does
-    (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+    atomic_write(weights, lambda f: torch.save(ema_state, f))  # kept whatever the registry does
+    config_json = json.dumps(config_dict, indent=2, sort_keys=True).encode()
+    atomic_write(out_dir / "config.json", lambda f: f.write(config_json))
     G = build_generator(cfg, ema_state)
     picture = out_dir / "samples.png"
-    picture.write_bytes(sample_picture(G, cfg, t.max_steps))
+    png = sample_picture(G, cfg, t.max_steps)
+    atomic_write(picture, lambda f: f.write(png))
     out = {
         "run": run_name,
         "mlflow_run_id": run_id,
@@ -230,7 +258,21 @@ def run(cfg: Config) -> dict[str, str]:
         out["stability"] = (
             "diverged at step {diverged_at}".format(**summary) if summary["diverged"] else "stable"
         )
-    tracking.end_run(uri, run_id, tags=tags)
+        if "guard" in summary:
+            g = summary["guard"]
+            tags |= {
+                "stablegan.guard.rollbacks": g["rollbacks"],
+                "stablegan.guard.triggers": ",".join(g["triggers"]),
+            }
+            out["stability"] += f"; guard: {g['rollbacks']} rollback(s), {g['events']} event(s)"
+            if g["triggers"]:
+                out["stability"] += (
+                    f" ({', '.join(g['triggers'])}), final lr x{g['lr_scale']:g}, {g['penalty']}"
+                )
+    try:
+        tracking.end_run(uri, run_id, tags=tags)
+    except Exception as exc:  # noqa: BLE001 - the results are on disk; the run just stays RUNNING
+        log.warning("could not mark MLflow run %s finished (%s); it shows as RUNNING", run_id, exc)
     if out.get("registered_model", "").startswith("FAILED"):
         raise RegistryError(out)
     return out

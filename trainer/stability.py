@@ -94,7 +94,7 @@ class SpectralMonitor:
             w = p.detach().float().reshape(p.shape[0], -1)
             u = self._u.get(name)
             iters = self.iters
-            if u is None:
+            if u is None or not bool(torch.isfinite(u).all()):  # first call, or NaN weights passed by
                 u = torch.randn(w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.device)
                 iters = self.warmup
             for _ in range(iters):
@@ -189,7 +189,14 @@ class Probe:
         self.num = num_samples if modes is not None else min(num_samples, 256)
         self.z = torch.randn(self.num, latent_dim, generator=torch.Generator().manual_seed(1234))
         self.sn = {"G": SpectralMonitor(G, power_iters), "D": SpectralMonitor(D, power_iters)}
+        self.reset()
+
+    def reset(self) -> None:
+        """Start the loss statistics and power iterations afresh (after a rollback they
+        describe an abandoned branch, and its NaN weights would have poisoned the vectors)."""
         self.loss_stats = {"d_loss": EWStats(), "g_loss": EWStats()}
+        for monitor in getattr(self, "sn", {}).values():
+            monitor._u.clear()
 
     def __call__(self, real: torch.Tensor, step_metrics: dict[str, float]) -> dict[str, float]:
         # Forwards in training mode move BatchNorm statistics and spectral-norm vectors: put

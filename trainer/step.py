@@ -7,6 +7,8 @@ multiplied by the interval, and D's Adam lr/betas are rescaled by c = k / (k + 1
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from trainer import losses, penalties
@@ -26,17 +28,24 @@ class GANStep:
         self.G, self.D, self.cfg = G, D, cfg
         self.noise = noise
         self.d_loss, self.g_loss = losses.get(cfg.loss.kind)
-        k = cfg.penalty.interval if cfg.penalty.kind != "none" else 1
+        self.d_iters = 0  # D steps so far: step x d_steps (the lazy schedule's phase)
+        self.lr_scale = 1.0
+        self.set_penalty(cfg.penalty.kind, cfg.penalty.weight)
+
+    def set_penalty(self, kind: str, weight: float) -> None:
+        """Switch the penalty (the stability guard raises or adds one); the interval is kept."""
+        self.cfg = replace(self.cfg, penalty=replace(self.cfg.penalty, kind=kind, weight=weight))
+        k = self.cfg.penalty.interval if kind != "none" else 1
         self.reg_interval = k  # D_reg runs on every k-th D step (D_main every step, G_main after d_steps)
-        self.d_iters = 0
-        o = cfg.optim
+        o = self.cfg.optim
         c = k / (k + 1) if k > 1 else 1.0
         self._d_hparams = (o.d_lr * c, (o.beta1**c, o.beta2**c))
-        self.set_lr_scale(1.0)
+        self.set_lr_scale(self.lr_scale)
 
     def set_lr_scale(self, scale: float) -> None:
-        """Both learning rates times `scale` (the linear schedule), D's lazy correction kept."""
+        """Both learning rates times `scale` (schedule x guard), D's lazy correction kept."""
         o = self.cfg.optim
+        self.lr_scale = scale
         set_optimizer_hparams(self.D, self._d_hparams[0] * scale, self._d_hparams[1])
         set_optimizer_hparams(self.G, o.g_lr * scale, (o.beta1, o.beta2))
 

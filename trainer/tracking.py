@@ -107,6 +107,7 @@ class RunLogger:
         self._closing = False
         self.dropped = 0
         self.send_failures = 0
+        self.skip_through = 0  # metrics at steps <= this were logged before a resume: not again
         self._thread = threading.Thread(target=self._run, name="mlflow-logger", daemon=True)
         self._thread.start()
 
@@ -114,6 +115,8 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        if step <= self.skip_through:
+            return
         with self._cv:
             for k, v in metrics.items():
                 self._metrics.append(Metric(k, float(v), now, step))
@@ -121,6 +124,14 @@ class RunLogger:
                 self._metrics.popleft()
                 self.dropped += 1
             self._cv.notify()
+
+    def last_step(self, key: str) -> int:
+        """The last step at which `key` was logged to this run (0 if none or unreachable)."""
+        try:
+            return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
+        except Exception as exc:  # noqa: BLE001 - unknown: better a duplicate step than no metrics
+            log.warning("cannot read the run's metric history (%s); replayed steps may repeat", exc)
+            return 0
 
     def log_bytes(self, data: bytes, artifact_file: str) -> None:
         with self._cv:

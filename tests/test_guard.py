@@ -1,0 +1,118 @@
+"""The stability guard's decisions: triggers, rollback targets, interventions, budget, state."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from trainer.config import GuardConfig
+from trainer.guard import EVENT_COLUMNS, Guard
+
+HEALTHY = {"d_loss": 1.3, "g_loss": 0.8, "d_acc_real": 0.6, "d_acc_fake": 0.55, "nonfinite": 0.0}
+
+
+def warm(guard: Guard, n: int = 10) -> None:
+    """A few healthy checks with a little noise, so the loss statistics have a variance."""
+    for i in range(n):
+        assert guard.trigger({**HEALTHY, "d_loss": 1.3 + 0.01 * (-1) ** i}) is None
+
+
+def test_healthy_signals_do_not_trip():
+    guard = Guard(GuardConfig(enabled=True), "r1", 0.1)
+    warm(guard, 30)
+    assert guard.trigger({"sn/D/max": 3.0, "modes_covered": 20.0}) is None
+    assert guard.trigger({"sn/D/max": 3.5, "modes_covered": 21.0}) is None
+
+
+@pytest.mark.parametrize(
+    "signals,trigger",
+    [
+        ({**HEALTHY, "nonfinite": 3.0}, "nonfinite"),
+        ({**HEALTHY, "d_loss": math.nan}, "nonfinite"),
+        ({"grad/D/total": math.inf}, "nonfinite"),
+        ({**HEALTHY, "g_loss": 9.0}, "loss_spike"),
+    ],
+)
+def test_each_trigger(signals, trigger):
+    guard = Guard(GuardConfig(enabled=True), "r1", 0.1)
+    warm(guard)
+    tripped = guard.trigger(signals)
+    assert tripped is not None and tripped[0] == trigger
+
+
+def test_saturation_needs_consecutive_checks():
+    guard = Guard(GuardConfig(enabled=True, saturated_checks=3, loss_z=0), "none", 0.0)
+    saturated = {**HEALTHY, "d_acc_real": 0.999, "d_acc_fake": 0.995}
+    assert guard.trigger(saturated) is None and guard.trigger(saturated) is None
+    assert guard.trigger(HEALTHY) is None  # the run of saturated checks is broken
+    assert guard.trigger(saturated) is None and guard.trigger(saturated) is None
+    assert guard.trigger(saturated)[0] == "d_saturated"
+
+
+def test_spectral_blowup_and_collapse_are_relative():
+    guard = Guard(GuardConfig(enabled=True, sn_growth=10.0, coverage_drop=0.5), "r1", 0.1)
+    assert guard.trigger({"sn/D/max": 2.0, "modes_covered": 24.0}) is None
+    assert guard.trigger({"sn/D/max": 19.0, "modes_covered": 13.0}) is None
+    assert guard.trigger({"sn/D/max": 21.0})[0] == "sn_blowup"
+    assert guard.trigger({"modes_covered": 11.0})[0] == "collapse"
+    off = Guard(GuardConfig(enabled=True, sn_growth=0, coverage_drop=0), "r1", 0.1)
+    assert off.trigger({"sn/D/max": 1.0, "modes_covered": 24.0}) is None
+    assert off.trigger({"sn/D/max": 100.0, "modes_covered": 1.0}) is None
+
+
+def test_rollback_interventions_and_target_choice():
+    guard = Guard(GuardConfig(enabled=True, lr_factor=0.5, add_r1=0.1, max_rollbacks=3), "none", 0.0)
+    for step in (0, 250, 500):
+        guard.saved(step, f"/runs/x/checkpoint_{step:08d}")
+    usable = list(guard.healthy)
+
+    first = guard.plan(640, "nonfinite", "NaN", usable)
+    assert first["action"] == "rollback" and first["rolled_back_to"] == 500
+    guard.apply(first)
+    assert (guard.rollbacks, guard.lr_scale, guard.penalty_kind, guard.penalty_weight) == (1, 0.5, "r1", 0.1)
+
+    # Tripped again before a new checkpoint: the one it went back to was already bad: go older.
+    second = guard.plan(600, "collapse", "modes", [c for c in usable if c[0] <= 500])
+    assert second["rolled_back_to"] == 250
+    guard.apply(second)
+    assert guard.healthy == usable[:2]  # the abandoned branch's checkpoints no longer count
+    assert guard.lr_scale == 0.25 and guard.penalty_weight == pytest.approx(0.2)  # raised, not re-added
+
+    # A new healthy checkpoint on the new branch becomes the first target again.
+    guard.saved(500, "/runs/x/checkpoint_00000500-r2")
+    third = guard.plan(700, "loss_spike", "z", guard.healthy)
+    assert third["rolled_back_to"] == 500 and third["target"].endswith("-r2")
+    guard.apply(third)
+
+    # Budget spent: later trips are recorded, once per run of the same trigger.
+    for step in (800, 900, 1000):
+        guard.apply(guard.plan(step, "loss_spike", "z", guard.healthy))
+    assert guard.rollbacks == 3
+    assert [e["action"] for e in guard.events][3:] == ["recorded (budget of 3 rollbacks spent)"]
+    assert guard.events[-1]["repeats"] == 2
+
+    table = json.loads(guard.table())
+    assert table["columns"] == EVENT_COLUMNS and len(table["data"]) == 4
+    assert [row[4] for row in table["data"]] == [500, 250, 500, None]
+    assert guard.summary()["triggers"] == ["collapse", "loss_spike", "nonfinite"]
+
+
+def test_nothing_to_roll_back_to_is_recorded_not_crashed():
+    guard = Guard(GuardConfig(enabled=True), "r1", 1.0)
+    event = guard.plan(50, "nonfinite", "NaN", [])
+    guard.apply(event)
+    assert event["action"].startswith("recorded (no healthy checkpoint") and guard.rollbacks == 0
+
+
+def test_state_round_trip_keeps_interventions():
+    guard = Guard(GuardConfig(enabled=True), "r1", 1.0)
+    guard.saved(100, "/c100")
+    guard.apply(guard.plan(150, "nonfinite", "NaN", guard.healthy))
+    state = json.loads(json.dumps(guard.state_dict()))  # what a checkpoint stores
+    again = Guard(GuardConfig(enabled=True), "r1", 1.0)
+    again.load_state_dict(state)
+    assert again.state_dict() == guard.state_dict()
+    assert (again.lr_scale, again.penalty_weight, again.rollbacks) == (0.5, 2.0, 1)
+    assert again.noise_seed(0, 1) != Guard(GuardConfig(), "r1", 1.0).noise_seed(0, 1)
