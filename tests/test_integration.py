@@ -19,6 +19,7 @@ import torch
 
 from data_pipeline.sources import grid25_modes
 from tests.conftest import ROOT
+from trainer.checkpoint import load_parameters
 
 pytestmark = pytest.mark.slow
 
@@ -458,15 +459,6 @@ def test_killed_worker_is_replaced_and_training_resumes(env, ray_cluster, tmp_pa
     assert steps == list(range(20, 1001, 20))  # resumed steps are not logged twice
 
 
-def _state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """G, D and EMA parameters in a checkpoint folder."""
-    out = {f"ema.{k}": v for k, v in torch.load(ckpt / "ema.pt", weights_only=True)["module"].items()}
-    for net in ("G", "D"):
-        state = torch.load(next((ckpt / net).rglob("mp_rank_00_model_states.pt")), weights_only=True)
-        out |= {f"{net}.{k}": v for k, v in state["module"].items()}
-    return out
-
-
 def test_stopped_and_resumed_run_is_bitwise_identical(env, ray_cluster, tmp_path):
     """1 worker, fp32: stopped at step 40 and resumed to 60 gives exactly the parameters of an
     uninterrupted 60-step run (same seed): data position, latent RNG, optimizer state and the
@@ -492,13 +484,13 @@ def test_stopped_and_resumed_run_is_bitwise_identical(env, ray_cluster, tmp_path
     assert "resumed from checkpoint at step 40" in proc.stdout + proc.stderr
     runs = tmp_path / "runs"
     straight, split = (
-        _state(runs / "straight" / "checkpoint_00000060"),
-        _state(runs / "split" / "checkpoint_00000060"),
+        load_parameters(runs / "straight" / "checkpoint_00000060"),
+        load_parameters(runs / "split" / "checkpoint_00000060"),
     )
     assert straight.keys() == split.keys() and len(straight) > 6
     assert [k for k in straight if not torch.equal(straight[k], split[k])] == []
     # The comparison can fail: 20 steps earlier every tensor differs.
-    earlier = _state(runs / "straight" / "checkpoint_00000040")
+    earlier = load_parameters(runs / "straight" / "checkpoint_00000040")
     assert all(not torch.equal(straight[k], earlier[k]) for k in straight if k.endswith("weight"))
 
 

@@ -69,7 +69,8 @@ class GuardConfig:
     """The stability guard (trainer/guard.py): triggers, interventions and their budget."""
 
     enabled: bool = False
-    loss_z: float = 8.0  # d_loss or g_loss beyond this many EW standard deviations (0 = off)
+    loss_z: float = 8.0  # d_loss or g_loss beyond this many EW standard deviations (0 = off) ...
+    loss_rel: float = 0.5  # ... and beyond this fraction of its EW mean (averaged losses vary little)
     d_saturation: float = 0.99  # D accuracy on reals and on fakes both at least this ...
     saturated_checks: int = 3  # ... for this many checks in a row (0 = off)
     sn_growth: float = 10.0  # top singular value of D beyond this x its first probe (0 = off)
@@ -213,6 +214,7 @@ def validate(cfg: Config) -> Config:
         ("trainer.torch_threads", cfg.trainer.torch_threads, 0),
         ("trainer.inject_nan_at", cfg.trainer.inject_nan_at, 0),
         ("stability.guard.loss_z", cfg.stability.guard.loss_z, 0.0),
+        ("stability.guard.loss_rel", cfg.stability.guard.loss_rel, 0.0),
         ("stability.guard.saturated_checks", cfg.stability.guard.saturated_checks, 0),
         ("stability.guard.sn_growth", cfg.stability.guard.sn_growth, 0.0),
         ("stability.guard.coverage_drop", cfg.stability.guard.coverage_drop, 0.0),

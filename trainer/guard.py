@@ -26,6 +26,7 @@ from pathlib import Path
 from trainer.config import GuardConfig
 from trainer.stability import EWStats
 
+LOSS_WARMUP = 10  # checks before the loss statistics are trusted (again, after a rollback)
 EVENT_COLUMNS = ["step", "trigger", "detail", "action", "rolled_back_to", "lr_scale", "penalty", "repeats"]
 
 
@@ -64,9 +65,16 @@ class Guard:
         if c.loss_z:
             for key, stats in self.loss_stats.items():
                 if key in metrics:
+                    mean, n = stats.mean, stats.n
                     z = stats.update(metrics[key])
-                    if abs(z) > c.loss_z:
-                        return "loss_spike", f"{key}={metrics[key]:.4g} is {z:+.1f} EW std from its mean"
+                    # A spike is far out in both senses: the EW variance of interval means can
+                    # be tiny, so a z-score alone trips on ordinary drift.
+                    far = abs(metrics[key] - mean) > c.loss_rel * abs(mean)
+                    if n >= LOSS_WARMUP and abs(z) > c.loss_z and far:
+                        return (
+                            "loss_spike",
+                            f"{key}={metrics[key]:.4g} is {z:+.1f} EW std from its mean {mean:.4g}",
+                        )
         if c.saturated_checks and "d_acc_real" in metrics and "d_acc_fake" in metrics:
             saturated = min(metrics["d_acc_real"], metrics["d_acc_fake"]) >= c.d_saturation
             self.saturated = self.saturated + 1 if saturated else 0

@@ -100,6 +100,18 @@ def check_data(cfg: Config, urls: str | list) -> None:
             )
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast when nothing listens at a Ray `host:port` (or ray://host:port) address: a
+    ray.init to a dead address waits for minutes. "auto" is left to Ray."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {host}:{port} ({exc.strerror or exc})") from None
+
+
 def init_ray(cfg: Config) -> None:
     """Connect to `cluster.address` / $RAY_ADDRESS, or start a local Ray on loopback (127.0.0.100)."""
     if ray.is_initialized():
@@ -107,6 +119,7 @@ def init_ray(cfg: Config) -> None:
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
     try:
         if address:
+            check_reachable(address)
             ray.init(address=address, log_to_driver=True)
         else:
             # Ray rewrites a literal 127.0.0.1 (and "localhost") to the host's outward address;
@@ -174,8 +187,10 @@ def run(cfg: Config) -> dict[str, str]:
             checkpoint.check_compatible(checkpoint.load_config(previous[-1].parent), config_dict)
         except checkpoint.CheckpointError as exc:
             raise UserError(f"trainer.run_name={run_name}: {exc}") from None
+    init_ray(cfg)  # before the MLflow run: an unreachable cluster leaves no run behind
     uri = tracking.resolve_uri(cfg.tracking.uri)
     try:
+        tracking.check_server(uri)
         run_id, resumed = tracking.start_run(uri, cfg.tracking.experiment, run_name, config_dict)
     except Exception as exc:  # noqa: BLE001 - any failure here means: no usable tracking server
         raise UserError(
@@ -184,8 +199,6 @@ def run(cfg: Config) -> dict[str, str]:
             "both empty for a local sqlite store"
         ) from None
     print(f"stablegan: run {run_name} ({'resumed' if resumed else 'new'}), MLflow run {run_id} at {uri}")
-
-    init_ray(cfg)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={

@@ -35,6 +35,22 @@ def resolve_uri(uri: str) -> str:
     return f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """For an http(s) tracking URI, one quick request to /health: MLflow's own client would
+    retry an unreachable server for minutes before failing."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # something answers (e.g. auth in front of the server): let MLflow talk to it
+    except OSError as exc:
+        raise ConnectionError(f"no MLflow server answers ({getattr(exc, 'reason', exc)})") from None
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 

@@ -1,0 +1,76 @@
+"""Bad input at the command line: each case exits 2 with one line that names the problem and
+the fix, before any training starts (and without a traceback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, free_port
+
+
+def main(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.main", *args, f"trainer.storage_path={cwd}/runs"],
+        env={**env, "PYTHONPATH": str(ROOT)},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def expect_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in proc.stderr, proc.stderr[-2000:]
+
+
+def test_missing_shards(tmp_path):
+    proc = main([f"data.urls={tmp_path}/faces-{{000000..000003}}.tar"], tmp_path)
+    expect_user_error(proc, "data.urls:", "4 shard(s) not found")
+
+
+def test_channels_differ_from_the_model(tmp_path):
+    from data_pipeline.make_shards import MakeShardsConfig, write_shards
+
+    write_shards(
+        MakeShardsConfig(source="digits", out=str(tmp_path / "d"), resolution=32, channels=1), progress=False
+    )
+    proc = main(["experiment=digits32", "model.channels=3", f"data.urls={tmp_path / 'd'}"], tmp_path)
+    expect_user_error(
+        proc, "the shards hold (1, 32, 32) images but the model expects (3, 32, 32)", "model.channels=1"
+    )
+
+
+def test_checkpoint_from_an_incompatible_config(tmp_path):
+    from dataclasses import asdict
+
+    from trainer.main import compose
+
+    saved = asdict(compose([]))
+    saved["model"]["g_width"] = 64
+    folder = tmp_path / "runs" / "old" / "checkpoint_00000100"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(saved))
+    proc = main(["trainer.run_name=old"], tmp_path)
+    expect_user_error(proc, "trainer.run_name=old:", "model.g_width=64 (now 256)", "another trainer.run_name")
+
+
+def test_unreachable_ray_cluster(tmp_path):
+    proc = main([f"cluster.address=127.0.0.1:{free_port()}"], tmp_path)
+    expect_user_error(proc, "cannot reach the Ray cluster at '127.0.0.1:", "launch/local_cluster.sh up")
+    assert not (tmp_path / "mlflow.db").exists()  # failed before any MLflow run was opened
+
+
+@pytest.mark.slow
+def test_unreachable_mlflow_server(tmp_path):
+    proc = main([f"tracking.uri=http://127.0.0.1:{free_port()}"], tmp_path)
+    expect_user_error(proc, "cannot open the MLflow run at http://127.0.0.1:", "no MLflow server answers")
