@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
-from PIL import Image
 from tqdm import tqdm
 
-from data_pipeline import sources
+from data_pipeline import png, sources
 from data_pipeline.cli import parse_overrides
 from data_pipeline.shards import MANIFEST, sha256_file
 
@@ -73,12 +72,6 @@ def load_source(cfg: MakeShardsConfig) -> sources.Source:
     if cfg.source == "digits":
         return sources.digits_source(cfg.resolution, cfg.channels)
     return sources.mixture_source(cfg.source, cfg.num_samples, cfg.seed)
-
-
-def _png_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -175,7 +168,7 @@ def write_shards(cfg: MakeShardsConfig, progress: bool = True) -> dict:
                     continue
                 shape = [1, *arr.shape] if arr.ndim == 2 else [arr.shape[2], *arr.shape[:2]]
                 sample_shape = sample_shape or shape
-                sample = {"__key__": f"{pos:09d}", "png": _png_bytes(arr)}
+                sample = {"__key__": f"{pos:09d}", "png": png.encode(arr)}
                 if source.labels is not None:
                     sample["cls"] = str(int(source.labels[i])).encode()
                 sink.write(sample, 1)

@@ -292,6 +292,13 @@ def test_stopped_run_resumes_and_continues_the_step_counter(env, ray_cluster, tm
     assert resumed_at and min(resumed_at) >= 40
     assert "step 20/160" not in output  # it did not start over
     assert (tmp_path / "runs" / "resume-it" / "checkpoint_00000160").exists()
+    # The same MLflow run continues, each step logged once (replayed steps are not resent).
+    from mlflow.tracking import MlflowClient
+
+    run_ids = set(re.findall(r"MLflow run (\w+)", output))
+    assert len(run_ids) == 1
+    steps = _metric_steps(MlflowClient(env["MLFLOW_TRACKING_URI"]), run_ids.pop(), "d_loss")
+    assert steps == list(range(20, 161, 20))
 
 
 def test_dcgan32_bf16_smoke_on_digits_with_embedded_ray(tmp_path):

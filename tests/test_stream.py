@@ -267,3 +267,45 @@ def test_manifest_checksum_mismatch(tmp_path):
     shard.write_bytes(bytes(data[:1024]))
     with pytest.raises(ShardSpecError, match="truncated"):
         ShardLoader(StreamConfig(urls=str(tmp_path), batch_size=8, num_workers=0))
+
+
+def test_fast_tar_reader_agrees_with_tarfile_and_falls_back(digits, tmp_path):
+    import gzip
+
+    from webdataset.tariterators import tar_file_iterator
+
+    from data_pipeline.stream import _plain_tar_members, _read_shard
+
+    shard = sorted(digits.glob("*.tar"))[0]
+    data = shard.read_bytes()
+    members, error = _plain_tar_members(data)
+    reference = [(m["fname"], m["data"]) for m in tar_file_iterator(io.BytesIO(data))]
+    assert error is None and members == reference and len(members) == 200  # png + cls per image
+
+    # PAX records (long names) and gzip are left to tarfile, and still read.
+    pax = tmp_path / "pax.tar"
+    with tarfile.open(pax, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, payload in [("d" * 120 + "/0001.cls", b"3"), ("plain.cls", b"4")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    assert _plain_tar_members(pax.read_bytes()) is None
+    gz = tmp_path / "x.tar.gz"
+    gz.write_bytes(gzip.compress(data))
+    assert _plain_tar_members(gz.read_bytes()) is None
+    for url in (pax, gz):
+        samples, err = _read_shard(str(url))
+        assert err is None and samples
+    assert {s["__key__"] for s in _read_shard(str(pax))[0]} == {"d" * 120 + "/0001", "plain"}
+
+    # A damaged header after the 10th member: the first 10 are kept, the damage reported.
+    offsets = [0]
+    for _, payload in members[:10]:
+        offsets.append(offsets[-1] + 512 + (len(payload) + 511) // 512 * 512)
+    broken = bytearray(data)
+    broken[offsets[10] + 3] ^= 0x55  # inside the 11th member's name: its checksum fails
+    kept, err = _plain_tar_members(bytes(broken))
+    assert kept == members[:10] and "checksum" in str(err)
+    # Cut at a member boundary (no end-of-archive blocks): reported as truncated.
+    kept, err = _plain_tar_members(data[: offsets[10]])
+    assert kept == members[:10] and "truncated" in str(err)
