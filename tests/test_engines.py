@@ -148,6 +148,22 @@ def test_checkpoints_are_checksummed_and_a_corrupt_one_falls_back(ds_dist, tmp_p
     assert step == 30
 
 
+def test_resume_takes_the_newest_complete_checkpoint_on_disk(ds_dist, tmp_path):
+    """Ray registers checkpoints asynchronously: after a worker dies it may hand over an older
+    one than the newest complete one on disk. Guard branches (-rK) are newer than any step of
+    an earlier branch."""
+    from trainer import checkpoint
+
+    ray_latest, _ = _saved_checkpoint(tmp_path, 40)
+    newer, _ = _saved_checkpoint(tmp_path, 80)
+    assert checkpoint.latest_valid(ray_latest) == newer
+    assert checkpoint.latest_valid(ray_latest, expected_ranks=2) is None  # one rank's manifest only
+    branch = tmp_path / "checkpoint_00000060-r1"
+    newer.rename(branch)  # as if the guard rolled back and saved step 60 on its first new branch
+    _saved_checkpoint(tmp_path, 70)  # an abandoned step of branch 0, newer by number only
+    assert checkpoint.latest_valid(ray_latest) == branch
+
+
 def test_incompatible_checkpoint_config_names_the_keys():
     from dataclasses import asdict
 

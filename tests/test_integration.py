@@ -441,8 +441,8 @@ def test_killed_worker_is_replaced_and_training_resumes(env, ray_cluster, tmp_pa
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
-    # Ray registers checkpoint 80 once every rank has reported it; the folder of 120 shows
-    # that both ranks got past that report.
+    # The folder of 120 shows that both ranks finished writing 80 (Ray may not have
+    # registered it yet: the new workers then take it from disk, by its manifests).
     ckpt = tmp_path / "runs" / "killed" / "checkpoint_00000120"
     assert wait_for(ckpt, proc), "".join(lines)[-3000:]
     pids = _worker_pids(lines)
@@ -505,7 +505,6 @@ def test_mlflow_outage_mid_run_and_at_the_end(env, ray_cluster, tmp_path):
     """The tracking server stops for 30 s mid-run: training goes on and every step arrives once
     it is back. Gone for good at the end: the weights stay on disk, the command exits 3 and
     prints how to register them, and that command works once the server is back."""
-    from mlflow.tracking import MlflowClient
 
     from tests.conftest import free_port, start_mlflow_server, stop_group
 
@@ -522,16 +521,34 @@ def test_mlflow_outage_mid_run_and_at_the_end(env, ray_cluster, tmp_path):
         f"trainer.storage_path={runs}",
         "data.loader_workers=1",
     ]
-    server = start_mlflow_server(store, port)
+    servers: list[subprocess.Popen] = []  # every server started, stopped at the end whatever happens
+
+    def serve() -> subprocess.Popen:
+        servers.append(start_mlflow_server(store, port))  # same port, same store each time
+        return servers[-1]
+
+    try:
+        _outage_scenarios(serve, common, env, runs, uri)
+    finally:
+        for server in servers:
+            stop_group(server)
+
+
+def _outage_scenarios(serve, common: list[str], env: dict, runs: Path, uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import stop_group
+
+    server = serve()
     proc = start_main(
-        [*common, "trainer.max_steps=2400", "trainer.run_name=blink", "tracking.register=false"], env
+        [*common, "trainer.max_steps=1200", "trainer.run_name=blink", "tracking.register=false"], env
     )
     try:
         assert wait_for(runs / "blink" / "checkpoint_00000200", proc)
         stop_group(server)
         time.sleep(30)
         during = max(p.name for p in (runs / "blink").glob("checkpoint_*"))
-        server = start_mlflow_server(store, port)
+        server = serve()
         output = proc.communicate(timeout=600)[0]
     finally:
         if proc.poll() is None:
@@ -566,23 +583,14 @@ def test_mlflow_outage_mid_run_and_at_the_end(env, ray_cluster, tmp_path):
         output,
     )
     assert later and Path(later.group(2)).is_file(), output[-4000:]
-    server = start_mlflow_server(store, port)
-    try:
-        register = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "trainer.register",
-                f"weights={later.group(2)}",
-                f"run_id={later.group(3)}",
-            ],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert register.returncode == 0, register.stderr[-3000:]
-        assert "models:/it-outage/1" in register.stdout
-    finally:
-        stop_group(server)
+    serve()
+    register = subprocess.run(
+        [sys.executable, "-m", "trainer.register", f"weights={later.group(2)}", f"run_id={later.group(3)}"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert register.returncode == 0, register.stderr[-3000:]
+    assert "models:/it-outage/1" in register.stdout

@@ -12,10 +12,11 @@ the ranks' uploads into one checkpoint):
     MANIFEST-rank{r}.json           sha256 of every file rank r wrote, written last
 
 A checkpoint counts only when every manifest's files are there with the right checksums:
-`verify` checks that before a restore, and `latest_valid` falls back to an older checkpoint of
-the run when the newest is truncated or corrupt. Ray Train writes each rank's files to a
-temporary folder and registers a checkpoint only once every rank has reported; keeping the
-last `trainer.keep_checkpoints` is Ray's `CheckpointConfig(num_to_keep)`.
+`verify` checks that before a restore, and `latest_valid` takes the newest complete one of
+the run (falling back past a truncated or corrupt one). Ray Train copies each rank's files into
+the checkpoint folder in place and registers the checkpoint once every rank has reported, so a
+folder alone proves nothing; the manifests do. Keeping the last `trainer.keep_checkpoints` is
+Ray's `CheckpointConfig(num_to_keep)`.
 """
 
 from __future__ import annotations
@@ -105,25 +106,45 @@ def verify(directory: Path, expected_ranks: int | None = None) -> int:
     return steps.pop()
 
 
-def latest_valid(directory: Path) -> Path | None:
-    """`directory` if it verifies, else the newest older checkpoint of the same run that does.
+def _order(folder: Path) -> tuple[int, int]:
+    """Chronological order of a run's checkpoint folders: `checkpoint_{step}` then, after the
+    guard's k-th rollback, `checkpoint_{step}-r{k}` (later branches restart at lower steps)."""
+    name = folder.name.removeprefix("checkpoint_")
+    step, _, branch = name.partition("-r")
+    try:
+        return int(branch or 0), int(step)
+    except ValueError:
+        return -1, -1
 
-    Every rank runs this over the same shared files, so all ranks pick the same one.
+
+def latest_valid(directory: Path, expected_ranks: int | None = None) -> Path | None:
+    """The newest checkpoint of `directory`'s run that verifies, or None.
+
+    `directory` is the one Ray Train hands over; Ray's controller registers checkpoints
+    asynchronously, so after a worker dies a newer, complete one (every rank's manifest, when
+    `expected_ranks` is given) may already be on disk: it is taken. A truncated or corrupt one
+    falls back to the next older. Every rank runs this over the same shared files, so all
+    ranks pick the same one.
     """
-    candidates = [directory] + sorted(
-        (p for p in directory.parent.glob("checkpoint_*") if p.is_dir() and p.name < directory.name),
+    candidates = sorted(
+        (p for p in directory.parent.glob("checkpoint_*") if p.is_dir() and _order(p) >= (0, 0)),
+        key=_order,
         reverse=True,
     )
     for candidate in candidates:
         try:
-            verify(candidate)
-            if candidate != directory:
-                log.warning(
-                    "checkpoint %s is unusable; resuming from %s instead", directory.name, candidate.name
-                )
-            return candidate
+            verify(candidate, expected_ranks)
         except CheckpointError as exc:
-            log.warning("skipping checkpoint: %s", exc)
+            if _order(candidate) <= _order(directory):
+                log.warning("skipping checkpoint: %s", exc)
+            continue
+        if _order(candidate) < _order(directory):
+            log.warning("checkpoint %s is unusable; resuming from %s instead", directory.name, candidate.name)
+        elif candidate != directory:
+            log.warning(
+                "resuming from %s, newer than Ray's latest registered %s", candidate.name, directory.name
+            )
+        return candidate
     return None
 
 

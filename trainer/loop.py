@@ -153,7 +153,7 @@ def train_loop(config: dict) -> None:
     restored = ray.train.get_checkpoint()
     if restored is not None:
         # storage_path is a shared filesystem, so the checkpoint's path is a local folder.
-        chosen = checkpoint.latest_valid(Path(restored.path))
+        chosen = checkpoint.latest_valid(Path(restored.path), expected_ranks=world)
         if chosen is None:
             raise checkpoint.CheckpointError(
                 f"no usable checkpoint in {Path(restored.path).parent} (all fail their checksums): "
