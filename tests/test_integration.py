@@ -496,6 +496,11 @@ def test_stopped_and_resumed_run_is_bitwise_identical(env, ray_cluster, tmp_path
     )
     assert straight.keys() == split.keys() and len(straight) > 6
     assert [k for k in straight if not torch.equal(straight[k], split[k])] == []
+    # Ray keeps the last trainer.keep_checkpoints (2) of a run.
+    assert [c.name for c in sorted((runs / "straight").glob("checkpoint_*")) if c.is_dir()] == [
+        "checkpoint_00000040",
+        "checkpoint_00000060",
+    ]
     # The comparison can fail: 20 steps earlier every tensor differs.
     earlier = load_parameters(runs / "straight" / "checkpoint_00000040")
     assert all(not torch.equal(straight[k], earlier[k]) for k in straight if k.endswith("weight"))
