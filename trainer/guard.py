@@ -156,7 +156,7 @@ class Guard:
         self._last_target = None  # a trip from here on rolls back to this one first
 
     def noise_seed(self, seed: int, rank: int) -> int:
-        """Latent seed after a rollback: new draws per rollback, different on each rank."""
+        """Latent seed of each rank; after a rollback, new draws per rollback."""
         return (seed + 7919 * self.rollbacks) * 1_000_003 + rank + 1
 
     # --- persistence and reporting ----------------------------------------------------------

@@ -147,8 +147,8 @@ def train_loop(config: dict) -> None:
     )
     audit: dict[int, list[str]] | None = {} if d.audit else None  # epoch -> sample keys read here
     G, D, ema = build_engines(cfg, device)
-    noise = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + rank + 1)  # per-rank latents
     guard = Guard(cfg.stability.guard, cfg.penalty.kind, cfg.penalty.weight)
+    noise = torch.Generator().manual_seed(guard.noise_seed(cfg.trainer.seed, rank))  # per-rank latents
     step = 0
     restored = ray.train.get_checkpoint()
     if restored is not None:

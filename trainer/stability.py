@@ -83,6 +83,10 @@ class SpectralMonitor:
         self.module, self.iters, self.warmup = module, iters, warmup
         self._u: dict[str, torch.Tensor] = {}
 
+    def reset(self) -> None:
+        """Forget the vectors: the next call warms up afresh."""
+        self._u.clear()
+
     @torch.no_grad()
     def __call__(self) -> dict[str, float]:
         out = {}
@@ -195,8 +199,8 @@ class Probe:
         """Start the loss statistics and power iterations afresh (after a rollback they
         describe an abandoned branch, and its NaN weights would have poisoned the vectors)."""
         self.loss_stats = {"d_loss": EWStats(), "g_loss": EWStats()}
-        for monitor in getattr(self, "sn", {}).values():
-            monitor._u.clear()
+        for monitor in self.sn.values():
+            monitor.reset()
 
     def __call__(self, real: torch.Tensor, step_metrics: dict[str, float]) -> dict[str, float]:
         # Forwards in training mode move BatchNorm statistics and spectral-norm vectors: put
