@@ -31,7 +31,12 @@ PUBLISHED = {  # PacGAN Table 1: modes, high-quality %, reverse KL
     "grid25": [("GAN", 17.3, 94.8, 0.70), ("PacGAN4", 24.8, 93.6, 0.04)],
     "ring8": [("GAN", 6.3, 98.2, 0.45), ("PacGAN2", 7.9, 95.6, 0.07)],
 }
-COMMON = ["tracking.register=false", "trainer.sample_every=0", "data.loader_workers=1"]
+# 2-D points are cheap to read: the loader runs in the training process, which measured ~20 %
+# faster per step than a loader worker competing for this machine's 2 cores.
+COMMON = ["tracking.register=false", "trainer.sample_every=0", "data.loader_workers=0"]
+# The guard drills were measured with the presets of 2026-11-26 (MLP 256, 4,000 steps, stable at
+# lr 1e-3); pinned so that their table stays reproducible after the presets moved on.
+GUARD_PIN = ["trainer.max_steps=4000", "model.g_width=256", "model.d_width=256", "trainer.log_every=100"]
 
 
 def sweeps(grid_seeds: int = 10, ring_seeds: int = 5, robust_seeds: int = 3) -> dict[str, list[list[str]]]:
@@ -43,13 +48,13 @@ def sweeps(grid_seeds: int = 10, ring_seeds: int = 5, robust_seeds: int = 3) -> 
                 "experiment=vanilla,stable",
                 "data.builtin=grid25",
                 f"trainer.seed={seeds10}",
-                "stability.every=500",
+                "stability.every=1000",
             ],
             [
                 "experiment=vanilla,stable",
                 "data.builtin=ring8",
                 f"trainer.seed={seeds5}",
-                "stability.every=500",
+                "stability.every=1000",
             ],
         ],
         # The stability guard's drills (issue: a deliberately unstable run recovers): each run
@@ -61,6 +66,9 @@ def sweeps(grid_seeds: int = 10, ring_seeds: int = 5, robust_seeds: int = 3) -> 
                 "experiment=stable",
                 "data.builtin=ring8",
                 "trainer.inject_nan_at=1500",  # a poisoned batch
+                "optim.g_lr=1e-3",
+                "optim.d_lr=1e-3",
+                *GUARD_PIN,
                 "trainer.checkpoint_every=500",
                 "trainer.keep_checkpoints=4",
                 "stability.every=100",  # the guard sees coverage every 100 steps
@@ -72,6 +80,7 @@ def sweeps(grid_seeds: int = 10, ring_seeds: int = 5, robust_seeds: int = 3) -> 
                 "data.builtin=grid25",
                 "optim.g_lr=1e-2",  # far too high, no penalty
                 "optim.d_lr=1e-2",
+                *GUARD_PIN,
                 "trainer.checkpoint_every=500",
                 "trainer.keep_checkpoints=4",
                 "stability.every=100",  # the guard sees coverage every 100 steps
@@ -85,7 +94,7 @@ def sweeps(grid_seeds: int = 10, ring_seeds: int = 5, robust_seeds: int = 3) -> 
                 "experiment=vanilla,stable",
                 "data.builtin=grid25",
                 "optim.d_lr=${optim.g_lr}",
-                "stability.every=500",
+                "stability.every=1000",
             ]
         ],
     }

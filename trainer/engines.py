@@ -85,6 +85,10 @@ class Engine:
         # DeepSpeed reads its checkpoint files with weights_only=False, which would run any
         # pickled code a tampered checkpoint holds; tensors and plain containers are all ours has.
         self.ds.checkpoint_engine.load = _load_weights_only
+        if parallel.zero_stage == 0 and self.ds.dp_world_size == 1:
+            # A single replica: DeepSpeed's gradient all-reduce (flatten, a gloo call, copy
+            # back, twice per GAN step) is an identity; it cost ~7 % of a small 2-D model's step.
+            self.ds.enable_backward_allreduce = False
         # DeepSpeed casts parameters for bf16/fp16 but not buffers; BatchNorm2d then refuses
         # fp32 running statistics next to bf16 weights.
         for buf in self.ds.module.buffers():
