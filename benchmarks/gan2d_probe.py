@@ -66,16 +66,14 @@ def main() -> None:
     modes = modes_fn()
     centres = torch.tensor(modes, dtype=torch.float32)
     G, D = MLPGenerator(a.zdim, a.width, a.depth), MLPDiscriminator(a.width, a.depth)
-    opts = [
-        (torch.optim.Adam(G.parameters(), a.lr, betas=(a.beta1, a.beta2)), a.lr),
-        (torch.optim.Adam(D.parameters(), a.dlr or a.lr, betas=(a.beta1, a.beta2)), a.dlr or a.lr),
-    ]
-    (og, _), (od, _) = opts
+    g_lr, d_lr = a.lr, a.dlr or a.lr
+    og = torch.optim.Adam(G.parameters(), g_lr, betas=(a.beta1, a.beta2))
+    od = torch.optim.Adam(D.parameters(), d_lr, betas=(a.beta1, a.beta2))
     ema = EMA(G, a.ema)
     t0 = time.time()
     for t in range(a.steps):
         scale = 1 - t / a.steps if a.sched == "linear" else 1.0
-        for opt, base in opts:
+        for opt, base in ((og, g_lr), (od, d_lr)):
             for group in opt.param_groups:
                 group["lr"] = base * scale
         for _ in range(a.dsteps):
