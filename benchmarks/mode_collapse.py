@@ -39,19 +39,28 @@ COMMON = ["tracking.register=false", "trainer.sample_every=0", "data.loader_work
 GUARD_PIN = ["trainer.max_steps=4000", "model.g_width=256", "model.d_width=256", "trainer.log_every=100"]
 
 
-def sweeps(grid_seeds: int = 10, ring_seeds: int = 5, robust_seeds: int = 3) -> dict[str, list[list[str]]]:
-    """Sweep name -> the multirun argument lists it consists of."""
+def sweeps(
+    grid_seeds: int = 10,
+    ring_seeds: int = 5,
+    robust_seeds: int = 3,
+    robust_first: int = 100,
+    presets: str = "vanilla,stable",
+) -> dict[str, list[list[str]]]:
+    """Sweep name -> the multirun argument lists it consists of.
+
+    `presets` and `robust_first` run part of a sweep, e.g. only the preset that changed, or one
+    more robustness seed, into the same experiments as the runs already there."""
     seeds10, seeds5 = ",".join(map(str, range(grid_seeds))), ",".join(map(str, range(ring_seeds)))
     return {
         "main": [
             [
-                "experiment=vanilla,stable",
+                f"experiment={presets}",
                 "data.builtin=grid25",
                 f"trainer.seed={seeds10}",
                 "stability.every=1000",
             ],
             [
-                "experiment=vanilla,stable",
+                f"experiment={presets}",
                 "data.builtin=ring8",
                 f"trainer.seed={seeds5}",
                 "stability.every=1000",
@@ -89,9 +98,9 @@ def sweeps(grid_seeds: int = 10, ring_seeds: int = 5, robust_seeds: int = 3) -> 
         "robustness": [
             [
                 # The first override varies slowest: a cut-short sweep still has whole seeds.
-                f"trainer.seed={','.join(str(100 + i) for i in range(robust_seeds))}",
+                f"trainer.seed={','.join(str(robust_first + i) for i in range(robust_seeds))}",
                 "optim.g_lr=1e-4,3e-4,1e-3,3e-3",
-                "experiment=vanilla,stable",
+                f"experiment={presets}",
                 "data.builtin=grid25",
                 "optim.d_lr=${optim.g_lr}",
                 "stability.every=1000",
@@ -100,14 +109,12 @@ def sweeps(grid_seeds: int = 10, ring_seeds: int = 5, robust_seeds: int = 3) -> 
     }
 
 
-def run(
-    names: list[str], store: Path, extra: list[str], grid_seeds: int, ring_seeds: int, robust_seeds: int
-) -> None:
+def run(names: list[str], store: Path, extra: list[str], **sweep_args: int | str) -> None:
     store.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
     env.pop("RAY_ADDRESS", None)
     for name in names:
-        for args in sweeps(grid_seeds, ring_seeds, robust_seeds)[name]:
+        for args in sweeps(**sweep_args)[name]:
             cmd = [sys.executable, "-m", "trainer.main", "-m", *args, *COMMON, *extra]
             cmd += [f"tracking.experiment=bench-{name}", f"trainer.storage_path={store / 'runs'}"]
             cmd += [f"hydra.sweep.dir={store / 'multirun' / name}"]
@@ -143,6 +150,7 @@ def collect(store: Path, name: str) -> list[dict]:
                 "hq": 100 * r.data.metrics["high_quality"],
                 "kl": r.data.metrics["reverse_kl"],
                 "seconds": (r.info.end_time - r.info.start_time) / 1000,
+                "cpu_seconds": r.data.metrics.get("train_cpu_seconds"),  # runs before 2026-11-27 lack it
                 "guarded": p.get("stability.guard.enabled") == "True",
                 "nan_at": int(p.get("trainer.inject_nan_at", 0)),
                 "rollbacks": int(r.data.tags.get("stablegan.guard.rollbacks", 0)),
@@ -166,21 +174,24 @@ def table(store: Path) -> dict:
     for data, n_modes in (("grid25", 25), ("ring8", 8)):
         lines += [
             f"\n{data} (2,500 EMA samples, 3σ; mean ± standard error over seeds)\n",
-            "| method | runs | modes | high quality % | reverse KL | all modes in every run | s/run |",
-            "|---|---|---|---|---|---|---|",
+            "| method | runs | modes | high quality % | reverse KL | all modes in every run | wall s/run "
+            "| training CPU s/run |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for preset in ("vanilla", "stable"):
             rows = [r for r in main_rows if r["data"] == data and r["preset"] == preset]
             if not rows:
                 continue
             full = sum(r["modes"] == n_modes for r in rows)
+            cpu = [r["cpu_seconds"] for r in rows if r.get("cpu_seconds") is not None]
             lines.append(
                 f"| stablegan {preset} | {len(rows)} | {mean_se([r['modes'] for r in rows])} "
                 f"| {mean_se([r['hq'] for r in rows])} | {mean_se([r['kl'] for r in rows])} "
-                f"| {full}/{len(rows)} | {statistics.fmean(r['seconds'] for r in rows):.0f} |"
+                f"| {full}/{len(rows)} | {statistics.fmean(r['seconds'] for r in rows):.0f} "
+                f"| {f'{statistics.fmean(cpu):.0f}' if cpu else '-'} |"
             )
         for method, modes, hq, kl in PUBLISHED[data]:
-            lines.append(f"| {method} (PacGAN paper) | | {modes} | {hq} | {kl} | | |")
+            lines.append(f"| {method} (PacGAN paper) | | {modes} | {hq} | {kl} | | | |")
     if robust_rows:
         lines += [
             "\ngrid25 robustness: runs covering all 25 modes, per learning rate (G and D)\n",
@@ -222,6 +233,8 @@ def main() -> None:
     ap.add_argument("--grid-seeds", type=int, default=10)
     ap.add_argument("--ring-seeds", type=int, default=5)
     ap.add_argument("--robust-seeds", type=int, default=3)
+    ap.add_argument("--robust-first", type=int, default=100, help="first robustness seed")
+    ap.add_argument("--presets", default="vanilla,stable", help="presets of the main and robustness sweeps")
     ap.add_argument(
         "--set", nargs="*", default=[], help="extra overrides for every run (e.g. trainer.max_steps=300)"
     )
@@ -229,7 +242,16 @@ def main() -> None:
     args = ap.parse_args()
     store = Path(args.store).resolve()
     if args.command == "run":
-        run(args.sweeps.split(","), store, args.set, args.grid_seeds, args.ring_seeds, args.robust_seeds)
+        run(
+            args.sweeps.split(","),
+            store,
+            args.set,
+            grid_seeds=args.grid_seeds,
+            ring_seeds=args.ring_seeds,
+            robust_seeds=args.robust_seeds,
+            robust_first=args.robust_first,
+            presets=args.presets,
+        )
     result = table(store)
     (store / "table.json").write_text(json.dumps(result, indent=2))
 
