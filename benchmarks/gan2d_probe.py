@@ -27,6 +27,17 @@ from trainer.models.mlp import MLPDiscriminator, MLPGenerator
 from trainer.stability import mode_metrics
 
 
+class Scale(torch.nn.Module):
+    """A fixed rescaling: the points normalised inside the models (--scale)."""
+
+    def __init__(self, s: float):
+        super().__init__()
+        self.s = s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.s
+
+
 def metrics(g: torch.nn.Module, zdim: int, modes: np.ndarray, sigma: float) -> dict[str, float]:
     """PacGAN's metrics on 2,500 samples of a fixed latent batch, and where the rest lie."""
     with torch.no_grad():
@@ -53,6 +64,8 @@ def main() -> None:
     p.add_argument("--zdim", type=int, default=16)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--topk", type=float, default=1.0, help="G trains on this top fraction of fakes")
+    p.add_argument("--scale", type=float, default=1.0, help="G output x scale, D input / scale")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--beta1", type=float, default=0.5)
     p.add_argument("--beta2", type=float, default=0.999)
@@ -66,6 +79,9 @@ def main() -> None:
     modes = modes_fn()
     centres = torch.tensor(modes, dtype=torch.float32)
     G, D = MLPGenerator(a.zdim, a.width, a.depth), MLPDiscriminator(a.width, a.depth)
+    if a.scale != 1:
+        G.net.append(Scale(a.scale))
+        D.net.insert(0, Scale(1 / a.scale))
     g_lr, d_lr = a.lr, a.dlr or a.lr
     og = torch.optim.Adam(G.parameters(), g_lr, betas=(a.beta1, a.beta2))
     od = torch.optim.Adam(D.parameters(), d_lr, betas=(a.beta1, a.beta2))
@@ -88,7 +104,11 @@ def main() -> None:
             od.zero_grad(set_to_none=True)
             loss.backward()
             od.step()
-        g_loss = F.softplus(-D(G(torch.randn(a.bs, a.zdim)))).mean()
+        g_logits = D(G(torch.randn(a.bs, a.zdim)))
+        if a.topk < 1:  # top-k (Sinha et al. 2020): k ramps from the batch to topk over half the run
+            k = int(a.bs * max(a.topk, 1 - (1 - a.topk) * 2 * t / a.steps))
+            g_logits = g_logits.topk(k).values
+        g_loss = F.softplus(-g_logits).mean()
         og.zero_grad(set_to_none=True)
         g_loss.backward()
         og.step()
