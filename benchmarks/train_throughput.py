@@ -1,8 +1,8 @@
 """Training images/sec: stablegan's step (DeepSpeed engines) against a bare PyTorch loop.
 
-Both sides use identical models, loss (non-saturating), optimizer (Adam) and the same fused
-D forward (real and fake in one batch, R1 from that forward), so the ratio isolates what the
-engines cost. Synthetic batches in memory: the data pipeline has its own benchmark.
+Both sides use identical models, loss (non-saturating), optimizer (fused Adam) and the same
+D forwards (real and fake in one batch; with R1, separate forwards and R1 from the reals' one),
+so the ratio isolates what the engines cost. Synthetic batches in memory: the data pipeline has its own benchmark.
 
     python benchmarks/train_throughput.py                        # CPU: DCGAN-32, batch 64, fp32
     python benchmarks/train_throughput.py --device cuda --resolution 64 --channels 3 \
@@ -86,8 +86,9 @@ def bench_stablegan(args, penalty: str, real: torch.Tensor) -> float:
 def bench_bare(args, penalty: str, real: torch.Tensor) -> float:
     dev = torch.device(args.device)
     G, D = models(args)
-    opt_g = torch.optim.Adam(G.parameters(), 2e-4, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(D.parameters(), 2e-4, betas=(0.5, 0.999))
+    # fused=True as in trainer/engines.py: the comparison is of everything around the optimizer.
+    opt_g = torch.optim.Adam(G.parameters(), 2e-4, betas=(0.5, 0.999), fused=True)
+    opt_d = torch.optim.Adam(D.parameters(), 2e-4, betas=(0.5, 0.999), fused=True)
     gen = torch.Generator().manual_seed(1)
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
@@ -97,8 +98,12 @@ def bench_bare(args, penalty: str, real: torch.Tensor) -> float:
             fake = G(z).float()
         x = real.detach().requires_grad_(penalty == "r1")
         with autocast:
-            logits = D(torch.cat([x, fake])).float()
-        r, f = logits.split(args.batch)
+            # As GANStep.d_step: with R1, real and fake go through D separately so that the
+            # double backward spans only the reals; without, one forward of both.
+            if penalty == "r1":
+                r, f = D(x).float(), D(fake).float()
+            else:
+                r, f = D(torch.cat([x, fake])).float().split(args.batch)
         loss = losses.nonsaturating_d(r, f)
         if penalty == "r1":
             loss = loss + 0.5 * penalties.r1_from_logits(r, x)
