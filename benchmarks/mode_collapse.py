@@ -161,10 +161,11 @@ def collect(store: Path, name: str) -> list[dict]:
     return rows
 
 
-def mean_se(values: list[float]) -> str:
+def mean_se(values: list[float], digits: int | None = None) -> str:
     m = statistics.fmean(values)
     se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return f"{m:.2f} ± {se:.2f}" if abs(m) < 10 else f"{m:.1f} ± {se:.1f}"
+    digits = digits if digits is not None else (2 if abs(m) < 10 else 1)
+    return f"{m:.{digits}f} ± {se:.{digits}f}"
 
 
 def table(store: Path) -> dict:
@@ -186,7 +187,7 @@ def table(store: Path) -> dict:
             cpu = [r["cpu_seconds"] for r in rows if r.get("cpu_seconds") is not None]
             lines.append(
                 f"| stablegan {preset} | {len(rows)} | {mean_se([r['modes'] for r in rows])} "
-                f"| {mean_se([r['hq'] for r in rows])} | {mean_se([r['kl'] for r in rows])} "
+                f"| {mean_se([r['hq'] for r in rows])} | {mean_se([r['kl'] for r in rows], 3)} "
                 f"| {full}/{len(rows)} | {statistics.fmean(r['seconds'] for r in rows):.0f} "
                 f"| {f'{statistics.fmean(cpu):.0f}' if cpu else '-'} |"
             )
