@@ -3,6 +3,7 @@ decoding (the I/O ceiling) and (b) the same images as loose PNG files loaded wit
 torch DataLoader (what an ImageFolder loader does). Same images, same worker count, one run.
 
     python benchmarks/data_throughput.py [--workers 2] [--epochs 3] [--rounds 5]
+    python benchmarks/data_throughput.py --points     # the 2-D point reader, CPU ms per batch
 
 Images: scikit-learn's 1,797 digits as 3-channel PNGs at 32 and 64 px (warm page cache).
 """
@@ -81,13 +82,46 @@ def rate(make_loader, samples: int, count) -> float:
     return n / (time.perf_counter() - start)
 
 
+def points(tmp: Path, batches: int = 2000) -> dict:
+    """2-D points as the mode-collapse runs read them (in the consumer, batch 256): CPU ms per
+    batch of the stream, against slicing the same points from an in-memory array (the floor)."""
+    out = tmp / "grid25"
+    write_shards(
+        MakeShardsConfig(source="grid25", out=str(out), num_samples=100_000, shard_size=10_000),
+        progress=False,
+    )
+    stream = iter(ShardLoader(StreamConfig(urls=str(out), batch_size=256, num_workers=0, verify=False)))
+    pts = np.concatenate([next(stream)["x"].numpy() for _ in range(400)])  # 102,400 points
+    perm = np.random.default_rng(0).permutation(len(pts))
+
+    def floor(i: int) -> torch.Tensor:
+        j = (i * 256) % (len(pts) - 256)
+        return torch.from_numpy(pts[perm[j : j + 256]])
+
+    out_ms = {}
+    for name, one in (("stream", lambda i: next(stream)), ("in_memory", floor)):
+        start = time.process_time()
+        for i in range(batches):
+            one(i)
+        out_ms[name] = (time.process_time() - start) / batches * 1000
+    return {"batch": 256, "cpu_ms_per_batch": {k: round(v, 3) for k, v in out_ms.items()}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", default="")
+    p.add_argument("--points", action="store_true", help="only the 2-D point reader (CPU ms per batch)")
     args = p.parse_args()
+    if args.points:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = points(Path(tmp))
+        print(json.dumps(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for res in (32, 64):

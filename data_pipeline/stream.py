@@ -173,35 +173,39 @@ class ShardStream(IterableDataset):
         return perm[slot::total].tolist()
 
     def _items(self, samples: list[dict], skipped: Counter) -> list:
-        """Split raw tar samples into training items: raw PNG bytes, or single 2-D points."""
+        """Split raw tar samples into training items: (raw image bytes, class, key)."""
         items: list = []
         for s in samples:
-            if self.kind == "points":
-                if "pts.npy" not in s:
-                    skipped["missing_field"] += 1
-                    continue
-                try:
-                    pts = np.load(io.BytesIO(s["pts.npy"]), allow_pickle=False)
-                except ValueError:
-                    skipped["decode_error"] += 1
-                    continue
-                if pts.ndim != 2 or pts.shape[1] != 2:
-                    skipped["bad_shape"] += 1
-                    continue
-                cls = np.load(io.BytesIO(s["cls.npy"]), allow_pickle=False) if "cls.npy" in s else None
-                keys = (
-                    [f"{s['__key__']}/{i}" for i in range(len(pts))]
-                    if self.cfg.with_keys
-                    else [""] * len(pts)
-                )
-                items.extend(zip(pts.astype(np.float32), cls if cls is not None else [-1] * len(pts), keys))
-            else:
-                raw = next((s[k] for k in ("png", "jpg", "jpeg", "webp") if k in s), None)
-                if raw is None:
-                    skipped["missing_field"] += 1
-                    continue
-                items.append((raw, int(s["cls"]) if "cls" in s else -1, s["__key__"]))
+            raw = next((s[k] for k in ("png", "jpg", "jpeg", "webp") if k in s), None)
+            if raw is None:
+                skipped["missing_field"] += 1
+                continue
+            items.append((raw, int(s["cls"]) if "cls" in s else -1, s["__key__"]))
         return items
+
+    def _points(self, samples: list[dict], skipped: Counter) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """A shard's 2-D points as arrays: points (N, 2) float32, classes (N,), keys (or [])."""
+        pts_list, cls_list, keys = [], [], []
+        for s in samples:
+            if "pts.npy" not in s:
+                skipped["missing_field"] += 1
+                continue
+            try:
+                pts = np.load(io.BytesIO(s["pts.npy"]), allow_pickle=False)
+            except ValueError:
+                skipped["decode_error"] += 1
+                continue
+            if pts.ndim != 2 or pts.shape[1] != 2:
+                skipped["bad_shape"] += 1
+                continue
+            cls = np.load(io.BytesIO(s["cls.npy"]), allow_pickle=False) if "cls.npy" in s else None
+            pts_list.append(pts.astype(np.float32))
+            cls_list.append(np.full(len(pts), -1, np.int64) if cls is None else cls.astype(np.int64))
+            if self.cfg.with_keys:
+                keys.extend(f"{s['__key__']}/{i}" for i in range(len(pts)))
+        if not pts_list:
+            return np.zeros((0, 2), np.float32), np.zeros(0, np.int64), keys
+        return np.concatenate(pts_list), np.concatenate(cls_list), keys
 
     def _decode(self, item, skipped: Counter) -> tuple[np.ndarray, int] | None:
         x, y, _ = item
@@ -217,16 +221,18 @@ class ShardStream(IterableDataset):
         return x, y
 
     def _to_tensor(self, xs: list[np.ndarray]) -> torch.Tensor:
-        x = torch.from_numpy(np.stack(xs))
-        return x if self.kind == "points" else x.float().div_(127.5).sub_(1.0)
+        if self.kind == "points":  # xs holds (k, 2) slices of shards
+            return torch.from_numpy(np.concatenate(xs))
+        return torch.from_numpy(np.stack(xs)).float().div_(127.5).sub_(1.0)
 
     def __iter__(self) -> Iterator[dict]:
         slot, total = self.slot_info()
         epoch, shard_i, sample_i = self.start.get(slot, (0, 0, 0))
         skipped: Counter = Counter()
         xs: list[np.ndarray] = []
-        ys: list[int] = []
+        ys: list = []  # class ids (images) or slices of them (points)
         keys: list[tuple[int, str]] = []
+        filled = 0  # points in xs (which holds slices for points)
         good_this_pass = 0
         while True:
             order = self.shards_for(epoch, slot, total)
@@ -239,6 +245,35 @@ class ShardStream(IterableDataset):
                         f"shard {self.urls[k]}: {err!r}; kept {len(samples)} samples read before it",
                         stacklevel=1,
                     )
+                if self.kind == "points":
+                    # Points go in slices of the shard's arrays, not one by one: the same
+                    # permutation, batches and positions as the per-sample path at a tenth of
+                    # the CPU (benchmarks/data_throughput.py --points).
+                    pts, cls, names = self._points(samples, skipped)
+                    perm = (
+                        np.random.default_rng([self.cfg.seed, epoch, slot, shard_i]).permutation(len(pts))
+                        if self.cfg.shuffle
+                        else np.arange(len(pts))
+                    )
+                    j = sample_i
+                    if self.expected_shape is not None and self.expected_shape != (2,):
+                        skipped["bad_shape"] += len(pts) - j
+                        j = len(pts)
+                    while j < len(pts):
+                        take = perm[j : j + self.cfg.batch_size - filled]
+                        xs.append(pts[take])
+                        ys.append(cls[take])
+                        if self.cfg.with_keys:
+                            keys.extend((epoch, names[i]) for i in take)
+                        filled += len(take)
+                        good_this_pass += len(take)
+                        j += len(take)
+                        if filled == self.cfg.batch_size:
+                            pos = (epoch, shard_i, j) if j < len(pts) else (epoch, shard_i + 1, 0)
+                            yield self._batch(xs, ys, slot, pos, skipped, keys)
+                            xs, ys, keys, skipped, filled = [], [], [], Counter(), 0
+                    shard_i, sample_i = shard_i + 1, 0
+                    continue
                 items = self._items(samples, skipped)
                 perm = (
                     np.random.default_rng([self.cfg.seed, epoch, slot, shard_i]).permutation(len(items))
@@ -284,9 +319,13 @@ class ShardStream(IterableDataset):
     def _batch(
         self, xs: list, ys: list, slot: int, pos: Position, skipped: Counter, keys: list | None = None
     ) -> dict:
+        if self.kind == "points":
+            y = torch.from_numpy(np.concatenate(ys)) if ys else torch.zeros(0, dtype=torch.long)
+        else:
+            y = torch.tensor(ys, dtype=torch.long)
         batch = {
             "x": self._to_tensor(xs) if xs else torch.empty(0),
-            "y": torch.tensor(ys, dtype=torch.long),
+            "y": y,
             "slot": slot,
             "pos": pos,
             "skipped": dict(skipped),

@@ -74,6 +74,42 @@ def test_sample_keys_carry_the_epoch_and_match_the_shards(tmp_path):
     assert "keys" not in plain
 
 
+def test_points_resume_mid_shard_and_split_exactly_once_over_ranks(tmp_path):
+    """2-D points are batched in slices of each shard: a batch may straddle shards, a resume
+    lands mid-shard, and two ranks still read every point once per epoch."""
+    write_shards(
+        MakeShardsConfig(source="grid25", out=str(tmp_path), num_samples=4000, shard_size=1000),
+        progress=False,
+    )
+    cfg = dict(urls=str(tmp_path), batch_size=96, num_workers=0, with_keys=True, seed=5)
+    reference = list(itertools.islice(ShardLoader(StreamConfig(**cfg)), 60))  # > 1 epoch (41.7)
+    assert all(b["x"].shape == (96, 2) and b["x"].dtype == torch.float32 for b in reference)
+    assert all(b["y"].shape == (96,) and b["y"].dtype == torch.long for b in reference)
+    # 96 does not divide 1000: batches straddle shards, and batch 42 takes the last 64 points
+    # of epoch 0 and the first 32 of epoch 1.
+    assert {tuple(b["pos"][:2]) for b in reference[:41]} == {(0, 0), (0, 1), (0, 2), (0, 3)}
+    assert tuple(reference[41]["pos"]) == (1, 0, 32)
+
+    first = ShardLoader(StreamConfig(**cfg))
+    it = iter(first)
+    head = [next(it) for _ in range(17)]  # 1632 points: stops 632 into the second shard
+    state = first.state_dict()
+    del it
+    resumed = ShardLoader(StreamConfig(**cfg))
+    resumed.load_state_dict(state)
+    tail = list(itertools.islice(resumed, 43))
+    for a, b in zip(head + tail, reference, strict=True):
+        assert torch.equal(a["x"], b["x"]) and torch.equal(a["y"], b["y"]) and a["keys"] == b["keys"]
+
+    names = []
+    for rank in (0, 1):
+        loader = ShardLoader(
+            StreamConfig(**{**cfg, "rank": rank, "world_size": 2, "infinite": False, "drop_last": False})
+        )
+        names += [k for b in loader for _, k in b["keys"]]
+    assert len(names) == len(set(names)) == 4000
+
+
 def test_too_few_shards_is_a_clear_error_unless_resampling(tmp_path):
     write_shards(
         MakeShardsConfig(source="digits", out=str(tmp_path), resolution=8, shard_size=1000), progress=False
