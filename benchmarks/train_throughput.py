@@ -2,7 +2,8 @@
 
 Both sides use identical models, loss (non-saturating), optimizer (fused Adam) and the same
 D forwards (real and fake in one batch; with R1, separate forwards and R1 from the reals' one),
-so the ratio isolates what the engines cost. Synthetic batches in memory: the data pipeline has its own benchmark.
+so the ratio isolates what the engines cost. Synthetic batches in memory: the data pipeline
+has its own benchmark.
 
     python benchmarks/train_throughput.py                        # CPU: DCGAN-32, batch 64, fp32
     python benchmarks/train_throughput.py --device cuda --resolution 64 --channels 3 \

@@ -357,6 +357,12 @@ def test_guard_rolls_every_worker_back_after_a_nan_batch(env, ray_cluster, tmp_p
     common = [
         f"cluster.address={ray_cluster['address']}",
         "experiment=stable",
+        # The drill is about the NaN batch: the optimizer is pinned to what it was written
+        # with, because the preset's lr 3e-3 / beta2 0.99 swings coverage enough in the first
+        # 300 steps to trip the collapse check once more after the rollback (seen 2026-11-27).
+        "optim.g_lr=1e-2",
+        "optim.d_lr=1e-2",
+        "optim.beta2=0.999",
         "trainer.num_workers=2",
         "trainer.max_steps=300",
         "trainer.log_every=50",
@@ -386,8 +392,9 @@ def test_guard_rolls_every_worker_back_after_a_nan_batch(env, ray_cluster, tmp_p
     good = runs["guarded"]
     run_id = good.info.run_id
     assert good.data.tags["stablegan.diverged"] == "false", runs["guarded_out"][-3000:]
-    assert good.data.tags["stablegan.guard.rollbacks"] == "1"
-    assert good.data.tags["stablegan.guard.triggers"] == "nonfinite"
+    guard_lines = "\n".join(line for line in runs["guarded_out"].splitlines() if "guard" in line)
+    assert good.data.tags["stablegan.guard.rollbacks"] == "1", guard_lines
+    assert good.data.tags["stablegan.guard.triggers"] == "nonfinite", guard_lines
     assert "guard: 1 rollback(s)" in runs["guarded_out"]
     events = json.loads(
         Path(client.download_artifacts(run_id, "guard/events.json", str(tmp_path))).read_text()
