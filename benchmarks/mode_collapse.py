@@ -77,6 +77,7 @@ def sweeps(
                 "trainer.inject_nan_at=1500",  # a poisoned batch
                 "optim.g_lr=1e-3",
                 "optim.d_lr=1e-3",
+                "optim.beta2=0.999",  # the preset's beta2 before 2026-11-27 (drill measured with it)
                 *GUARD_PIN,
                 "trainer.checkpoint_every=500",
                 "trainer.keep_checkpoints=4",
