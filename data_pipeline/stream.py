@@ -220,6 +220,12 @@ class ShardStream(IterableDataset):
             return None
         return x, y
 
+    def _order(self, n: int, epoch: int, slot: int, shard_i: int) -> np.ndarray:
+        """The order a shard's n samples are read in: seeded by (seed, epoch, slot, shard)."""
+        if not self.cfg.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.cfg.seed, epoch, slot, shard_i]).permutation(n)
+
     def _to_tensor(self, xs: list[np.ndarray]) -> torch.Tensor:
         if self.kind == "points":  # xs holds (k, 2) slices of shards
             return torch.from_numpy(np.concatenate(xs))
@@ -250,11 +256,7 @@ class ShardStream(IterableDataset):
                     # permutation, batches and positions as the per-sample path at a tenth of
                     # the CPU (benchmarks/data_throughput.py --points).
                     pts, cls, names = self._points(samples, skipped)
-                    perm = (
-                        np.random.default_rng([self.cfg.seed, epoch, slot, shard_i]).permutation(len(pts))
-                        if self.cfg.shuffle
-                        else np.arange(len(pts))
-                    )
+                    perm = self._order(len(pts), epoch, slot, shard_i)
                     j = sample_i
                     if self.expected_shape is not None and self.expected_shape != (2,):
                         skipped["bad_shape"] += len(pts) - j
@@ -275,11 +277,7 @@ class ShardStream(IterableDataset):
                     shard_i, sample_i = shard_i + 1, 0
                     continue
                 items = self._items(samples, skipped)
-                perm = (
-                    np.random.default_rng([self.cfg.seed, epoch, slot, shard_i]).permutation(len(items))
-                    if self.cfg.shuffle
-                    else np.arange(len(items))
-                )
+                perm = self._order(len(items), epoch, slot, shard_i)
                 flips = (
                     np.random.default_rng([self.cfg.seed, epoch, slot, shard_i, 1]).random(len(items)) < 0.5
                 )

@@ -320,8 +320,8 @@ def train_loop(config: dict) -> None:
                 save_checkpoint(report)
         if logger is not None:
             logger.log_bytes(sample_picture(ema.module, cfg, step), "samples/final.png")
-            # CPU time rank 0 spent in this function, beside MLflow's wall time (which also holds
-            # the start of Ray and of the worker): the benchmarks report both.
+            # CPU time of rank 0's worker process (all its threads) while this function ran,
+            # beside MLflow's wall time (which also holds Ray's start): the benchmarks report both.
             logger.log_metrics({"train_cpu_seconds": cpu_seconds() - cpu_start}, step)
         if audit is not None:
             gathered = gather_audit(audit, rank, world)  # collective: every rank calls it
