@@ -74,3 +74,12 @@ def test_unreachable_ray_cluster(tmp_path):
 def test_unreachable_mlflow_server(tmp_path):
     proc = main([f"tracking.uri=http://127.0.0.1:{free_port()}"], tmp_path)
     expect_user_error(proc, "cannot open the MLflow run at http://127.0.0.1:", "no MLflow server answers")
+
+
+def test_parallel_sweep_without_a_shared_cluster(tmp_path):
+    # Each joblib job would start a Ray of its own; the check runs before Hydra launches any.
+    proc = main(["-m", "hydra/launcher=joblib", "trainer.seed=0,1"], tmp_path)
+    expect_user_error(
+        proc, "hydra/launcher=joblib runs the sweep's jobs in parallel", "launch/local_cluster.sh up"
+    )
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "multirun").exists()

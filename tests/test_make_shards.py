@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -167,3 +168,28 @@ def test_cli_errors_and_success(tmp_path, capsys):
         [sys.executable, "-m", "data_pipeline.make_shards", "--help"], capture_output=True, text=True
     )
     assert proc.returncode == 0 and "resolution" in proc.stdout
+
+
+def test_builtin_shards_written_once_by_runs_starting_together(tmp_path, monkeypatch):
+    # The runs of a parallel sweep reach builtin_shards at the same moment: one writes, the other
+    # waits and reuses, instead of rewriting the shards under a reader.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from data_pipeline.shards import resolve
+    from trainer import run as run_mod
+    from trainer.main import compose
+
+    cfg = compose(["data.builtin=ring8"])
+    calls = []
+
+    def slow_write(mcfg, progress=False):
+        calls.append(mcfg.out)
+        time.sleep(0.5)  # the other run arrives while this one is writing
+        write_shards(mcfg, progress=progress)
+
+    monkeypatch.setattr(run_mod, "write_shards", slow_write)
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda _: run_mod.builtin_shards(cfg, tmp_path), range(2)))
+    assert outs[0] == outs[1]
+    assert len(calls) == 1, calls
+    assert len(resolve(outs[0]).urls) == 10

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
 import os
+import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -69,8 +71,13 @@ def builtin_shards(cfg: Config, root: Path) -> str:
         out = root / "datasets" / d.builtin
         mcfg = MakeShardsConfig(source=d.builtin, out=str(out), num_samples=100_000, shard_size=10_000)
     manifest = out / MANIFEST
-    if not manifest.is_file() or len(resolve(str(out)).urls) < readers:
-        write_shards(mcfg, progress=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Runs of a parallel sweep start together: one writes the shards while the others wait,
+    # rather than one rewriting a shard another is already reading.
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not manifest.is_file() or len(resolve(str(out)).urls) < readers:
+            write_shards(mcfg, progress=False)
     return str(out)
 
 
@@ -172,7 +179,8 @@ def register_saved(weights: Path, cfg: Config, run_id: str, uri: str, dataset: s
 def run(cfg: Config) -> dict[str, str]:
     """Train `cfg` end to end; return where the results are."""
     t = cfg.trainer
-    run_name = t.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # The random tail keeps apart runs of a parallel sweep that start in the same second.
+    run_name = t.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     storage = Path(t.storage_path).expanduser().resolve()
     storage.mkdir(parents=True, exist_ok=True)
     urls = cfg.data.urls or builtin_shards(cfg, storage)
