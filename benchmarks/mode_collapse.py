@@ -1,11 +1,13 @@
 """Mode-collapse benchmark against published tables (PacGAN, Lin et al. 2018, Table 1).
 
-Runs the sweeps as Hydra multiruns of the real trainer (`python -m trainer.main -m ...`, one
-local Ray reused across the runs of a sweep), each into its own MLflow experiment, then builds
-the tables from the MLflow store (not from stdout): the final probe of each run measures 2,500
-samples of the EMA generator with PacGAN's definitions (trainer/stability.py: `mode_metrics`).
+Runs the sweeps as Hydra multiruns of the real trainer (`python -m trainer.main -m ...`), each
+into its own MLflow experiment, then builds the tables from the MLflow store (not from stdout):
+the final probe of each run measures 2,500 samples of the EMA generator with PacGAN's
+definitions (trainer/stability.py: `mode_metrics`). `--jobs 2` (the default) runs two at a time
+with Hydra's joblib launcher over one Ray head that this script starts on loopback
+(launch/local_cluster.sh) and stops; each run trains on one worker with one CPU.
 
-    python benchmarks/mode_collapse.py run [--sweeps main,robustness] [--store DIR] \
+    python benchmarks/mode_collapse.py run [--sweeps main,robustness] [--store DIR] [--jobs 2] \
         [--grid-seeds 10] [--ring-seeds 5] [--set trainer.max_steps=4000 ...]
     python benchmarks/mode_collapse.py table [--store DIR]      # markdown to stdout + JSON
 
@@ -17,13 +19,16 @@ preset, 10 seeds on grid25 and 5 on ring8. `robustness`: both on grid25, learnin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,21 +115,72 @@ def sweeps(
     }
 
 
-def run(names: list[str], store: Path, extra: list[str], **sweep_args: int | str) -> None:
-    store.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_cluster(store: Path, cpus: int) -> Iterator[dict[str, str]]:
+    """A Ray head of `cpus` CPUs on loopback (launch/local_cluster.sh, no worker nodes, no MLflow
+    server), shared by the parallel jobs of the sweeps; stopped on the way out in any case."""
+    env = {
+        **os.environ,
+        "STABLEGAN_HEAD_IP": "127.0.0.5",  # apart from the script's default 127.0.0.2 and tests
+        "STABLEGAN_RAY_PORT": str(free_port("127.0.0.5")),
+        "STABLEGAN_DASHBOARD_PORT": str(free_port("127.0.0.5")),
+        "STABLEGAN_STATE_DIR": str(store / "cluster"),
+        "STABLEGAN_WORKERS": "0",
+        "STABLEGAN_HEAD_CPUS": str(cpus),
+        "RAY_AUTH_MODE": "token",
+    }
     env.pop("RAY_ADDRESS", None)
-    for name in names:
-        for args in sweeps(**sweep_args)[name]:
-            cmd = [sys.executable, "-m", "trainer.main", "-m", *args, *COMMON, *extra]
-            cmd += [f"tracking.experiment=bench-{name}", f"trainer.storage_path={store / 'runs'}"]
-            cmd += [f"hydra.sweep.dir={store / 'multirun' / name}"]
-            print("+", " ".join(cmd[1:]), flush=True)
-            t0 = time.time()
-            done = subprocess.run(cmd, env=env, cwd=store)
-            if done.returncode:  # a failed run is left out of the tables (FAILED in MLflow)
-                print(f"  some runs failed (exit {done.returncode}); continuing", flush=True)
-            print(f"  sweep part done in {time.time() - t0:.0f}s", flush=True)
+    script = [str(ROOT / "launch" / "local_cluster.sh")]
+    try:
+        up = subprocess.run(
+            [*script, "up", "--no-mlflow"], env=env, capture_output=True, text=True, timeout=300
+        )
+        if up.returncode:
+            raise SystemExit(f"could not start the benchmark's Ray cluster:\n{up.stderr}{up.stdout}")
+        info = dict(line.split("=", 1) for line in up.stdout.splitlines() if "=" in line and line[0] != "#")
+        print(f"Ray head at {info['RAY_ADDRESS']} with {cpus} CPUs, {cpus} runs at a time", flush=True)
+        yield {"RAY_ADDRESS": info["RAY_ADDRESS"], "RAY_AUTH_MODE": "token"}
+    finally:
+        subprocess.run([*script, "down"], env=env, capture_output=True, timeout=120)
+
+
+def run(names: list[str], store: Path, extra: list[str], jobs: int = 2, **sweep_args: int | str) -> None:
+    """Run the named sweeps into `store`, `jobs` runs at a time (Hydra's joblib launcher over one
+    shared Ray cluster; each run trains on one worker with one CPU)."""
+    store.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env.pop("RAY_ADDRESS", None)
+    launcher: list[str] = []
+    with contextlib.ExitStack() as stack:
+        if jobs > 1:
+            from mlflow.tracking import MlflowClient
+
+            # Created here, once: parallel jobs creating the store's schema or an experiment
+            # at the same moment race on sqlite (mlflow/mlflow#4123).
+            client = MlflowClient(uri)
+            for name in names:
+                if client.get_experiment_by_name(f"bench-{name}") is None:
+                    client.create_experiment(f"bench-{name}")
+            env.update(stack.enter_context(ray_cluster(store, jobs)))
+            launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
+        for name in names:
+            for args in sweeps(**sweep_args)[name]:
+                cmd = [sys.executable, "-m", "trainer.main", "-m", *args, *COMMON, *launcher, *extra]
+                cmd += [f"tracking.experiment=bench-{name}", f"trainer.storage_path={store / 'runs'}"]
+                cmd += [f"hydra.sweep.dir={store / 'multirun' / name}"]
+                print("+", " ".join(cmd[1:]), flush=True)
+                t0 = time.time()
+                done = subprocess.run(cmd, env=env, cwd=store)
+                if done.returncode:  # a failed run is left out of the tables (FAILED in MLflow)
+                    print(f"  some runs failed (exit {done.returncode}); continuing", flush=True)
+                print(f"  sweep part done in {time.time() - t0:.0f}s", flush=True)
 
 
 def collect(store: Path, name: str) -> list[dict]:
@@ -241,6 +297,9 @@ def main() -> None:
         "--set", nargs="*", default=[], help="extra overrides for every run (e.g. trainer.max_steps=300)"
     )
     ap.add_argument("--store", default=str(ROOT / "benchmarks" / "results" / "mode_collapse"))
+    ap.add_argument(
+        "--jobs", type=int, default=2, help="runs at a time (1: one after another, no shared cluster)"
+    )
     args = ap.parse_args()
     store = Path(args.store).resolve()
     if args.command == "run":
@@ -248,6 +307,7 @@ def main() -> None:
             args.sweeps.split(","),
             store,
             args.set,
+            jobs=args.jobs,
             grid_seeds=args.grid_seeds,
             ring_seeds=args.ring_seeds,
             robust_seeds=args.robust_seeds,
