@@ -8,9 +8,15 @@ machine noise hits every variant alike:
   input gradient from that same forward);
 - `ref_r1`, `ref_wgan_gp`: the textbook step: D(real) and D(fake) as separate forwards, then
   one more forward for the penalty and a plain `autograd.grad`;
-- `r1_lazy16`: R1 every 16th D step with gain 16 (StyleGAN2), averaged over whole periods.
+- `r1_lazy16`: R1 every 16th D step with gain 16 (StyleGAN2), averaged over whole periods;
+- with `--compile`, also `none`, `r1`, `wgan_gp` and `r1_lazy16` under `parallel.compile`
+  (suffix `_compiled`): every forward compiled except the one the penalty differentiates twice.
+  Compiling happens in the warm-up round, which is not timed.
 
-    python benchmarks/penalty_cost.py [--batch 64] [--rounds 5] [--steps 32] [--threads 2]
+`--arch mlp` times the 2-D preset's MLP 3x128 on batches of 256 points instead of DCGAN-32.
+
+    python benchmarks/penalty_cost.py [--batch 64] [--rounds 5] [--steps 32] [--threads 2] \
+        [--compile] [--arch dcgan|mlp]
 """
 
 from __future__ import annotations
@@ -31,14 +37,21 @@ from trainer.models import build_pair
 from trainer.step import GANStep
 
 
-def make(kind: str, interval: int, batch: int) -> tuple[GANStep, Config]:
+def make(
+    kind: str, interval: int, batch: int, arch: str = "dcgan", compile_: bool = False
+) -> tuple[GANStep, Config]:
     cfg = Config()
-    cfg.model.arch, cfg.model.latent_dim, cfg.model.channels = "dcgan", 100, 1
-    cfg.model.g_width = cfg.model.d_width = 64
+    cfg.parallel.compile = compile_
     cfg.penalty.kind, cfg.penalty.interval = kind, interval
     cfg.data.batch_size = batch
     torch.manual_seed(0)
-    G, D = build_pair("dcgan", 100, resolution=32, channels=1, g_width=64, d_width=64)
+    if arch == "mlp":  # the 2-D preset's pair
+        cfg.model.arch, cfg.model.latent_dim = "mlp", 16
+        G, D = build_pair("mlp", 16, g_width=128, d_width=128)
+    else:
+        cfg.model.arch, cfg.model.latent_dim, cfg.model.channels = "dcgan", 100, 1
+        cfg.model.g_width = cfg.model.d_width = 64
+        G, D = build_pair("dcgan", 100, resolution=32, channels=1, g_width=64, d_width=64)
     g = Engine(G, 2e-4, (0.5, 0.999), cfg.parallel, batch)
     d = Engine(D, 2e-4, (0.5, 0.999), cfg.parallel, batch)
     return GANStep(g, d, cfg, torch.Generator().manual_seed(1)), cfg
@@ -55,7 +68,7 @@ def reference_step(gan: GANStep, kind: str, real: torch.Tensor) -> None:
         (grad,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
         loss = loss + 0.5 * grad.square().flatten(1).sum(1).mean()
     else:
-        t = torch.rand(real.shape[0], 1, 1, 1)
+        t = torch.rand(real.shape[0], *[1] * (real.dim() - 1))
         x = (t * real + (1 - t) * fake).requires_grad_(True)
         (grad,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
         loss = loss + (grad.flatten(1).norm(dim=1) - 1).square().mean()
@@ -69,6 +82,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=32, help="D steps per variant per round (a multiple of 16)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="add parallel.compile variants")
+    ap.add_argument("--arch", default="dcgan", choices=["dcgan", "mlp"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     init_dist("cpu")
@@ -82,8 +97,13 @@ def main() -> None:
         "dragan": ("dragan", 1),
         "r1_lazy16": ("r1", 16),
     }
-    steps = {name: make(kind, k, args.batch)[0] for name, (kind, k) in variants.items()}
-    real = torch.randn(args.batch, 1, 32, 32)
+    if args.compile:
+        variants |= {f"{n}_compiled": variants[n] for n in ("none", "r1", "wgan_gp", "r1_lazy16")}
+    steps = {
+        name: make(kind, k, args.batch, args.arch, name.endswith("_compiled"))[0]
+        for name, (kind, k) in variants.items()
+    }
+    real = torch.randn(args.batch, 2) if args.arch == "mlp" else torch.randn(args.batch, 1, 32, 32)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(args.rounds + 1):  # round 0 warms up
         for name, gan in steps.items():
@@ -99,6 +119,7 @@ def main() -> None:
     result = {
         "machine": f"{platform.node()} ({platform.processor() or platform.machine()}), {args.threads} threads",
         "torch": torch.__version__,
+        "arch": args.arch,
         "batch": args.batch,
         "ms_per_d_step": {k: round(v, 2) for k, v in ms.items()},
         "ours_over_reference": {
@@ -107,6 +128,10 @@ def main() -> None:
         },
         "overhead_over_none": {k: round(ms[k] / ms["none"] - 1, 3) for k in ms if k != "none"},
     }
+    if args.compile:
+        result["compiled_over_eager"] = {
+            n: round(ms[f"{n}_compiled"] / ms[n], 3) for n in ("none", "r1", "wgan_gp", "r1_lazy16")
+        }
     print(json.dumps(result, indent=2))
 
 

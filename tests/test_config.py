@@ -102,3 +102,15 @@ def test_guard_needs_checkpoints_on_checked_steps():
     assert compose(["stability=guarded"]).stability.guard.enabled
     with pytest.raises(ConfigError, match="multiple of trainer.log_every=50"):
         compose(["stability=guarded", "trainer.checkpoint_every=75"])
+
+
+def test_compile_needs_a_compiler_and_no_spectral_norm(monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}" if name == "g++" else None)
+    assert compose(["parallel.compile=true"]).parallel.compile
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(ConfigError, match=r"parallel.compile=true on CPU needs a C\+\+ compiler"):
+        compose(["parallel.compile=true"])
+    assert compose(["parallel.compile=true", "trainer.use_gpu=true"]).parallel.compile  # GPUs use triton
+    with pytest.raises(ConfigError, match="does not work with model.spectral_norm=d"):
+        compose(["parallel.compile=true", "model.spectral_norm=d"])

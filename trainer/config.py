@@ -6,7 +6,9 @@ what is allowed, and it runs before Ray, DeepSpeed or MLflow start.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -108,6 +110,9 @@ class DataConfig:
 class ParallelConfig:
     zero_stage: int = 0
     precision: str = "fp32"  # fp32 | bf16 (CPU or GPU) | fp16 (GPU, dynamic loss scaling)
+    # torch.compile the G and D forwards, except the one a penalty differentiates twice
+    # (AOTAutograd has no double backward): that one stays eager. Costs a compile at start.
+    compile: bool = False
 
 
 @dataclass
@@ -225,6 +230,19 @@ def validate(cfg: Config) -> Config:
         ("tracking.flush_timeout", cfg.tracking.flush_timeout, 0.0),
     ]:
         _at_least(key, value, low)
+    if cfg.parallel.compile and cfg.model.spectral_norm != "none":
+        # Measured: the compiled power iteration saves the SN vectors for its backward, and a
+        # second forward before that backward (the penalty's) updates them in place.
+        raise ConfigError(
+            f"parallel.compile=true does not work with model.spectral_norm={cfg.model.spectral_norm} "
+            "yet (the compiled power iteration breaks the penalty's backward): set one of them off"
+        )
+    if cfg.parallel.compile and not cfg.trainer.use_gpu:
+        if not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
+            raise ConfigError(
+                "parallel.compile=true on CPU needs a C++ compiler for torch.compile (g++ or clang++ "
+                "on PATH, or $CXX): install one, or leave parallel.compile=false"
+            )
     for key, value in [("optim.g_lr", cfg.optim.g_lr), ("optim.d_lr", cfg.optim.d_lr)]:
         if not 0 < value < 1:
             raise ConfigError(f"{key}={value} is invalid; a learning rate must be in (0, 1)")

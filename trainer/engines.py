@@ -84,6 +84,9 @@ class Engine:
         )
         self.dtype = DTYPES[parallel.precision]
         self.device = self.ds.device
+        # The compiled module shares the parameters; `eager` keeps the plain one for the
+        # penalty's double backward, which compiled graphs do not support.
+        self._fast = torch.compile(self.ds.module) if parallel.compile else self.ds.module
         # DeepSpeed reads its checkpoint files with weights_only=False, which would run any
         # pickled code a tampered checkpoint holds; tensors and plain containers are all ours has.
         self.ds.checkpoint_engine.load = _load_weights_only
@@ -101,9 +104,14 @@ class Engine:
     def module(self) -> nn.Module:
         return self.ds.module
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Forward through the bare module in the engine's dtype; logits come back in fp32."""
-        return self.ds.module(x.to(self.dtype)).float()
+    def __call__(self, x: torch.Tensor, eager: bool = False) -> torch.Tensor:
+        """Forward through the bare module (compiled under `parallel.compile`, unless `eager`)
+        in the engine's dtype; logits come back in fp32."""
+        return (self.ds.module if eager else self._fast)(x.to(self.dtype)).float()
+
+    def eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward a gradient penalty differentiates twice: never compiled."""
+        return self(x, eager=True)
 
     def fp32_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Forward with fp32 views of the weights: the penalty path under fp16.

@@ -68,8 +68,10 @@ class GANStep:
             # fakes: one forward fewer than a separate penalty pass. Real and fake go through
             # D separately here, so the double backward spans only the penalized half (a
             # forward of the concatenation made the penalty step slower than the textbook one).
+            # The penalized half runs eagerly (a compiled graph has no double backward).
             (real if kind == "r1" else fake).requires_grad_(True)
-            real_logits, fake_logits = self.D(real), self.D(fake)
+            real_logits = self.D(real, eager=kind == "r1")
+            fake_logits = self.D(fake, eager=kind == "r2")
         else:
             # No per-sample penalty graph: one forward of real and fake together (D has no
             # batch statistics; minibatch-stddev groups never straddle the two halves).
@@ -100,7 +102,7 @@ class GANStep:
             if kind == "r1":
                 return penalties.r1_from_logits(real_logits, real)
             return penalties.r2_from_logits(fake_logits, fake)
-        d_fn = self.D.fp32_forward if fp16 else self.D
+        d_fn = self.D.fp32_forward if fp16 else self.D.eager
         if kind == "r1":
             return penalties.r1(d_fn, real)
         if kind == "r2":
