@@ -41,7 +41,13 @@ PUBLISHED = {  # PacGAN Table 1: modes, high-quality %, reverse KL
 COMMON = ["tracking.register=false", "trainer.sample_every=0", "data.loader_workers=0"]
 # The guard drills were measured with the presets of 2026-11-26 (MLP 256, 4,000 steps, stable at
 # lr 1e-3); pinned so that their table stays reproducible after the presets moved on.
-GUARD_PIN = ["trainer.max_steps=4000", "model.g_width=256", "model.d_width=256", "trainer.log_every=100"]
+GUARD_PIN = [
+    "trainer.max_steps=4000",
+    "model.g_width=256",
+    "model.d_width=256",
+    "model.latent_dim=16",
+    "trainer.log_every=100",
+]
 
 
 def sweeps(
