@@ -14,11 +14,11 @@ import pytest
 from tests.conftest import ROOT, free_port
 
 
-def main(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def main(args: list[str], cwd: Path, **extra_env: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     return subprocess.run(
         [sys.executable, "-m", "trainer.main", *args, f"trainer.storage_path={cwd}/runs"],
-        env={**env, "PYTHONPATH": str(ROOT)},
+        env={**env, "PYTHONPATH": str(ROOT), **extra_env},
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -71,6 +71,16 @@ def test_unreachable_ray_cluster(tmp_path):
 
 
 @pytest.mark.slow
+def test_auto_address_of_a_cluster_that_is_gone(tmp_path):
+    # cluster=existing (address "auto") after the cluster stopped: Ray's record of the last
+    # `ray start` still names it, and ray.init would wait minutes for it. (Ray rewrites a
+    # recorded 127.0.0.1 to the host's outward address; 127.0.0.5 stays on loopback.)
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.5:{free_port()}")
+    proc = main(["cluster=existing"], tmp_path, RAY_TMPDIR=str(tmp_path))
+    expect_user_error(proc, "cannot reach the Ray cluster at 'auto': nothing answers at 127.0.0.5:")
+
+
 def test_unreachable_mlflow_server(tmp_path):
     proc = main([f"tracking.uri=http://127.0.0.1:{free_port()}"], tmp_path)
     expect_user_error(proc, "cannot open the MLflow run at http://127.0.0.1:", "no MLflow server answers")
@@ -83,3 +93,17 @@ def test_parallel_sweep_without_a_shared_cluster(tmp_path):
         proc, "hydra/launcher=joblib runs the sweep's jobs in parallel", "launch/local_cluster.sh up"
     )
     assert not (tmp_path / "runs").exists() and not (tmp_path / "multirun").exists()
+
+
+def test_parallel_sweep_takes_the_address_from_a_config_group(tmp_path):
+    # cluster=existing sets cluster.address in YAML: the launcher check passes, and the jobs
+    # then stop at the unreachable cluster (nothing listens at the recorded address).
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.5:{free_port()}")
+    proc = main(
+        ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "cluster=existing", "trainer.seed=0,1"],
+        tmp_path,
+        RAY_TMPDIR=str(tmp_path),
+    )
+    assert "runs the sweep's jobs in parallel" not in proc.stderr
+    expect_user_error(proc, "cannot reach the Ray cluster at 'auto'")

@@ -70,25 +70,6 @@ def check_overrides(argv: list[str]) -> None:
             raise ConfigError(f"unknown key {key!r}; allowed keys in {parent}: {', '.join(allowed)}")
 
 
-def check_launcher(argv: list[str]) -> None:
-    """A parallel sweep (`hydra/launcher=joblib`) must share one Ray cluster: each job would
-    otherwise start a local Ray of its own, all of them competing for the same cores."""
-    launcher = next(
-        (a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra/launcher=")), "basic"
-    )
-    if launcher == "basic":
-        return
-    address = os.environ.get("RAY_ADDRESS") or next(
-        (a.split("=", 1)[1] for a in argv if a.startswith("cluster.address=")), ""
-    )
-    if not address:
-        raise ConfigError(
-            f"hydra/launcher={launcher} runs the sweep's jobs in parallel, and they must share one Ray "
-            "cluster: start one (launch/local_cluster.sh up) and set RAY_ADDRESS or cluster.address, "
-            "or drop hydra/launcher to run the jobs one after another"
-        )
-
-
 def prepare_overrides(argv: list[str]) -> list[str]:
     """`data.urls=x-{000000..000009}.tar` -> quoted, so Hydra reads the braces as text; and
     `trainer.worker_resources={a:1}` -> `++...`, since a typed dict only takes new keys that way."""
@@ -135,7 +116,6 @@ def main() -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     try:
         check_overrides(sys.argv[1:])
-        check_launcher(sys.argv[1:])
         sys.argv[1:] = prepare_overrides(sys.argv[1:])
         _hydra_main()
     except ConfigError as exc:

@@ -109,7 +109,12 @@ def check_data(cfg: Config, urls: str | list) -> None:
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail fast when nothing listens at a Ray `host:port` (or ray://host:port) address: a
-    ray.init to a dead address waits for minutes. "auto" is left to Ray."""
+    ray.init to a dead address waits for minutes. "auto" is resolved as ray.init resolves it
+    (the cluster `ray start` last recorded, which may be long gone) and checked the same way."""
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        address = canonicalize_bootstrap_address_or_die("auto")  # ConnectionError if none is found
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not port.isdigit():
         return

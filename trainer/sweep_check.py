@@ -1,0 +1,32 @@
+"""A Hydra callback that refuses a parallel sweep without a shared Ray cluster, before any job
+starts (`hydra.callbacks.parallel_sweep` in configs/config.yaml)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+
+class ParallelSweepCheck(Callback):
+    """`hydra/launcher=joblib` runs jobs side by side: each would otherwise start a local Ray of
+    its own, all of them competing for the same cores (and two local Rays can collide)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # The composed config: cluster.address from the command line, an experiment or
+        # cluster=existing alike (a sweep over cluster.address itself is not seen here).
+        launcher = config.hydra.runtime.choices.get("hydra/launcher") or "basic"
+        if launcher == "basic" or config.cluster.address or os.environ.get("RAY_ADDRESS"):
+            return
+        print(
+            f"stablegan: config error: hydra/launcher={launcher} runs the sweep's jobs in parallel, and "
+            "they must share one Ray cluster: start one (launch/local_cluster.sh up) and set RAY_ADDRESS "
+            "or cluster.address, or drop hydra/launcher to run the jobs one after another",
+            file=sys.stderr,
+        )
+        # SystemExit, not ConfigError: Hydra turns a callback's Exception into a warning and
+        # would launch the jobs anyway.
+        raise SystemExit(2)
