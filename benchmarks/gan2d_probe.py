@@ -38,10 +38,19 @@ class Scale(torch.nn.Module):
         return x * self.s
 
 
-def metrics(g: torch.nn.Module, zdim: int, modes: np.ndarray, sigma: float) -> dict[str, float]:
+def latent(n: int, zdim: int, prior: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """N(0, I) or U[-1, 1)^zdim latents."""
+    if prior == "uniform":
+        return torch.rand(n, zdim, generator=generator) * 2 - 1
+    return torch.randn(n, zdim, generator=generator)
+
+
+def metrics(
+    g: torch.nn.Module, zdim: int, modes: np.ndarray, sigma: float, prior: str = "normal"
+) -> dict[str, float]:
     """PacGAN's metrics on 2,500 samples of a fixed latent batch, and where the rest lie."""
     with torch.no_grad():
-        pts = g(torch.randn(2500, zdim, generator=torch.Generator().manual_seed(123))).numpy()
+        pts = g(latent(2500, zdim, prior, torch.Generator().manual_seed(123))).numpy()
     m = mode_metrics(pts, modes, sigma)
     d = np.linalg.norm(pts[:, None] - modes[None], axis=2).min(1) / sigma
     good = d < 3
@@ -58,6 +67,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="G lr (and D's unless --dlr)")
     p.add_argument("--dlr", type=float, default=None)
     p.add_argument("--sched", default="constant", choices=["constant", "linear"])
+    p.add_argument(
+        "--decay-from", type=float, default=0.0, help="linear: constant lr until this fraction, then decay"
+    )
     p.add_argument("--r1", type=float, default=0.0, help="R1 gamma, every D step (0 = off)")
     p.add_argument("--bs", type=int, default=256)
     p.add_argument("--dsteps", type=int, default=1)
@@ -66,6 +78,7 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--topk", type=float, default=1.0, help="G trains on this top fraction of fakes")
     p.add_argument("--scale", type=float, default=1.0, help="G output x scale, D input / scale")
+    p.add_argument("--prior", default="normal", choices=["normal", "uniform"], help="latent distribution")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--beta1", type=float, default=0.5)
     p.add_argument("--beta2", type=float, default=0.999)
@@ -88,14 +101,15 @@ def main() -> None:
     ema = EMA(G, a.ema)
     t0 = time.time()
     for t in range(a.steps):
-        scale = 1 - t / a.steps if a.sched == "linear" else 1.0
+        f = a.decay_from
+        scale = min(1.0, (1 - t / a.steps) / (1 - f)) if a.sched == "linear" else 1.0
         for opt, base in ((og, g_lr), (od, d_lr)):
             for group in opt.param_groups:
                 group["lr"] = base * scale
         for _ in range(a.dsteps):
             real = centres[torch.randint(len(centres), (a.bs,))] + sigma * torch.randn(a.bs, 2)
             real.requires_grad_(a.r1 > 0)
-            fake = G(torch.randn(a.bs, a.zdim)).detach()
+            fake = G(latent(a.bs, a.zdim, a.prior)).detach()
             real_logits, fake_logits = D(real), D(fake)
             loss = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
             if a.r1 > 0:
@@ -104,7 +118,7 @@ def main() -> None:
             od.zero_grad(set_to_none=True)
             loss.backward()
             od.step()
-        g_logits = D(G(torch.randn(a.bs, a.zdim)))
+        g_logits = D(G(latent(a.bs, a.zdim, a.prior)))
         if a.topk < 1:  # top-k (Sinha et al. 2020): k ramps from the batch to topk over half the run
             k = int(a.bs * max(a.topk, 1 - (1 - a.topk) * 2 * t / a.steps))
             g_logits = g_logits.topk(k).values
@@ -114,7 +128,10 @@ def main() -> None:
         og.step()
         ema.update(G)
         if (t + 1) % a.every == 0:
-            r, e = metrics(G, a.zdim, modes, sigma), metrics(ema.module, a.zdim, modes, sigma)
+            r, e = (
+                metrics(G, a.zdim, modes, sigma, a.prior),
+                metrics(ema.module, a.zdim, modes, sigma, a.prior),
+            )
             print(
                 f"step {t + 1}  raw {r['modes_covered']:.0f} modes / {100 * r['high_quality']:.1f} % HQ"
                 f" / KL {r['reverse_kl']:.2f}  ema {e['modes_covered']:.0f} / {100 * e['high_quality']:.1f}"
