@@ -75,6 +75,7 @@ def main() -> None:
     p.add_argument("--dsteps", type=int, default=1)
     p.add_argument("--zdim", type=int, default=16)
     p.add_argument("--width", type=int, default=256)
+    p.add_argument("--dwidth", type=int, default=None, help="D's width (default: --width)")
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--topk", type=float, default=1.0, help="G trains on this top fraction of fakes")
     p.add_argument("--scale", type=float, default=1.0, help="G output x scale, D input / scale")
@@ -91,7 +92,7 @@ def main() -> None:
     modes_fn, sigma = MIXTURES[a.data]
     modes = modes_fn()
     centres = torch.tensor(modes, dtype=torch.float32)
-    G, D = MLPGenerator(a.zdim, a.width, a.depth), MLPDiscriminator(a.width, a.depth)
+    G, D = MLPGenerator(a.zdim, a.width, a.depth), MLPDiscriminator(a.dwidth or a.width, a.depth)
     if a.scale != 1:
         G.net.append(Scale(a.scale))
         D.net.insert(0, Scale(1 / a.scale))
