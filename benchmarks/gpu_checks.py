@@ -3,6 +3,7 @@
 For bf16 and fp16 (dynamic loss scaling) under ZeRO 0, 1 and 2: the R1 penalty taken through
 a real DeepSpeed engine matches an fp32 reference on the same weights, its gradient is applied,
 and 20 full GAN steps stay finite with no gradient left in D after the G step.
+benchmarks/gpu_run.sh runs it on the card (it takes the JSON path to write, no options).
 """
 
 from __future__ import annotations

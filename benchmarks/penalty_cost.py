@@ -15,7 +15,7 @@ machine noise hits every variant alike:
 
 `--arch mlp` times the 2-D preset's MLP 3x128 on batches of 256 points instead of DCGAN-32.
 
-    python benchmarks/penalty_cost.py [--batch 64] [--rounds 5] [--steps 32] [--threads 2] \
+    python -m benchmarks.penalty_cost [--batch 64] [--rounds 5] [--steps 32] [--threads 2] \
         [--compile] [--arch dcgan|mlp]
 """
 
@@ -38,16 +38,18 @@ from trainer.step import GANStep
 
 
 def make(
-    kind: str, interval: int, batch: int, arch: str = "dcgan", compile_: bool = False
+    kind: str, interval: int, batch: int, arch: str = "dcgan", compile_: bool = False, latent: int = 16
 ) -> tuple[GANStep, Config]:
+    """A `GANStep` over fresh DeepSpeed engines (`latent` is the MLP's latent size)."""
     cfg = Config()
     cfg.parallel.compile = compile_
     cfg.penalty.kind, cfg.penalty.interval = kind, interval
     cfg.data.batch_size = batch
     torch.manual_seed(0)
     if arch == "mlp":  # the 2-D preset's pair
-        cfg.model.arch, cfg.model.latent_dim = "mlp", 16
-        G, D = build_pair("mlp", 16, g_width=128, d_width=128)
+        cfg.model.arch, cfg.model.latent_dim = "mlp", latent
+        cfg.model.g_width = cfg.model.d_width = 128
+        G, D = build_pair("mlp", latent, g_width=128, d_width=128)
     else:
         cfg.model.arch, cfg.model.latent_dim, cfg.model.channels = "dcgan", 100, 1
         cfg.model.g_width = cfg.model.d_width = 64
