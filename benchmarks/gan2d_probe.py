@@ -86,6 +86,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--every", type=int, default=1000)
     a = p.parse_args()
+    if not 0 <= a.decay_from < 1:
+        p.error(f"--decay-from {a.decay_from}: a fraction of the run in [0, 1)")
 
     torch.set_num_threads(1)
     torch.manual_seed(a.seed)

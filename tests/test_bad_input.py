@@ -70,7 +70,6 @@ def test_unreachable_ray_cluster(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()  # failed before any MLflow run was opened
 
 
-@pytest.mark.slow
 def test_auto_address_of_a_cluster_that_is_gone(tmp_path):
     # cluster=existing (address "auto") after the cluster stopped: Ray's record of the last
     # `ray start` still names it, and ray.init would wait minutes for it. (Ray rewrites a
@@ -81,6 +80,7 @@ def test_auto_address_of_a_cluster_that_is_gone(tmp_path):
     expect_user_error(proc, "cannot reach the Ray cluster at 'auto': nothing answers at 127.0.0.5:")
 
 
+@pytest.mark.slow
 def test_unreachable_mlflow_server(tmp_path):
     proc = main([f"tracking.uri=http://127.0.0.1:{free_port()}"], tmp_path)
     expect_user_error(proc, "cannot open the MLflow run at http://127.0.0.1:", "no MLflow server answers")
