@@ -115,6 +115,17 @@ def test_dragan_probes_near_the_reals_only():
     assert (step <= 0.5 * real.std() + 1e-6).all() and step.sum() > 0
 
 
+def test_dragan_replays_from_the_step_generator():
+    """DRAGAN's noise is drawn on D's device from a seed of the caller's CPU generator: the same
+    generator state gives the same penalty, and it advances the generator."""
+    real = torch.randn(16, 3)
+    d_fn = lambda t: t.square().sum(1)  # noqa: E731
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    first = penalties.dragan(d_fn, real, generator=a)
+    assert torch.equal(first, penalties.dragan(d_fn, real, generator=b))
+    assert not torch.equal(first, penalties.dragan(d_fn, real, generator=a))
+
+
 @pytest.mark.parametrize("kind", ["r2", "dragan"])
 def test_new_penalties_gradcheck_and_gradgradcheck(kind):
     net = _mlp64()
@@ -141,3 +152,59 @@ def test_r1_from_logits_equals_separate_forward():
     fused = penalties.r1_from_logits(logits[:8], fused_x)
     separate = penalties.r1(lambda t: net(t).squeeze(1), x)
     assert torch.allclose(fused, separate, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "size,kernel,stride,padding,bias",
+    [(9, 4, 2, 1, True), (8, 4, 2, 1, False), (7, 3, 1, 1, True), (6, 1, 1, 0, True), (9, 3, 2, 0, False)],
+)
+def test_d_conv_gradcheck_and_gradgradcheck(size, kernel, stride, padding, bias):
+    """layers.Conv2d's own backward and double backward against finite differences (odd sizes
+    need conv_transpose2d's output padding)."""
+    from trainer.models.layers import Conv2d
+
+    torch.manual_seed(0)
+    conv = Conv2d(2, 3, kernel, stride=stride, padding=padding, bias=bias).double()
+    x = torch.randn(2, 2, size, size, dtype=torch.float64, requires_grad=True)
+    args = (x, conv.weight, conv.bias) if bias else (x, conv.weight)
+
+    def f(x, w, b=None):
+        return conv._conv_forward(x, w, b)
+
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
+@pytest.mark.parametrize("kind", ["r1", "wgan_gp"])
+def test_d_conv_penalty_gradients_match_nn_conv2d(arch, kind):
+    """The penalties' gradients on D's weights are the same with layers.Conv2d as with PyTorch's
+    own nn.Conv2d double backward, and the weight-gradient skip does not outlive the penalty."""
+    from trainer.models import build_pair, layers
+
+    torch.manual_seed(0)
+    _, D = build_pair(arch, 8, resolution=32, channels=1, g_width=8, d_width=8)
+    D = D.double()
+    real, fake = (
+        torch.randn(4, 1, 32, 32, dtype=torch.float64),
+        torch.randn(4, 1, 32, 32, dtype=torch.float64),
+    )
+
+    def grads() -> list[torch.Tensor]:
+        D.zero_grad(set_to_none=True)
+        if kind == "r1":
+            p = penalties.r1(D, real)
+        else:
+            p = penalties.wgan_gp(D, real, fake, generator=torch.Generator().manual_seed(0))
+        (p + D(real).mean()).backward()
+        return [q.grad.clone() for q in D.parameters()]
+
+    ours = grads()
+    assert not layers._input_grad_only
+    convs = [m for m in D.modules() if isinstance(m, layers.Conv2d)]
+    assert convs, "D should use layers.Conv2d"
+    for m in convs:
+        m.__class__ = torch.nn.Conv2d  # PyTorch's own conv and double backward
+    native = grads()
+    for a, b in zip(ours, native, strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)

@@ -44,3 +44,23 @@ def test_ema_tracks_with_ramp_up_and_round_trips():
     assert fresh.num_updates == 2000
     assert all(torch.equal(a, b) for a, b in zip(fresh.module.parameters(), ema.module.parameters()))
     assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+@pytest.mark.slow
+def test_d_conv_compiles_to_one_graph_with_eager_gradients():
+    """parallel.compile runs D's unpenalized forwards compiled: D's custom conv (an
+    autograd.Function) must trace without graph breaks and give the eager gradients."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    _, D = build_pair("dcgan", 8, resolution=32, channels=1, g_width=8, d_width=8)
+    x = torch.randn(4, 1, 32, 32)
+    D(x).sum().backward()
+    eager = [p.grad.clone() for p in D.parameters()]
+    D.zero_grad(set_to_none=True)
+    torch.compile(D)(x).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    for a, b in zip(eager, [p.grad for p in D.parameters()], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)

@@ -14,13 +14,16 @@ from collections.abc import Callable
 
 import torch
 
+from trainer.models.layers import input_grad_only
+
 Tensor = torch.Tensor
 DFn = Callable[[Tensor], Tensor]
 
 
 def input_grad(logits: Tensor, x: Tensor, scale: float = 1.0) -> Tensor:
     """d sum(logits) / dx with the graph kept (for the penalty's own backward), in >= fp32."""
-    (grad,) = torch.autograd.grad(logits.sum() * scale, x, create_graph=True)
+    with input_grad_only():  # D's convs skip the weight gradients nobody asked for
+        (grad,) = torch.autograd.grad(logits.sum() * scale, x, create_graph=True)
     return grad.to(torch.promote_types(grad.dtype, torch.float32)) / scale
 
 
@@ -56,7 +59,12 @@ def dragan(
     """DRAGAN (Kodali et al. 2017): E (||grad D(x_hat)|| - 1)^2 around the reals, where
     x_hat = x + t * c * std(x) * u with u ~ U[0, 1) per element and t ~ U[0, 1) per sample."""
     x = real.detach()
-    u = torch.rand(x.shape, generator=generator).to(x.device, x.dtype)
+    # A full-size draw: made on x's device (a CPU draw copied over cost milliseconds a step on
+    # a GPU), from a generator seeded by the caller's CPU one so that runs still replay exactly.
+    seed = int(torch.randint(2**62, (), generator=generator))
+    u = torch.rand(
+        x.shape, generator=torch.Generator(x.device).manual_seed(seed), device=x.device, dtype=x.dtype
+    )
     perturbed = x + c * x.float().std().to(x.dtype) * u
     x_hat = interpolate(perturbed, x, generator)  # t * perturbed + (1 - t) * x
     grad = input_grad(d_fn(x_hat), x_hat, scale)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainer.models.layers import MinibatchStd
+from trainer.models.layers import Conv2d, MinibatchStd
 
 
 class _UpBlock(nn.Module):
@@ -34,8 +34,9 @@ class _DownBlock(nn.Module):
     def __init__(self, cin: int, cout: int, first: bool = False, down: bool = True):
         super().__init__()
         self.first, self.down = first, down
-        self.c1, self.c2 = nn.Conv2d(cin, cout, 3, padding=1), nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = nn.Conv2d(cin, cout, 1) if (cin != cout or down) else None
+        # D's convolutions: the penalties differentiate them twice (layers.Conv2d).
+        self.c1, self.c2 = Conv2d(cin, cout, 3, padding=1), Conv2d(cout, cout, 3, padding=1)
+        self.skip = Conv2d(cin, cout, 1) if (cin != cout or down) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x if self.first else F.relu(x)
