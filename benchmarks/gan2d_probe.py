@@ -15,6 +15,7 @@ Numbers from it are probes; the preset's own numbers come from `mode_collapse.py
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import numpy as np
@@ -36,6 +37,25 @@ class Scale(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.s
+
+
+class LatentMixture(torch.nn.Module):
+    """A learned mixture-of-Gaussians latent (DeLiGAN, Gurumurthy et al. 2017) fed by N(0, I) (--mix).
+
+    z[:, 0] picks one of K equally likely components through the normal CDF; the other
+    coordinates are scaled and shifted by that component's learned std and mean, so G can
+    map disconnected modes from disconnected latent regions.
+    """
+
+    def __init__(self, dim: int, components: int, init_std: float):
+        super().__init__()
+        self.k = components
+        self.mean = torch.nn.Parameter(torch.randn(components, dim))
+        self.log_std = torch.nn.Parameter(torch.full((components, dim), math.log(init_std)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        c = (0.5 * (1 + torch.erf(z[:, 0] / math.sqrt(2))) * self.k).long().clamp_(0, self.k - 1)
+        return self.mean[c] + self.log_std[c].exp() * z[:, 1:]
 
 
 def latent(n: int, zdim: int, prior: str, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -60,6 +80,31 @@ def metrics(
     return m
 
 
+def diagnose(g: torch.nn.Module, zdim: int, modes: np.ndarray, sigma: float, prior: str) -> None:
+    """Where the low-quality samples come from in latent space (--diagnose).
+
+    Bridges between modes are the images of the latent regions where G switches from one mode
+    to the next: there ||dG/dz|| is large. Tails of the latent (large |z|) flung outside the
+    data would instead show as off-mode mass growing with |z|.
+    """
+    z = latent(20000, zdim, prior, torch.Generator().manual_seed(7)).requires_grad_(True)
+    out = g(z)
+    jac = torch.stack([torch.autograd.grad(out[:, i].sum(), z, retain_graph=True)[0] for i in range(2)], 1)
+    jn = torch.linalg.matrix_norm(jac).detach().numpy()
+    d = np.linalg.norm(out.detach().numpy()[:, None] - modes[None], axis=2).min(1) / sigma
+    r = z.detach().norm(dim=1).numpy()
+    off, good = d >= 6, d < 3
+    print(
+        f"||dG/dz|| median: high quality {np.median(jn[good]):.3g}, off (> 6 sigma) {np.median(jn[off]):.3g}"
+    )
+    edges = np.quantile(r, [0, 0.25, 0.5, 0.75, 0.95, 1])
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (r >= lo) & (r <= hi)
+        print(
+            f"|z| in [{lo:.2f}, {hi:.2f}]: {100 * off[m].mean():.1f} % off, {100 * (~good & ~off)[m].mean():.1f} % wide"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="grid25", choices=sorted(MIXTURES))
@@ -79,12 +124,21 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--topk", type=float, default=1.0, help="G trains on this top fraction of fakes")
     p.add_argument("--scale", type=float, default=1.0, help="G output x scale, D input / scale")
+    p.add_argument("--zscale", type=float, default=1.0, help="G's input is zscale * z")
     p.add_argument("--prior", default="normal", choices=["normal", "uniform"], help="latent distribution")
+    p.add_argument(
+        "--mix", type=int, default=0, help="latent mixture components (0 = plain N(0, I)); z[:, 0] selects"
+    )
+    p.add_argument("--mix-std", type=float, default=1.0, help="the components' initial std")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--beta1", type=float, default=0.5)
     p.add_argument("--beta2", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--every", type=int, default=1000)
+    p.add_argument(
+        "--diagnose", action="store_true", help="at the end, locate the off-mode mass in latent space"
+    )
+    p.add_argument("--save", default=None, help="write the EMA generator's state_dict here at the end")
     a = p.parse_args()
     if not 0 <= a.decay_from < 1:
         p.error(f"--decay-from {a.decay_from}: a fraction of the run in [0, 1)")
@@ -94,7 +148,14 @@ def main() -> None:
     modes_fn, sigma = MIXTURES[a.data]
     modes = modes_fn()
     centres = torch.tensor(modes, dtype=torch.float32)
-    G, D = MLPGenerator(a.zdim, a.width, a.depth), MLPDiscriminator(a.dwidth or a.width, a.depth)
+    if a.mix and a.zdim < 2:
+        p.error("--mix needs --zdim >= 2 (one selector coordinate plus the mixture's)")
+    G = MLPGenerator(a.zdim - (1 if a.mix else 0), a.width, a.depth)
+    D = MLPDiscriminator(a.dwidth or a.width, a.depth)
+    if a.mix:
+        G.net.insert(0, LatentMixture(a.zdim - 1, a.mix, a.mix_std))
+    if a.zscale != 1:  # after the mixture, if any: scaling the selector would skew its choice
+        G.net.insert(1 if a.mix else 0, Scale(a.zscale))
     if a.scale != 1:
         G.net.append(Scale(a.scale))
         D.net.insert(0, Scale(1 / a.scale))
@@ -142,6 +203,10 @@ def main() -> None:
                 f"  spread {e['spread']:.2f}  {time.time() - t0:.0f}s",
                 flush=True,
             )
+    if a.diagnose:
+        diagnose(ema.module, a.zdim, modes, sigma, a.prior)
+    if a.save:
+        torch.save(ema.module.state_dict(), a.save)
 
 
 if __name__ == "__main__":
