@@ -7,7 +7,11 @@ machine noise hits every variant alike:
 - `r1`, `wgan_gp`, `r2`, `dragan`: our D step (real and fake in one forward; R1/R2 take their
   input gradient from that same forward);
 - `ref_r1`, `ref_wgan_gp`: the textbook step: D(real) and D(fake) as separate forwards, then
-  one more forward for the penalty and a plain `autograd.grad`;
+  one more forward for the penalty and a plain `autograd.grad`, through PyTorch's own
+  `nn.Conv2d` (and its double backward);
+- `none_nnconv`, `r1_nnconv`, `wgan_gp_nnconv`: our step with `nn.Conv2d` in D instead of
+  `layers.Conv2d`, which separates what the step's layout saves from what D's conv double
+  backward saves (and what the layer costs where no penalty runs);
 - `r1_lazy16`: R1 every 16th D step with gain 16 (StyleGAN2), averaged over whole periods;
 - with `--compile`, also `none`, `r1`, `wgan_gp` and `r1_lazy16` under `parallel.compile`
   (suffix `_compiled`): every forward compiled except the one the penalty differentiates twice.
@@ -16,7 +20,7 @@ machine noise hits every variant alike:
 `--arch mlp` times the 2-D preset's MLP 3x128 on batches of 256 points instead of DCGAN-32.
 
     python -m benchmarks.penalty_cost [--batch 64] [--rounds 5] [--steps 32] [--threads 2] \
-        [--compile] [--arch dcgan|mlp]
+        [--compile] [--arch dcgan|mlp] [--device cpu|cuda] [--precision fp32|bf16|fp16] [--json PATH]
 """
 
 from __future__ import annotations
@@ -29,20 +33,27 @@ import time
 
 import torch
 
-from benchmarks.train_throughput import init_dist
+from benchmarks.train_throughput import init_dist, sync
 from trainer import losses
 from trainer.config import Config
 from trainer.engines import Engine
 from trainer.models import build_pair
+from trainer.models.layers import Conv2d
 from trainer.step import GANStep
 
 
 def make(
-    kind: str, interval: int, batch: int, arch: str = "dcgan", compile_: bool = False, latent: int = 16
+    kind: str,
+    interval: int,
+    batch: int,
+    arch: str = "dcgan",
+    compile_: bool = False,
+    latent: int = 16,
+    precision: str = "fp32",
 ) -> tuple[GANStep, Config]:
     """A `GANStep` over fresh DeepSpeed engines (`latent` is the MLP's latent size)."""
     cfg = Config()
-    cfg.parallel.compile = compile_
+    cfg.parallel.compile, cfg.parallel.precision = compile_, precision
     cfg.penalty.kind, cfg.penalty.interval = kind, interval
     cfg.data.batch_size = batch
     torch.manual_seed(0)
@@ -59,6 +70,13 @@ def make(
     return GANStep(g, d, cfg, torch.Generator().manual_seed(1)), cfg
 
 
+def use_nn_conv2d(module: torch.nn.Module) -> None:
+    """Put PyTorch's own nn.Conv2d (same parameters) in place of D's `layers.Conv2d`."""
+    for m in module.modules():
+        if isinstance(m, Conv2d):
+            m.__class__ = torch.nn.Conv2d
+
+
 def reference_step(gan: GANStep, kind: str, real: torch.Tensor) -> None:
     """The straightforward D step: three forwards, one plain autograd.grad."""
     D, d_loss = gan.D, losses.get("nonsaturating")[0]
@@ -70,7 +88,7 @@ def reference_step(gan: GANStep, kind: str, real: torch.Tensor) -> None:
         (grad,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
         loss = loss + 0.5 * grad.square().flatten(1).sum(1).mean()
     else:
-        t = torch.rand(real.shape[0], *[1] * (real.dim() - 1))
+        t = torch.rand(real.shape[0], *[1] * (real.dim() - 1), device=real.device)
         x = (t * real + (1 - t) * fake).requires_grad_(True)
         (grad,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
         loss = loss + (grad.flatten(1).norm(dim=1) - 1).square().mean()
@@ -86,9 +104,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="add parallel.compile variants")
     ap.add_argument("--arch", default="dcgan", choices=["dcgan", "mlp"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument(
+        "--json", default="", help="also write the result here (stdout carries DeepSpeed's notes)"
+    )
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    if args.precision == "fp16" and args.device != "cuda":
+        ap.error("--precision fp16 needs --device cuda (DeepSpeed's loss scaling is GPU-only)")
     torch.set_num_threads(args.threads)
-    init_dist("cpu")
+    init_dist(args.device)
     variants = {
         "none": ("none", 1),
         "r1": ("r1", 1),
@@ -98,28 +125,42 @@ def main() -> None:
         "r2": ("r2", 1),
         "dragan": ("dragan", 1),
         "r1_lazy16": ("r1", 16),
+        "none_nnconv": ("none", 1),
+        "r1_nnconv": ("r1", 1),
+        "wgan_gp_nnconv": ("wgan_gp", 1),
     }
     if args.compile:
         variants |= {f"{n}_compiled": variants[n] for n in ("none", "r1", "wgan_gp", "r1_lazy16")}
     steps = {
-        name: make(kind, k, args.batch, args.arch, name.endswith("_compiled"))[0]
+        name: make(kind, k, args.batch, args.arch, name.endswith("_compiled"), precision=args.precision)[0]
         for name, (kind, k) in variants.items()
     }
-    real = torch.randn(args.batch, 2) if args.arch == "mlp" else torch.randn(args.batch, 1, 32, 32)
+    for name, gan in steps.items():
+        if name.startswith("ref_") or name.endswith("_nnconv"):
+            use_nn_conv2d(gan.D.module)
+    shape = (args.batch, 2) if args.arch == "mlp" else (args.batch, 1, 32, 32)
+    real = torch.randn(*shape, device=args.device)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(args.rounds + 1):  # round 0 warms up
         for name, gan in steps.items():
+            sync(args.device)
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 if name.startswith("ref_"):
                     reference_step(gan, variants[name][0], real)
                 else:
                     gan.d_step(real)
+            sync(args.device)
             if r:
                 times[name].append((time.perf_counter() - t0) / args.steps * 1000)
     ms = {name: statistics.median(v) for name, v in times.items()}
     result = {
-        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}), {args.threads} threads",
+        "machine": (
+            torch.cuda.get_device_name()
+            if args.device == "cuda"
+            else f"{platform.node()} ({platform.processor() or platform.machine()}), {args.threads} threads"
+        ),
+        "precision": args.precision,
         "torch": torch.__version__,
         "arch": args.arch,
         "batch": args.batch,
@@ -127,6 +168,8 @@ def main() -> None:
         "ours_over_reference": {
             "r1": round(ms["r1"] / ms["ref_r1"], 3),
             "wgan_gp": round(ms["wgan_gp"] / ms["ref_wgan_gp"], 3),
+            "r1_nnconv": round(ms["r1_nnconv"] / ms["ref_r1"], 3),
+            "wgan_gp_nnconv": round(ms["wgan_gp_nnconv"] / ms["ref_wgan_gp"], 3),
         },
         "overhead_over_none": {k: round(ms[k] / ms["none"] - 1, 3) for k in ms if k != "none"},
     }
@@ -135,6 +178,9 @@ def main() -> None:
             n: round(ms[f"{n}_compiled"] / ms[n], 3) for n in ("none", "r1", "wgan_gp", "r1_lazy16")
         }
     print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":
