@@ -65,6 +65,11 @@ def latent(n: int, zdim: int, prior: str, generator: torch.Generator | None = No
     return torch.randn(n, zdim, generator=generator)
 
 
+def sigmas_to_nearest_mode(pts: np.ndarray, modes: np.ndarray, sigma: float) -> np.ndarray:
+    """Each point's distance to its nearest mode, in units of the modes' sigma."""
+    return np.linalg.norm(pts[:, None] - modes[None], axis=2).min(1) / sigma
+
+
 def metrics(
     g: torch.nn.Module, zdim: int, modes: np.ndarray, sigma: float, prior: str = "normal"
 ) -> dict[str, float]:
@@ -72,7 +77,7 @@ def metrics(
     with torch.no_grad():
         pts = g(latent(2500, zdim, prior, torch.Generator().manual_seed(123))).numpy()
     m = mode_metrics(pts, modes, sigma)
-    d = np.linalg.norm(pts[:, None] - modes[None], axis=2).min(1) / sigma
+    d = sigmas_to_nearest_mode(pts, modes, sigma)
     good = d < 3
     m["wide"] = float(((d >= 3) & (d < 6)).mean())
     m["off"] = float((d >= 6).mean())
@@ -91,7 +96,7 @@ def diagnose(g: torch.nn.Module, zdim: int, modes: np.ndarray, sigma: float, pri
     out = g(z)
     jac = torch.stack([torch.autograd.grad(out[:, i].sum(), z, retain_graph=True)[0] for i in range(2)], 1)
     jn = torch.linalg.matrix_norm(jac).detach().numpy()
-    d = np.linalg.norm(out.detach().numpy()[:, None] - modes[None], axis=2).min(1) / sigma
+    d = sigmas_to_nearest_mode(out.detach().numpy(), modes, sigma)
     r = z.detach().norm(dim=1).numpy()
     off, good = d >= 6, d < 3
     print(

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 ARCHS = ("mlp", "dcgan", "resnet")
 SPECTRAL_NORM = ("none", "d", "both")
@@ -25,6 +26,12 @@ RESOLUTIONS = (32, 64)
 
 class ConfigError(ValueError):
     """A config value a user set is invalid; the message names the key and the fix."""
+
+
+def exit_on_config_error(exc: ConfigError) -> NoReturn:
+    """The command line's report of a bad config value: one line on stderr, exit status 2."""
+    print(f"stablegan: config error: {exc}", file=sys.stderr)
+    sys.exit(2)
 
 
 @dataclass

@@ -19,7 +19,15 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import Config, ConfigError, allowed_keys, dict_keys, from_dict, validate
+from trainer.config import (
+    Config,
+    ConfigError,
+    allowed_keys,
+    dict_keys,
+    exit_on_config_error,
+    from_dict,
+    validate,
+)
 from trainer.run import RegistryError, UserError, run
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -119,8 +127,7 @@ def main() -> None:
         sys.argv[1:] = prepare_overrides(sys.argv[1:])
         _hydra_main()
     except ConfigError as exc:
-        print(f"stablegan: config error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        exit_on_config_error(exc)
 
 
 def compose(overrides: list[str]) -> Config:

@@ -4,11 +4,12 @@ starts (`hydra.callbacks.parallel_sweep` in configs/config.yaml)."""
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from trainer.config import ConfigError, exit_on_config_error
 
 
 class ParallelSweepCheck(Callback):
@@ -21,12 +22,12 @@ class ParallelSweepCheck(Callback):
         launcher = config.hydra.runtime.choices.get("hydra/launcher") or "basic"
         if launcher == "basic" or config.cluster.address or os.environ.get("RAY_ADDRESS"):
             return
-        print(
-            f"stablegan: config error: hydra/launcher={launcher} runs the sweep's jobs in parallel, and "
-            "they must share one Ray cluster: start one (launch/local_cluster.sh up) and set RAY_ADDRESS "
-            "or cluster.address, or drop hydra/launcher to run the jobs one after another",
-            file=sys.stderr,
+        # sys.exit, not a raised ConfigError: Hydra turns a callback's Exception into a warning
+        # and would launch the jobs anyway.
+        exit_on_config_error(
+            ConfigError(
+                f"hydra/launcher={launcher} runs the sweep's jobs in parallel, and they must share one "
+                "Ray cluster: start one (launch/local_cluster.sh up) and set RAY_ADDRESS or "
+                "cluster.address, or drop hydra/launcher to run the jobs one after another"
+            )
         )
-        # SystemExit, not ConfigError: Hydra turns a callback's Exception into a warning and
-        # would launch the jobs anyway.
-        raise SystemExit(2)
