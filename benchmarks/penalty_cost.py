@@ -8,10 +8,11 @@ machine noise hits every variant alike:
   input gradient from that same forward);
 - `ref_r1`, `ref_wgan_gp`: the textbook step: D(real) and D(fake) as separate forwards, then
   one more forward for the penalty and a plain `autograd.grad`, through PyTorch's own
-  `nn.Conv2d` (and its double backward);
-- `none_nnconv`, `r1_nnconv`, `wgan_gp_nnconv`: our step with `nn.Conv2d` in D instead of
-  `layers.Conv2d`, which separates what the step's layout saves from what D's conv double
-  backward saves (and what the layer costs where no penalty runs);
+  `nn.Conv2d` and `nn.LeakyReLU` (and their double backward);
+- `none_nnlayers`, `r1_nnlayers`, `wgan_gp_nnlayers`: our step with PyTorch's own layers in D
+  instead of `trainer.models.layers`' conv and activation, which separates what the step's
+  layout saves from what D's layers save in the double backward (and what they cost where no
+  penalty runs);
 - `r1_lazy16`: R1 every 16th D step with gain 16 (StyleGAN2), averaged over whole periods;
 - with `--compile`, also `none`, `r1`, `wgan_gp` and `r1_lazy16` under `parallel.compile`
   (suffix `_compiled`): every forward compiled except the one the penalty differentiates twice.
@@ -38,7 +39,7 @@ from trainer import losses
 from trainer.config import Config
 from trainer.engines import Engine
 from trainer.models import build_pair
-from trainer.models.layers import Conv2d
+from trainer.models.layers import to_torch_layers
 from trainer.step import GANStep
 
 
@@ -68,13 +69,6 @@ def make(
     g = Engine(G, 2e-4, (0.5, 0.999), cfg.parallel, batch)
     d = Engine(D, 2e-4, (0.5, 0.999), cfg.parallel, batch)
     return GANStep(g, d, cfg, torch.Generator().manual_seed(1)), cfg
-
-
-def use_nn_conv2d(module: torch.nn.Module) -> None:
-    """Put PyTorch's own nn.Conv2d (same parameters) in place of D's `layers.Conv2d`."""
-    for m in module.modules():
-        if isinstance(m, Conv2d):
-            m.__class__ = torch.nn.Conv2d
 
 
 def reference_step(gan: GANStep, kind: str, real: torch.Tensor) -> None:
@@ -125,9 +119,9 @@ def main() -> None:
         "r2": ("r2", 1),
         "dragan": ("dragan", 1),
         "r1_lazy16": ("r1", 16),
-        "none_nnconv": ("none", 1),
-        "r1_nnconv": ("r1", 1),
-        "wgan_gp_nnconv": ("wgan_gp", 1),
+        "none_nnlayers": ("none", 1),
+        "r1_nnlayers": ("r1", 1),
+        "wgan_gp_nnlayers": ("wgan_gp", 1),
     }
     if args.compile:
         variants |= {f"{n}_compiled": variants[n] for n in ("none", "r1", "wgan_gp", "r1_lazy16")}
@@ -136,8 +130,8 @@ def main() -> None:
         for name, (kind, k) in variants.items()
     }
     for name, gan in steps.items():
-        if name.startswith("ref_") or name.endswith("_nnconv"):
-            use_nn_conv2d(gan.D.module)
+        if name.startswith("ref_") or name.endswith("_nnlayers"):
+            to_torch_layers(gan.D.module)
     shape = (args.batch, 2) if args.arch == "mlp" else (args.batch, 1, 32, 32)
     real = torch.randn(*shape, device=args.device)
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -168,8 +162,8 @@ def main() -> None:
         "ours_over_reference": {
             "r1": round(ms["r1"] / ms["ref_r1"], 3),
             "wgan_gp": round(ms["wgan_gp"] / ms["ref_wgan_gp"], 3),
-            "r1_nnconv": round(ms["r1_nnconv"] / ms["ref_r1"], 3),
-            "wgan_gp_nnconv": round(ms["wgan_gp_nnconv"] / ms["ref_wgan_gp"], 3),
+            "r1_nnlayers": round(ms["r1_nnlayers"] / ms["ref_r1"], 3),
+            "wgan_gp_nnlayers": round(ms["wgan_gp_nnlayers"] / ms["ref_wgan_gp"], 3),
         },
         "overhead_over_none": {k: round(ms[k] / ms["none"] - 1, 3) for k in ms if k != "none"},
     }

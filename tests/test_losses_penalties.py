@@ -175,11 +175,73 @@ def test_d_conv_gradcheck_and_gradgradcheck(size, kernel, stride, padding, bias)
     assert torch.autograd.gradgradcheck(f, args)
 
 
+@pytest.mark.parametrize("slope", [0.0, 0.2])
+def test_d_activation_gradcheck_and_gradgradcheck(slope):
+    """layers.(Leaky)ReLU's backward and double backward against finite differences."""
+    from trainer.models.layers import LeakyReLU, ReLU
+
+    act = ReLU() if slope == 0 else LeakyReLU(slope)
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    x = (x + 0.1 * x.sign()).requires_grad_(True)  # away from the kink, where FD is undefined
+    assert torch.autograd.gradcheck(act, (x,))
+    assert torch.autograd.gradgradcheck(act, (x,))
+
+
+@pytest.mark.parametrize("size", [8, 7])
+def test_d_avg_pool_matches_f_avg_pool2d(size):
+    """layers.avg_pool2: F.avg_pool2d's values and gradients (odd sizes drop a row and column),
+    finite-difference checked to second order."""
+    from trainer.models.layers import AvgPool2
+
+    avg_pool2 = AvgPool2()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, size, size, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, size // 2, size // 2, dtype=torch.float64)
+    assert torch.equal(avg_pool2(x), F.avg_pool2d(x, 2))
+    (ours,) = torch.autograd.grad(avg_pool2(x), x, g)
+    (native,) = torch.autograd.grad(F.avg_pool2d(x, 2), x, g)
+    assert torch.equal(ours, native)
+    assert torch.autograd.gradcheck(avg_pool2, (x,))
+    assert torch.autograd.gradgradcheck(avg_pool2, (x,))
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "resnet", "mlp"])
+def test_penalty_graph_does_not_reach_d_forward(arch):
+    """WGAN-GP's backward skips D's forward graph on the interpolates: with layers' activations
+    the penalty does not depend on D's hidden activations at all; PyTorch's own activations
+    send it zeros there (what the cut saves: a backward over D on zero gradients)."""
+    from trainer.models import build_pair, layers
+
+    torch.manual_seed(0)
+    if arch == "mlp":
+        _, D = build_pair("mlp", 2, g_width=8, d_width=8)
+        x = torch.randn(4, 2, requires_grad=True)
+    else:
+        _, D = build_pair(arch, 8, resolution=32, channels=1, g_width=8, d_width=8)
+        x = torch.randn(4, 1, 32, 32, requires_grad=True)
+    hidden: list[torch.Tensor] = []
+    first_conv_or_linear = next(m for m in D.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    first_conv_or_linear.register_forward_hook(lambda m, i, o: hidden.append(o))
+
+    def penalty_grad_on_hidden() -> torch.Tensor | None:
+        hidden.clear()
+        grad = penalties.input_grad(D(x), x)
+        p = (grad.flatten(1).norm(dim=1) - 1).square().mean()
+        return torch.autograd.grad(p, hidden[0], allow_unused=True)[0]
+
+    assert penalty_grad_on_hidden() is None
+    layers.to_torch_layers(D)
+    native = penalty_grad_on_hidden()
+    assert native is not None and not native.any()
+
+
 @pytest.mark.parametrize("arch", ["dcgan", "resnet"])
 @pytest.mark.parametrize("kind", ["r1", "wgan_gp"])
 def test_d_conv_penalty_gradients_match_nn_conv2d(arch, kind):
-    """The penalties' gradients on D's weights are the same with layers.Conv2d as with PyTorch's
-    own nn.Conv2d double backward, and the weight-gradient skip does not outlive the penalty."""
+    """The penalties' gradients on D's weights are the same with D's `layers` (conv, activations,
+    pooling) as with PyTorch's own layers and double backward, and the weight-gradient skip does
+    not outlive the penalty."""
     from trainer.models import build_pair, layers
 
     torch.manual_seed(0)
@@ -201,10 +263,9 @@ def test_d_conv_penalty_gradients_match_nn_conv2d(arch, kind):
 
     ours = grads()
     assert not layers._input_grad_only
-    convs = [m for m in D.modules() if isinstance(m, layers.Conv2d)]
-    assert convs, "D should use layers.Conv2d"
-    for m in convs:
-        m.__class__ = torch.nn.Conv2d  # PyTorch's own conv and double backward
+    assert any(isinstance(m, layers.Conv2d) for m in D.modules()), "D should use layers.Conv2d"
+    layers.to_torch_layers(D)  # PyTorch's own layers and double backward
+    assert not any(type(m).__module__ == layers.__name__ for m in D.modules())
     native = grads()
     for a, b in zip(ours, native, strict=True):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)

@@ -37,6 +37,7 @@ class _Conv2dFn(torch.autograd.Function):
     output gradient as its (large) kernel: on an H200 that ran cuDNN's generic
     `implicit_convolve_sgemm` at 10 ms of a 17.8 ms R1 step (bf16, batch 1024). Here that term
     is the weight gradient of a transposed convolution, which cuDNN runs as an ordinary wgrad.
+    A first-order backward (no graph to keep) is `nn.Conv2d`'s own.
     """
 
     @staticmethod
@@ -55,6 +56,21 @@ class _Conv2dFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
+        want_w = not _input_grad_only and ctx.needs_input_grad[1]
+        want_b = not _input_grad_only and ctx.has_bias and ctx.needs_input_grad[2]
+        if not torch.is_grad_enabled():
+            # A first-order backward (grad mode is on only under create_graph): nn.Conv2d's
+            # own call, which computes both gradients in one pass (on this CPU 5 % of a D step
+            # faster than a conv_transpose2d plus a weight gradient).
+            return (
+                *torch.ops.aten.convolution_backward(
+                    grad, x, weight, [weight.shape[0]] if ctx.has_bias else None,
+                    ctx.stride, ctx.padding, [1, 1], False, [0, 0], 1,
+                    [ctx.needs_input_grad[0], want_w, want_b],
+                ),
+                None,
+                None,
+            )  # fmt: skip
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             # conv_transpose2d's output size is ambiguous by up to stride - 1 rows: pin it to x's.
@@ -64,11 +80,10 @@ class _Conv2dFn(torch.autograd.Function):
                 for i in range(2)
             ]
             gx = F.conv_transpose2d(grad, weight, None, ctx.stride, ctx.padding, pad)
-        if not _input_grad_only and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+        if want_w or want_b:
             _, gw, gb = torch.ops.aten.convolution_backward(
                 grad, x, weight, [weight.shape[0]] if ctx.has_bias else None,
-                ctx.stride, ctx.padding, [1, 1], False, [0, 0], 1,
-                [False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]],
+                ctx.stride, ctx.padding, [1, 1], False, [0, 0], 1, [False, want_w, want_b],
             )  # fmt: skip
         return gx, gw, gb, None, None
 
@@ -93,6 +108,90 @@ class Conv2d(nn.Conv2d):
         if not simple:
             return super()._conv_forward(input, weight, bias)
         return _Conv2dFn.apply(input, weight, bias, self.stride, self.padding)
+
+
+class _ReLUFn(torch.autograd.Function):
+    """(leaky_)relu whose backward is differentiable in the incoming gradient only.
+
+    The backward multiplies by a mask that is piecewise constant in x, so its derivative in x
+    is zero. PyTorch's own double backward still sends those zeros back into D's forward
+    graph, and every convolution there then runs its backward on zeros: for WGAN-GP and
+    DRAGAN, whose penalty forward is not shared with the loss, two of the step's twelve
+    forward-sized passes. Here the penalty's graph never links back to the forward. The
+    gradients are PyTorch's, bit for bit.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, slope: float) -> torch.Tensor:
+        ctx.slope = slope
+        if slope == 0.0:
+            out = F.relu(x)
+            ctx.save_for_backward(out)  # what F.relu's own backward keeps
+            return out
+        ctx.save_for_backward(x)
+        return F.leaky_relu(x, slope)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (saved,) = ctx.saved_tensors
+        if ctx.slope == 0.0:
+            return torch.ops.aten.threshold_backward(grad, saved.detach(), 0), None
+        return torch.ops.aten.leaky_relu_backward(grad, saved.detach(), ctx.slope, False), None
+
+
+class LeakyReLU(nn.LeakyReLU):
+    """`nn.LeakyReLU` for D: a penalty's double backward stops here instead of running
+    D's forward graph backwards on zeros (see `_ReLUFn`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace:
+            return super().forward(x)
+        return _ReLUFn.apply(x, self.negative_slope)
+
+
+class ReLU(nn.ReLU):
+    """`nn.ReLU` for D, with the same cut double backward as `LeakyReLU`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace:
+            return super().forward(x)
+        return _ReLUFn.apply(x, 0.0)
+
+
+class _AvgPool2Fn(torch.autograd.Function):
+    """2x2 average pooling whose backward is differentiable in the incoming gradient only
+    (PyTorch's links back to the input, like (leaky_)relu's: see `_ReLUFn`)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        ctx.size = x.shape[-2:]
+        return F.avg_pool2d(x, 2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # Each input pixel gets a quarter of its window's gradient (exactly, in binary floating
+        # point); the row and column an odd size drops get none.
+        g = F.interpolate(grad, scale_factor=2, mode="nearest") * 0.25
+        return F.pad(g, (0, ctx.size[1] - g.shape[-1], 0, ctx.size[0] - g.shape[-2]))
+
+
+class AvgPool2(nn.AvgPool2d):
+    """`nn.AvgPool2d(2)` for D, with the cut double backward of `LeakyReLU`."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _AvgPool2Fn.apply(x)
+
+
+def to_torch_layers(module: nn.Module) -> nn.Module:
+    """Swap this module's D layers for PyTorch's own, in place (same parameters and outputs):
+    the textbook baseline for benchmarks, and the reference in tests."""
+    torch_layer = {Conv2d: nn.Conv2d, LeakyReLU: nn.LeakyReLU, ReLU: nn.ReLU, AvgPool2: nn.AvgPool2d}
+    for m in module.modules():
+        m.__class__ = torch_layer.get(type(m), type(m))
+    return module
 
 
 class MinibatchStd(nn.Module):

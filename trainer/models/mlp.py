@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.models.layers import MinibatchStd
+from trainer.models.layers import LeakyReLU, MinibatchStd
 
 
 def _mlp(sizes: list[int], act: nn.Module) -> nn.Sequential:
@@ -35,8 +35,9 @@ class MLPDiscriminator(nn.Module):
 
     def __init__(self, width: int = 256, depth: int = 3, mbstd_group: int = 0):
         super().__init__()
-        self.net = _mlp([2] + [width] * depth, nn.LeakyReLU(0.2))
-        self.act = nn.LeakyReLU(0.2)
+        # layers.LeakyReLU: the penalties' double backward skips D's forward graph.
+        self.net = _mlp([2] + [width] * depth, LeakyReLU(0.2))
+        self.act = LeakyReLU(0.2)
         self.mbstd = MinibatchStd(mbstd_group) if mbstd_group else None
         self.head = nn.Linear(width + (1 if mbstd_group else 0), 1)
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainer.models.layers import Conv2d, MinibatchStd
+from trainer.models.layers import AvgPool2, Conv2d, MinibatchStd, ReLU
 
 
 class _UpBlock(nn.Module):
@@ -34,21 +34,22 @@ class _DownBlock(nn.Module):
     def __init__(self, cin: int, cout: int, first: bool = False, down: bool = True):
         super().__init__()
         self.first, self.down = first, down
-        # D's convolutions: the penalties differentiate them twice (layers.Conv2d).
+        # D's convolutions and activations: the penalties differentiate them twice (layers).
         self.c1, self.c2 = Conv2d(cin, cout, 3, padding=1), Conv2d(cout, cout, 3, padding=1)
         self.skip = Conv2d(cin, cout, 1) if (cin != cout or down) else None
+        self.act, self.pool = ReLU(), AvgPool2()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x if self.first else F.relu(x)
-        h = self.c2(F.relu(self.c1(h)))
+        h = x if self.first else self.act(x)
+        h = self.c2(self.act(self.c1(h)))
         if self.down:
-            h = F.avg_pool2d(h, 2)
+            h = self.pool(h)
         s = x
         if self.skip is not None:
             # The optimized first block pools before its 1x1 skip conv; the others after.
-            s = self.skip(F.avg_pool2d(s, 2)) if self.first else self.skip(s)
+            s = self.skip(self.pool(s)) if self.first else self.skip(s)
             if self.down and not self.first:
-                s = F.avg_pool2d(s, 2)
+                s = self.pool(s)
         return h + s
 
 
@@ -89,6 +90,7 @@ class ResNetDiscriminator(nn.Module):
         self.tail = nn.Sequential(
             _DownBlock(width + extra, width, down=False), _DownBlock(width, width, down=False)
         )
+        self.act = ReLU()
         self.head = nn.Linear(width, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,5 +98,5 @@ class ResNetDiscriminator(nn.Module):
         h = self.blocks(x)
         if self.mbstd is not None:
             h = self.mbstd(h)
-        h = F.relu(self.tail(h))
+        h = self.act(self.tail(h))
         return self.head(h.sum(dim=(2, 3))).squeeze(1)
