@@ -266,6 +266,8 @@ def test_d_conv_penalty_gradients_match_nn_conv2d(arch, kind):
     assert any(isinstance(m, layers.Conv2d) for m in D.modules()), "D should use layers.Conv2d"
     layers.to_torch_layers(D)  # PyTorch's own layers and double backward
     assert not any(type(m).__module__ == layers.__name__ for m in D.modules())
+    with pytest.raises(ValueError, match="parametrized"):  # spectral norm: no silent half-swap
+        layers.to_torch_layers(layers.spectral_norm_all(layers.Conv2d(1, 1, 3)))
     native = grads()
     for a, b in zip(ours, native, strict=True):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)

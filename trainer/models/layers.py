@@ -190,6 +190,10 @@ def to_torch_layers(module: nn.Module) -> nn.Module:
     the textbook baseline for benchmarks, and the reference in tests."""
     torch_layer = {Conv2d: nn.Conv2d, LeakyReLU: nn.LeakyReLU, ReLU: nn.ReLU, AvgPool2: nn.AvgPool2d}
     for m in module.modules():
+        if nn.utils.parametrize.is_parametrized(m) and isinstance(m, tuple(torch_layer)):
+            # Its class is a generated subclass (with the parametrization's properties): a swap
+            # would silently keep ours.
+            raise ValueError(f"to_torch_layers: {type(m).__name__} is parametrized (spectral norm?)")
         m.__class__ = torch_layer.get(type(m), type(m))
     return module
 
