@@ -84,7 +84,12 @@ def test_lazy_regularization_schedule_and_rescaled_optimizer(ds_dist):
 
 @pytest.mark.parametrize("kind", ["r1", "r2", "wgan_gp", "dragan"])
 @pytest.mark.parametrize("stage,precision", [(0, "fp32"), (2, "bf16")])
-def test_every_penalty_trains_through_engines(ds_dist, kind, stage, precision):
+def test_every_penalty_trains_through_engines(ds_dist, kind, stage, precision, monkeypatch):
+    from trainer.models import layers
+
+    calls: list[int] = []  # D's own activation Function: only in forwards a penalty differentiates
+    plain = layers._ReLUFn.apply
+    monkeypatch.setattr(layers._ReLUFn, "apply", lambda *a: calls.append(1) or plain(*a))
     cfg = Config()
     cfg.parallel = ParallelConfig(zero_stage=stage, precision=precision)
     cfg.penalty.kind = kind
@@ -99,7 +104,10 @@ def test_every_penalty_trains_through_engines(ds_dist, kind, stage, precision):
     assert out["penalty"].dtype == torch.float32 and out["penalty"] > 0
     assert out["nonfinite"] == 0
     assert any(not torch.equal(a, b.float()) for a, b in zip(before, d.module.parameters()))
+    assert calls, "the penalty's forward should run D's layers for the double backward"
+    calls.clear()
     assert torch.isfinite(step.g_step(16)["g_loss"])
+    assert not calls, "the G step's D forward should run PyTorch's own ops"
 
 
 def test_linear_lr_schedule_keeps_the_lazy_correction(ds_dist):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,6 +163,7 @@ def test_r1_from_logits_equals_separate_forward():
 def test_d_conv_gradcheck_and_gradgradcheck(size, kernel, stride, padding, bias):
     """layers.Conv2d's own backward and double backward against finite differences (odd sizes
     need conv_transpose2d's output padding)."""
+    from trainer.models import layers
     from trainer.models.layers import Conv2d
 
     torch.manual_seed(0)
@@ -169,7 +172,8 @@ def test_d_conv_gradcheck_and_gradgradcheck(size, kernel, stride, padding, bias)
     args = (x, conv.weight, conv.bias) if bias else (x, conv.weight)
 
     def f(x, w, b=None):
-        return conv._conv_forward(x, w, b)
+        with layers.penalty_forward():
+            return conv._conv_forward(x, w, b)
 
     assert torch.autograd.gradcheck(f, args)
     assert torch.autograd.gradgradcheck(f, args)
@@ -178,9 +182,14 @@ def test_d_conv_gradcheck_and_gradgradcheck(size, kernel, stride, padding, bias)
 @pytest.mark.parametrize("slope", [0.0, 0.2])
 def test_d_activation_gradcheck_and_gradgradcheck(slope):
     """layers.(Leaky)ReLU's backward and double backward against finite differences."""
-    from trainer.models.layers import LeakyReLU, ReLU
+    from trainer.models import layers
 
-    act = ReLU() if slope == 0 else LeakyReLU(slope)
+    module = layers.ReLU() if slope == 0 else layers.LeakyReLU(slope)
+
+    def act(x):
+        with layers.penalty_forward():
+            return module(x)
+
     torch.manual_seed(0)
     x = torch.randn(3, 5, dtype=torch.float64)
     x = (x + 0.1 * x.sign()).requires_grad_(True)  # away from the kink, where FD is undefined
@@ -192,9 +201,12 @@ def test_d_activation_gradcheck_and_gradgradcheck(slope):
 def test_d_avg_pool_matches_f_avg_pool2d(size):
     """layers.avg_pool2: F.avg_pool2d's values and gradients (odd sizes drop a row and column),
     finite-difference checked to second order."""
-    from trainer.models.layers import AvgPool2
+    from trainer.models import layers
 
-    avg_pool2 = AvgPool2()
+    def avg_pool2(x):
+        with layers.penalty_forward():
+            return layers.AvgPool2()(x)
+
     torch.manual_seed(0)
     x = torch.randn(2, 3, size, size, dtype=torch.float64, requires_grad=True)
     g = torch.randn(2, 3, size // 2, size // 2, dtype=torch.float64)
@@ -208,9 +220,9 @@ def test_d_avg_pool_matches_f_avg_pool2d(size):
 
 @pytest.mark.parametrize("arch", ["dcgan", "resnet", "mlp"])
 def test_penalty_graph_does_not_reach_d_forward(arch):
-    """WGAN-GP's backward skips D's forward graph on the interpolates: with layers' activations
-    the penalty does not depend on D's hidden activations at all; PyTorch's own activations
-    send it zeros there (what the cut saves: a backward over D on zero gradients)."""
+    """WGAN-GP's backward skips D's forward graph on the interpolates: under penalty_forward()
+    the penalty does not depend on D's hidden activations at all; PyTorch's own ops (D's layers
+    outside it) send it zeros there (what the cut saves: a backward over D on zero gradients)."""
     from trainer.models import build_pair, layers
 
     torch.manual_seed(0)
@@ -224,15 +236,16 @@ def test_penalty_graph_does_not_reach_d_forward(arch):
     first_conv_or_linear = next(m for m in D.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
     first_conv_or_linear.register_forward_hook(lambda m, i, o: hidden.append(o))
 
-    def penalty_grad_on_hidden() -> torch.Tensor | None:
+    def penalty_grad_on_hidden(cut: bool) -> torch.Tensor | None:
         hidden.clear()
-        grad = penalties.input_grad(D(x), x)
+        with layers.penalty_forward() if cut else contextlib.nullcontext():
+            logits = D(x)
+        grad = penalties.input_grad(logits, x)
         p = (grad.flatten(1).norm(dim=1) - 1).square().mean()
         return torch.autograd.grad(p, hidden[0], allow_unused=True)[0]
 
-    assert penalty_grad_on_hidden() is None
-    layers.to_torch_layers(D)
-    native = penalty_grad_on_hidden()
+    assert penalty_grad_on_hidden(cut=True) is None
+    native = penalty_grad_on_hidden(cut=False)  # outside penalty_forward: PyTorch's own ops
     assert native is not None and not native.any()
 
 

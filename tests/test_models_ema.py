@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -47,10 +49,14 @@ def test_ema_tracks_with_ramp_up_and_round_trips():
 
 
 @pytest.mark.slow
-def test_d_conv_compiles_to_one_graph_with_eager_gradients():
-    """parallel.compile runs D's unpenalized forwards compiled: D's custom conv (an
-    autograd.Function) must trace without graph breaks and give the eager gradients."""
+@pytest.mark.parametrize("penalty_forward", [False, True])
+def test_d_compiles_to_one_graph_with_eager_gradients(penalty_forward):
+    """parallel.compile runs D's unpenalized forwards compiled (PyTorch's ops in D's layers);
+    under layers.penalty_forward() D's own autograd Functions must trace without graph breaks
+    too, and both give the eager gradients."""
     from torch._dynamo.utils import counters
+
+    from trainer.models import layers
 
     torch._dynamo.reset()
     counters.clear()
@@ -60,7 +66,8 @@ def test_d_conv_compiles_to_one_graph_with_eager_gradients():
     D(x).sum().backward()
     eager = [p.grad.clone() for p in D.parameters()]
     D.zero_grad(set_to_none=True)
-    torch.compile(D)(x).sum().backward()
+    with layers.penalty_forward() if penalty_forward else contextlib.nullcontext():
+        torch.compile(D)(x).sum().backward()
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     for a, b in zip(eager, [p.grad for p in D.parameters()], strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)

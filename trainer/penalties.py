@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from trainer.models.layers import input_grad_only
+from trainer.models.layers import input_grad_only, penalty_forward
 
 Tensor = torch.Tensor
 DFn = Callable[[Tensor], Tensor]
@@ -31,7 +31,8 @@ def r1_from_logits(real_logits: Tensor, real: Tensor, scale: float = 1.0) -> Ten
     """E ||grad_x D(x)||^2 on reals, reusing the forward that produced `real_logits`.
 
     `real` must have had `requires_grad_(True)` before the forward: the D step fuses the
-    adversarial forward and the penalty forward into one this way.
+    adversarial forward and the penalty forward into one this way. Run that forward under
+    `layers.penalty_forward()` for D's cheaper double backward.
     """
     return input_grad(real_logits, real, scale).square().flatten(1).sum(1).mean()
 
@@ -39,7 +40,9 @@ def r1_from_logits(real_logits: Tensor, real: Tensor, scale: float = 1.0) -> Ten
 def r1(d_fn: DFn, real: Tensor, scale: float = 1.0) -> Tensor:
     """R1 (Mescheder et al. 2018): E ||grad_x D(x)||^2 over real samples."""
     x = real.detach().requires_grad_(True)
-    return r1_from_logits(d_fn(x), x, scale)
+    with penalty_forward():
+        logits = d_fn(x)
+    return r1_from_logits(logits, x, scale)
 
 
 def r2_from_logits(fake_logits: Tensor, fake: Tensor, scale: float = 1.0) -> Tensor:
@@ -50,7 +53,9 @@ def r2_from_logits(fake_logits: Tensor, fake: Tensor, scale: float = 1.0) -> Ten
 def r2(d_fn: DFn, fake: Tensor, scale: float = 1.0) -> Tensor:
     """R2 (Mescheder et al. 2018): E ||grad_x D(x)||^2 over generated samples."""
     x = fake.detach().requires_grad_(True)
-    return r2_from_logits(d_fn(x), x, scale)
+    with penalty_forward():
+        logits = d_fn(x)
+    return r2_from_logits(logits, x, scale)
 
 
 def dragan(
@@ -67,7 +72,9 @@ def dragan(
     )
     perturbed = x + c * x.float().std().to(x.dtype) * u
     x_hat = interpolate(perturbed, x, generator)  # t * perturbed + (1 - t) * x
-    grad = input_grad(d_fn(x_hat), x_hat, scale)
+    with penalty_forward():
+        logits = d_fn(x_hat)
+    grad = input_grad(logits, x_hat, scale)
     return (grad.flatten(1).norm(2, dim=1) - 1.0).square().mean()
 
 
@@ -84,5 +91,7 @@ def wgan_gp(
 ) -> Tensor:
     """WGAN-GP (Gulrajani et al. 2017): E (||grad D(x_hat)|| - 1)^2 on interpolates."""
     x = interpolate(real, fake, generator)
-    grad = input_grad(d_fn(x), x, scale)
+    with penalty_forward():
+        logits = d_fn(x)
+    grad = input_grad(logits, x, scale)
     return (grad.flatten(1).norm(2, dim=1) - 1.0).square().mean()

@@ -14,6 +14,7 @@ import torch
 from trainer import losses, penalties
 from trainer.config import Config
 from trainer.engines import Engine, set_optimizer_hparams
+from trainer.models.layers import penalty_forward
 
 
 def _on(device: torch.device, *values: torch.Tensor) -> torch.Tensor:
@@ -68,10 +69,9 @@ class GANStep:
             # fakes: one forward fewer than a separate penalty pass. Real and fake go through
             # D separately here, so the double backward spans only the penalized half (a
             # forward of the concatenation made the penalty step slower than the textbook one).
-            # The penalized half runs eagerly (a compiled graph has no double backward).
             (real if kind == "r1" else fake).requires_grad_(True)
-            real_logits = self.D(real, eager=kind == "r1")
-            fake_logits = self.D(fake, eager=kind == "r2")
+            real_logits = self._d_forward(real, penalized=kind == "r1")
+            fake_logits = self._d_forward(fake, penalized=kind == "r2")
         else:
             # No per-sample penalty graph: one forward of real and fake together (D has no
             # batch statistics; minibatch-stddev groups never straddle the two halves).
@@ -96,6 +96,14 @@ class GANStep:
             "d_grad_norm": grad_norm,
             "nonfinite": (~torch.isfinite(stats)).sum().float(),  # summed over steps by the loop
         }
+
+    def _d_forward(self, x: torch.Tensor, penalized: bool) -> torch.Tensor:
+        """D's logits; a forward that a penalty differentiates twice runs eagerly (a compiled
+        graph has no double backward) with D's layers recording it for that (`penalty_forward`)."""
+        if not penalized:
+            return self.D(x)
+        with penalty_forward():
+            return self.D.eager(x)
 
     def _penalty(self, kind, real, fake, real_logits, fake_logits, fused: bool, fp16: bool) -> torch.Tensor:
         if fused:
