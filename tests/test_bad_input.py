@@ -95,6 +95,19 @@ def test_parallel_sweep_without_a_shared_cluster(tmp_path):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "multirun").exists()
 
 
+def test_parallel_sweep_over_cluster_addresses(tmp_path):
+    # Every job names a cluster: the check passes, and the jobs stop at the unreachable
+    # clusters. With an empty value among them, one job would start a Ray of its own: refused.
+    a, b = f"127.0.0.5:{free_port()}", f"127.0.0.5:{free_port()}"
+    proc = main(
+        ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"cluster.address={a},{b}"], tmp_path
+    )
+    assert "runs the sweep's jobs in parallel" not in proc.stderr
+    expect_user_error(proc, "cannot reach the Ray cluster at '127.0.0.5:")
+    proc = main(["-m", "hydra/launcher=joblib", f"cluster.address='',{a}"], tmp_path)
+    expect_user_error(proc, "runs the sweep's jobs in parallel", "every value, in a sweep over it")
+
+
 def test_parallel_sweep_takes_the_address_from_a_config_group(tmp_path):
     # cluster=existing sets cluster.address in YAML: the launcher check passes, and the jobs
     # then stop at the unreachable cluster (nothing listens at the recorded address).
