@@ -39,6 +39,11 @@ class Scale(torch.nn.Module):
         return x * self.s
 
 
+def category(z0: torch.Tensor, k: int) -> torch.Tensor:
+    """One of k equally likely categories from a N(0, 1) coordinate, through the normal CDF."""
+    return (0.5 * (1 + torch.erf(z0 / math.sqrt(2))) * k).long().clamp_(0, k - 1)
+
+
 class LatentMixture(torch.nn.Module):
     """A learned mixture-of-Gaussians latent (DeLiGAN, Gurumurthy et al. 2017) fed by N(0, I) (--mix).
 
@@ -54,8 +59,21 @@ class LatentMixture(torch.nn.Module):
         self.log_std = torch.nn.Parameter(torch.full((components, dim), math.log(init_std)))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        c = (0.5 * (1 + torch.erf(z[:, 0] / math.sqrt(2))) * self.k).long().clamp_(0, self.k - 1)
+        c = category(z[:, 0], self.k)
         return self.mean[c] + self.log_std[c].exp() * z[:, 1:]
+
+
+class OneHotCode(torch.nn.Module):
+    """z[:, 0] picks one of K equally likely categories (normal CDF), fed one-hot beside z[:, 1:]
+    (--onehot K): G can send each category to its own region without a continuous path."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        c = category(z[:, 0], self.k)
+        return torch.cat([F.one_hot(c, self.k).to(z.dtype), z[:, 1:]], 1)
 
 
 def latent(n: int, zdim: int, prior: str, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -135,6 +153,12 @@ def main() -> None:
         "--mix", type=int, default=0, help="latent mixture components (0 = plain N(0, I)); z[:, 0] selects"
     )
     p.add_argument("--mix-std", type=float, default=1.0, help="the components' initial std")
+    p.add_argument(
+        "--onehot",
+        type=int,
+        default=0,
+        help="a uniform categorical code of this many values, one-hot, beside z",
+    )
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--beta1", type=float, default=0.5)
     p.add_argument("--beta2", type=float, default=0.999)
@@ -153,9 +177,13 @@ def main() -> None:
     modes_fn, sigma = MIXTURES[a.data]
     modes = modes_fn()
     centres = torch.tensor(modes, dtype=torch.float32)
-    if a.mix and a.zdim < 2:
-        p.error("--mix needs --zdim >= 2 (one selector coordinate plus the mixture's)")
-    G = MLPGenerator(a.zdim - (1 if a.mix else 0), a.width, a.depth)
+    if (a.mix or a.onehot) and a.zdim < 2:
+        p.error("--mix / --onehot need --zdim >= 2 (one selector coordinate plus the rest)")
+    if a.mix and a.onehot:
+        p.error("--mix and --onehot both use z[:, 0] as their selector: pick one")
+    G = MLPGenerator(a.zdim - (1 if a.mix or a.onehot else 0) + a.onehot, a.width, a.depth)
+    if a.onehot:
+        G.net.insert(0, OneHotCode(a.onehot))
     D = MLPDiscriminator(a.dwidth or a.width, a.depth)
     if a.mix:
         G.net.insert(0, LatentMixture(a.zdim - 1, a.mix, a.mix_std))
