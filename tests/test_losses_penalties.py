@@ -199,8 +199,8 @@ def test_d_activation_gradcheck_and_gradgradcheck(slope):
 
 @pytest.mark.parametrize("size", [8, 7])
 def test_d_avg_pool_matches_f_avg_pool2d(size):
-    """layers.avg_pool2: F.avg_pool2d's values and gradients (odd sizes drop a row and column),
-    finite-difference checked to second order."""
+    """layers.AvgPool2 under penalty_forward(): F.avg_pool2d's values and gradients (odd sizes
+    drop a row and column), finite-difference checked to second order."""
     from trainer.models import layers
 
     def avg_pool2(x):
