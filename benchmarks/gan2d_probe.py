@@ -182,9 +182,9 @@ def main() -> None:
     if a.mix and a.onehot:
         p.error("--mix and --onehot both use z[:, 0] as their selector: pick one")
     G = MLPGenerator(a.zdim - (1 if a.mix or a.onehot else 0) + a.onehot, a.width, a.depth)
+    D = MLPDiscriminator(a.dwidth or a.width, a.depth)
     if a.onehot:
         G.net.insert(0, OneHotCode(a.onehot))
-    D = MLPDiscriminator(a.dwidth or a.width, a.depth)
     if a.mix:
         G.net.insert(0, LatentMixture(a.zdim - 1, a.mix, a.mix_std))
     if a.zscale != 1:  # after the mixture, if any: scaling the selector would skew its choice

@@ -23,7 +23,7 @@ for section in "${@:-penalty checks train compile}"; do for s in $section; do ca
     for spec in "fp32 64" "bf16 256" "fp32 1024" "bf16 1024"; do
       set -- $spec
       timeout 120 python3 -m benchmarks.penalty_cost --device cuda --precision "$1" --batch "$2" --rounds 5 \
-        --steps 16 > "$OUT/penalty_gpu_$1_b$2.json" 2> >(quiet >> "$OUT/log.txt")
+        --steps 16 --json "$OUT/penalty_gpu_$1_b$2.json" 2>&1 | quiet >> "$OUT/log.txt"
       echo "penalty_cost $1 b$2: exit $?" | tee -a "$OUT/log.txt"
     done ;;
   checks)
@@ -36,7 +36,7 @@ for section in "${@:-penalty checks train compile}"; do for s in $section; do ca
     done ;;
   compile)
     timeout 200 python3 -m benchmarks.penalty_cost --device cuda --batch 64 --rounds 5 --steps 32 --compile \
-      > "$OUT/penalty_gpu_fp32_b64_compile.json" 2> >(quiet >> "$OUT/log.txt")
+      --json "$OUT/penalty_gpu_fp32_b64_compile.json" 2>&1 | quiet >> "$OUT/log.txt"
     echo "penalty_cost --compile: exit $?" | tee -a "$OUT/log.txt" ;;
   *) echo "gpu_run.sh: unknown section '$s' (penalty, checks, train, compile)" >&2; exit 2 ;;
 esac; done; done

@@ -27,12 +27,19 @@ def input_grad(logits: Tensor, x: Tensor, scale: float = 1.0) -> Tensor:
     return grad.to(torch.promote_types(grad.dtype, torch.float32)) / scale
 
 
+def penalty_logits(d_fn: DFn, x: Tensor) -> Tensor:
+    """D's logits at `x` for a penalty of their own: recorded by D's layers for a cheap double
+    backward (`layers.penalty_forward`)."""
+    with penalty_forward():
+        return d_fn(x)
+
+
 def r1_from_logits(real_logits: Tensor, real: Tensor, scale: float = 1.0) -> Tensor:
     """E ||grad_x D(x)||^2 on reals, reusing the forward that produced `real_logits`.
 
     `real` must have had `requires_grad_(True)` before the forward: the D step fuses the
-    adversarial forward and the penalty forward into one this way. Run that forward under
-    `layers.penalty_forward()` for D's cheaper double backward.
+    adversarial forward and the penalty forward into one this way. Run that forward through
+    `penalty_logits` for D's cheaper double backward.
     """
     return input_grad(real_logits, real, scale).square().flatten(1).sum(1).mean()
 
@@ -40,9 +47,7 @@ def r1_from_logits(real_logits: Tensor, real: Tensor, scale: float = 1.0) -> Ten
 def r1(d_fn: DFn, real: Tensor, scale: float = 1.0) -> Tensor:
     """R1 (Mescheder et al. 2018): E ||grad_x D(x)||^2 over real samples."""
     x = real.detach().requires_grad_(True)
-    with penalty_forward():
-        logits = d_fn(x)
-    return r1_from_logits(logits, x, scale)
+    return r1_from_logits(penalty_logits(d_fn, x), x, scale)
 
 
 def r2_from_logits(fake_logits: Tensor, fake: Tensor, scale: float = 1.0) -> Tensor:
@@ -53,9 +58,7 @@ def r2_from_logits(fake_logits: Tensor, fake: Tensor, scale: float = 1.0) -> Ten
 def r2(d_fn: DFn, fake: Tensor, scale: float = 1.0) -> Tensor:
     """R2 (Mescheder et al. 2018): E ||grad_x D(x)||^2 over generated samples."""
     x = fake.detach().requires_grad_(True)
-    with penalty_forward():
-        logits = d_fn(x)
-    return r2_from_logits(logits, x, scale)
+    return r2_from_logits(penalty_logits(d_fn, x), x, scale)
 
 
 def dragan(
@@ -72,9 +75,7 @@ def dragan(
     )
     perturbed = x + c * x.float().std().to(x.dtype) * u
     x_hat = interpolate(perturbed, x, generator)  # t * perturbed + (1 - t) * x
-    with penalty_forward():
-        logits = d_fn(x_hat)
-    grad = input_grad(logits, x_hat, scale)
+    grad = input_grad(penalty_logits(d_fn, x_hat), x_hat, scale)
     return (grad.flatten(1).norm(2, dim=1) - 1.0).square().mean()
 
 
@@ -91,7 +92,5 @@ def wgan_gp(
 ) -> Tensor:
     """WGAN-GP (Gulrajani et al. 2017): E (||grad D(x_hat)|| - 1)^2 on interpolates."""
     x = interpolate(real, fake, generator)
-    with penalty_forward():
-        logits = d_fn(x)
-    grad = input_grad(logits, x, scale)
+    grad = input_grad(penalty_logits(d_fn, x), x, scale)
     return (grad.flatten(1).norm(2, dim=1) - 1.0).square().mean()

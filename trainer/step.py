@@ -14,7 +14,6 @@ import torch
 from trainer import losses, penalties
 from trainer.config import Config
 from trainer.engines import Engine, set_optimizer_hparams
-from trainer.models.layers import penalty_forward
 
 
 def _on(device: torch.device, *values: torch.Tensor) -> torch.Tensor:
@@ -99,11 +98,8 @@ class GANStep:
 
     def _d_forward(self, x: torch.Tensor, penalized: bool) -> torch.Tensor:
         """D's logits; a forward that a penalty differentiates twice runs eagerly (a compiled
-        graph has no double backward) with D's layers recording it for that (`penalty_forward`)."""
-        if not penalized:
-            return self.D(x)
-        with penalty_forward():
-            return self.D.eager(x)
+        graph has no double backward) with D's layers recording it for that."""
+        return penalties.penalty_logits(self.D.eager, x) if penalized else self.D(x)
 
     def _penalty(self, kind, real, fake, real_logits, fake_logits, fused: bool, fp16: bool) -> torch.Tensor:
         if fused:

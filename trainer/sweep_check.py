@@ -32,8 +32,9 @@ class ParallelSweepCheck(Callback):
         # The composed config has cluster.address from the command line, an experiment or
         # cluster=existing alike; a sweep over cluster.address only shows in the overrides.
         launcher = config.hydra.runtime.choices.get("hydra/launcher") or "basic"
-        addresses = swept_values(config, "cluster.address") or [config.cluster.address]
-        if launcher == "basic" or all(addresses) or os.environ.get("RAY_ADDRESS"):
+        if launcher == "basic" or os.environ.get("RAY_ADDRESS"):
+            return
+        if all(swept_values(config, "cluster.address") or [config.cluster.address]):
             return
         # sys.exit, not a raised ConfigError: Hydra turns a callback's Exception into a warning
         # and would launch the jobs anyway.

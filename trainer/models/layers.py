@@ -21,8 +21,8 @@ def penalty_forward() -> Iterator[None]:
     Outside they run PyTorch's own ops: the same values and first-order gradients with less
     Python per call, which counts where a step is launch-bound (tiny batches on this CPU: a
     DCGAN-32 D forward and backward took 1.08 ms with the Functions, 0.81 ms without). A plain
-    global like `input_grad_only`; `penalties` set it around their own forwards, the D step
-    around the forward R1 / R2 share with the loss.
+    global like `input_grad_only`; `penalties.penalty_logits` sets it, for the penalties' own
+    forwards and for the D step's forward that R1 / R2 share with the loss.
     """
     global _penalty_forward
     saved, _penalty_forward = _penalty_forward, True
