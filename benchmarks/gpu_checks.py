@@ -1,6 +1,6 @@
 """GPU-only correctness checks (no CI GPU exists, so this runs on a lent card and is recorded).
 
-For bf16 and fp16 (dynamic loss scaling) under ZeRO 0, 1 and 2: the R1 penalty taken through
+For bf16, bf16_autocast and fp16 (dynamic loss scaling) under ZeRO 0, 1 and 2: the R1 penalty taken through
 a real DeepSpeed engine matches an fp32 reference on the same weights, its gradient is applied,
 and 20 full GAN steps stay finite with no gradient left in D after the G step.
 benchmarks/gpu_run.sh runs it on the card (it takes the JSON path to write, no options).
@@ -36,7 +36,7 @@ def check(stage: int, precision: str) -> dict:
         r1 = penalties.r1(d.fp32_forward, x).item()  # what GANStep does under fp16
     else:
         xr = x.clone().requires_grad_(True)
-        r1 = penalties.r1_from_logits(d(xr), xr).item()
+        r1 = penalties.r1_from_logits(penalties.penalty_logits(d.eager, xr), xr).item()  # as GANStep
     cfg = Config()
     cfg.model.arch, cfg.model.latent_dim, cfg.parallel = "dcgan", 100, parallel
     step = GANStep(g, d, cfg, torch.Generator().manual_seed(1))
@@ -63,7 +63,7 @@ def check(stage: int, precision: str) -> dict:
 
 def main() -> int:
     init_dist("cuda")
-    results = [check(s, p) for p in ("bf16", "fp16") for s in (0, 1, 2)]
+    results = [check(s, p) for p in ("bf16", "bf16_autocast", "fp16") for s in (0, 1, 2)]
     for r in results:
         print(json.dumps(r))
     if len(sys.argv) > 1:

@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="add parallel.compile variants")
     ap.add_argument("--arch", default="dcgan", choices=["dcgan", "mlp"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "bf16_autocast"])
     ap.add_argument(
         "--json", default="", help="also write the result here (stdout carries DeepSpeed's notes)"
     )

@@ -37,6 +37,8 @@ def test_user_facing_keys_override():
     assert (cfg.trainer.num_workers, cfg.trainer.max_steps, cfg.trainer.seed) == (2, 7, 3)
     assert cfg.data.urls.endswith(".tar") and cfg.tracking.registered_model == "faces"
     assert cfg.parallel.precision == "bf16" and cfg.penalty.kind == "wgan_gp" and cfg.penalty.weight == 10.0
+    # The autocast mode composes and validates on a CPU too (no GPU-only loss scaling).
+    assert compose(["parallel=gpu_bf16_autocast"]).parallel.precision == "bf16_autocast"
 
 
 @pytest.mark.parametrize(
@@ -45,7 +47,7 @@ def test_user_facing_keys_override():
         ("trainer.num_wokers=2", "unknown key 'trainer.num_wokers'; allowed keys in trainer: num_workers"),
         ("bogus=1", "unknown key 'bogus'; config groups: model"),
         ("parallel.zero_stage=3", "parallel.zero_stage=3 is invalid; allowed values: 0, 1, 2"),
-        ("parallel.precision=fp8", "allowed values: fp32, bf16, fp16"),
+        ("parallel.precision=fp8", "allowed values: fp32, bf16, fp16, bf16_autocast"),
         ("parallel.precision=fp16", "needs trainer.use_gpu=true"),
         (
             "loss.kind=bce",

@@ -18,7 +18,7 @@ def _reference_r1(D: torch.nn.Module, x: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16_autocast"])
 def test_penalty_through_engine_matches_reference(ds_dist, stage, precision):
     torch.manual_seed(0)
     _, D = build_pair("dcgan", 16, resolution=32, channels=1, d_width=8)
@@ -30,10 +30,19 @@ def test_penalty_through_engine_matches_reference(ds_dist, stage, precision):
         import copy
 
         reference = _reference_r1(copy.deepcopy(engine.module).float(), x)
+    conv_dtypes: list[torch.dtype] = []  # what D's convolutions computed in
+    for m in engine.module.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda _m, _i, out: conv_dtypes.append(out.dtype))
     xr = x.clone().requires_grad_(True)
-    r1 = penalties.r1_from_logits(engine(xr), xr)
+    r1 = penalties.r1_from_logits(penalties.penalty_logits(engine, xr), xr)
     assert r1.dtype == torch.float32
     assert r1.item() == pytest.approx(reference, rel=1e-4 if precision == "fp32" else 3e-2)
+    # bf16_autocast: fp32 weights, bf16 convolutions (the penalty path's custom conv included).
+    assert set(conv_dtypes) == {torch.float32 if precision == "fp32" else torch.bfloat16}
+    assert {p.dtype for p in engine.module.parameters()} == {
+        torch.bfloat16 if precision == "bf16" else torch.float32
+    }
     before = [p.detach().float().clone() for p in engine.module.parameters()]
     engine.backward(r1)
     norm = engine.step()
@@ -42,7 +51,7 @@ def test_penalty_through_engine_matches_reference(ds_dist, stage, precision):
     assert torch.isfinite(norm) or (stage == 0 and precision == "fp32")
 
 
-@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (1, "bf16"), (2, "fp32")])
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (1, "bf16"), (2, "fp32"), (0, "bf16_autocast")])
 def test_g_step_leaves_no_gradient_in_d_and_d_unchanged(ds_dist, stage, precision):
     cfg = Config()
     cfg.parallel = ParallelConfig(zero_stage=stage, precision=precision)
@@ -83,7 +92,7 @@ def test_lazy_regularization_schedule_and_rescaled_optimizer(ds_dist):
 
 
 @pytest.mark.parametrize("kind", ["r1", "r2", "wgan_gp", "dragan"])
-@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (2, "bf16")])
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (2, "bf16"), (1, "bf16_autocast")])
 def test_every_penalty_trains_through_engines(ds_dist, kind, stage, precision, monkeypatch):
     from trainer.models import layers
 
@@ -193,7 +202,7 @@ class _Payload:
         return (print, ("pwned",))  # what a tampered checkpoint could run on load
 
 
-@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (1, "bf16"), (2, "bf16")])
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (1, "bf16"), (2, "bf16"), (2, "bf16_autocast")])
 def test_engine_checkpoints_load_weights_only(ds_dist, tmp_path, stage, precision):
     """Every ZeRO stage's files load with weights_only=True; a pickled object is refused."""
     import pickle

@@ -18,7 +18,7 @@ SPECTRAL_NORM = ("none", "d", "both")
 LR_SCHEDULES = ("constant", "linear")
 LOSSES = ("nonsaturating", "hinge", "wasserstein", "lsgan")
 PENALTIES = ("none", "r1", "r2", "wgan_gp", "dragan")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "bf16_autocast")
 ZERO_STAGES = (0, 1, 2)
 BUILTINS = ("grid25", "ring8", "digits")
 RESOLUTIONS = (32, 64)
@@ -116,7 +116,9 @@ class DataConfig:
 @dataclass
 class ParallelConfig:
     zero_stage: int = 0
-    precision: str = "fp32"  # fp32 | bf16 (CPU or GPU) | fp16 (GPU, dynamic loss scaling)
+    # fp32 | bf16 (CPU or GPU; bf16 weights, fp32 master copies) | fp16 (GPU, dynamic loss
+    # scaling) | bf16_autocast (fp32 weights, bf16 compute under torch.autocast)
+    precision: str = "fp32"
     # torch.compile the G and D forwards, except the one a penalty differentiates twice
     # (AOTAutograd has no double backward): that one stays eager. Costs a compile at start.
     compile: bool = False
@@ -282,7 +284,7 @@ def validate(cfg: Config) -> Config:
     if cfg.parallel.precision == "fp16" and not cfg.trainer.use_gpu:
         raise ConfigError(
             "parallel.precision=fp16 needs trainer.use_gpu=true (DeepSpeed's fp16 loss scaling is GPU-only); "
-            "use parallel.precision=bf16 or fp32 on CPU"
+            "use parallel.precision=bf16, bf16_autocast or fp32 on CPU"
         )
     if "://" in cfg.trainer.storage_path:
         raise ConfigError(

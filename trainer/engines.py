@@ -23,7 +23,14 @@ import deepspeed  # noqa: E402  (the accelerator must be chosen before import)
 
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The parameters' dtype per precision. bf16_autocast keeps fp32 weights and runs the forwards
+# under torch.autocast: bf16 matmuls and convolutions, no master copy to flatten and sync.
+DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "bf16_autocast": torch.float32,
+}
 
 
 def ds_config(parallel: ParallelConfig, batch_size: int, grad_clip: float) -> dict:
@@ -43,6 +50,18 @@ def ds_config(parallel: ParallelConfig, batch_size: int, grad_clip: float) -> di
     }
     if parallel.precision == "bf16":
         cfg["bf16"] = {"enabled": True}
+    elif parallel.precision == "bf16_autocast":
+        # DeepSpeed's own autocast mode: fp32 parameters and optimizer, the plain (ZeRO 0) or
+        # fp32 ZeRO path. Our forwards bypass the engine's __call__, so `Engine.__call__` opens
+        # the autocast region itself; this section tells ZeRO which gradients it may reduce in
+        # bf16 (its default list matches exact classes, so D's Conv2d subclass is named).
+        cfg["torch_autocast"] = {
+            "enabled": True,
+            "dtype": "bfloat16",
+            "lower_precision_safe_modules": [
+                "torch.nn.Linear", "torch.nn.Conv2d", "torch.nn.ConvTranspose2d", "trainer.models.layers.Conv2d"
+            ],
+        }  # fmt: skip
     elif parallel.precision == "fp16":
         cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 200}
     return cfg
@@ -83,6 +102,7 @@ class Engine:
             model=module, optimizer=optimizer, config=ds_config(parallel, batch_size, grad_clip)
         )
         self.dtype = DTYPES[parallel.precision]
+        self.autocast = parallel.precision == "bf16_autocast"
         self.device = self.ds.device
         # The compiled module shares the parameters; `eager` keeps the plain one for the
         # penalty's double backward, which compiled graphs do not support.
@@ -106,8 +126,9 @@ class Engine:
 
     def __call__(self, x: torch.Tensor, eager: bool = False) -> torch.Tensor:
         """Forward through the bare module (compiled under `parallel.compile`, unless `eager`)
-        in the engine's dtype; logits come back in fp32."""
-        return (self.ds.module if eager else self._fast)(x.to(self.dtype)).float()
+        in the engine's dtype (under bf16 autocast for `bf16_autocast`); outputs come back in fp32."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return (self.ds.module if eager else self._fast)(x.to(self.dtype)).float()
 
     def eager(self, x: torch.Tensor) -> torch.Tensor:
         """The forward a gradient penalty differentiates twice: never compiled."""
@@ -143,7 +164,7 @@ class Engine:
     def step(self) -> torch.Tensor:
         """Apply the update; return the global gradient norm before clipping (NaN if unknown)."""
         norm = None
-        if self.parallel.zero_stage == 0 and self.parallel.precision == "fp32":
+        if self.parallel.zero_stage == 0 and self.dtype == torch.float32:
             # Plain optimizer path: DeepSpeed does not compute a norm here, grads are reduced already.
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
             norm = (

@@ -76,6 +76,11 @@ class _Conv2dFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
+        if grad.dtype != weight.dtype:
+            # The forward ran under autocast (bf16 conv of fp32 weights); the backward runs
+            # outside it, so it casts as autocast did. Under create_graph the casts are
+            # recorded, and the double backward reaches the fp32 weights through them.
+            x, weight = x.to(grad.dtype), weight.to(grad.dtype)
         want_w = not _input_grad_only and ctx.needs_input_grad[1]
         want_b = not _input_grad_only and ctx.has_bias and ctx.needs_input_grad[2]
         if not torch.is_grad_enabled():
