@@ -197,6 +197,48 @@ def test_incompatible_checkpoint_config_names_the_keys():
         checkpoint.check_compatible(saved, current)
 
 
+@pytest.mark.parametrize(
+    "was,now,ok",
+    [
+        ({"precision": "fp32"}, {"precision": "bf16_autocast"}, True),  # both fp32 optimizer files
+        ({"precision": "bf16"}, {"precision": "fp32"}, False),
+        ({"precision": "bf16"}, {"precision": "bf16_autocast"}, False),
+        ({"zero_stage": 1}, {"zero_stage": 0}, False),
+    ],
+)
+def test_resume_checks_the_optimizer_file_layout(ds_dist, tmp_path, was, now, ok):
+    """What `check_compatible` lets through, DeepSpeed loads; what it refuses, it would fail on."""
+    from dataclasses import asdict, replace
+
+    from trainer import checkpoint
+
+    def engine(parallel: ParallelConfig) -> Engine:
+        torch.manual_seed(0)
+        G, _ = build_pair("mlp", 4, g_width=16, d_width=16, depth=1)
+        return Engine(G, 1e-3, (0.5, 0.99), parallel, 8)
+
+    saved_cfg, current_cfg = Config(), Config()
+    saved_cfg.parallel, current_cfg.parallel = (
+        replace(saved_cfg.parallel, **was),
+        replace(current_cfg.parallel, **now),
+    )
+    first = engine(saved_cfg.parallel)
+    first.backward(first(torch.randn(8, 4)).square().mean())
+    first.step()
+    first.save(tmp_path / "G")
+    second = engine(current_cfg.parallel)
+    if ok:
+        checkpoint.check_compatible(asdict(saved_cfg), asdict(current_cfg))
+        second.load(tmp_path / "G")
+        assert all(torch.equal(a, b) for a, b in zip(first.module.parameters(), second.module.parameters()))
+    else:
+        key = "precision" if "precision" in now else "zero_stage"
+        with pytest.raises(checkpoint.CheckpointError, match=rf"parallel\.{key}="):
+            checkpoint.check_compatible(asdict(saved_cfg), asdict(current_cfg))
+        with pytest.raises(Exception):  # noqa: B017 (DeepSpeed's own error varies: KeyError, FileNotFoundError, ...)
+            second.load(tmp_path / "G")
+
+
 class _Payload:
     def __reduce__(self):
         return (print, ("pwned",))  # what a tampered checkpoint could run on load

@@ -148,23 +148,34 @@ def latest_valid(directory: Path, expected_ranks: int | None = None) -> Path | N
     return None
 
 
+# Which DeepSpeed optimizer-state layout a precision writes (measured: deepspeed 0.19.8 loads
+# fp32 <-> bf16_autocast at ZeRO 0-2, and fails with KeyErrors between fp32 and bf16 / fp16).
+_OPTIMIZER_STATE = {"fp32": "fp32", "bf16_autocast": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
 def check_compatible(saved: dict, current: dict) -> None:
     """Fail with the differing keys when a checkpoint's config cannot be resumed with `current`.
 
-    The model must be the same, and the data layout (workers x loader workers, seed, batch)
-    that the data position depends on.
+    The model must be the same, the data layout (workers x loader workers, seed, batch) that
+    the data position depends on, and the layout of DeepSpeed's optimizer files: the ZeRO stage
+    and the precision, where fp32 and bf16_autocast (both fp32 weights and optimizer) load each
+    other's files and bf16 / fp16 (master copies, loss scaler) load only their own.
     """
     keys = [("model", k) for k in current["model"]] + [
         ("trainer", "num_workers"),
         ("trainer", "seed"),
         ("data", "loader_workers"),
         ("data", "batch_size"),
+        ("parallel", "zero_stage"),
     ]
     diffs = [
         f"{a}.{b}={saved.get(a, {}).get(b)!r} (now {current[a][b]!r})"
         for a, b in keys
         if saved.get(a, {}).get(b, current[a][b]) != current[a][b]
     ]
+    was, now = saved.get("parallel", {}).get("precision"), current["parallel"]["precision"]
+    if was is not None and _OPTIMIZER_STATE.get(was, was) != _OPTIMIZER_STATE.get(now, now):
+        diffs.append(f"parallel.precision={was!r} (now {now!r})")
     if diffs:
         raise CheckpointError(
             "the run's checkpoint was written with a different config: "
