@@ -76,6 +76,30 @@ class OneHotCode(torch.nn.Module):
         return torch.cat([F.one_hot(c, self.k).to(z.dtype), z[:, 1:]], 1)
 
 
+class Experts(torch.nn.Module):
+    """K separate small MLP generators (--experts K): z[:, 0] picks one (normal CDF), which maps
+    z[:, 1:] to a point. No weights are shared, so no continuous path joins two experts' outputs;
+    a bridge can only form inside one expert."""
+
+    def __init__(self, k: int, zdim: int, width: int, depth: int):
+        super().__init__()
+        self.k = k
+        dims = [zdim] + [width] * depth + [2]
+        self.weights = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.randn(k, i, o) / math.sqrt(i)) for i, o in zip(dims, dims[1:])
+        )
+        self.biases = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(k, o)) for o in dims[1:])
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        c = category(z[:, 0], self.k)
+        h = z[:, 1:]
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = torch.bmm(h.unsqueeze(1), w[c]).squeeze(1) + b[c]
+            if i < len(self.weights) - 1:
+                h = F.relu(h)
+        return h
+
+
 def latent(n: int, zdim: int, prior: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """N(0, I) or U[-1, 1)^zdim latents."""
     if prior == "uniform":
@@ -159,6 +183,8 @@ def main() -> None:
         default=0,
         help="a uniform categorical code of this many values, one-hot, beside z",
     )
+    p.add_argument("--experts", type=int, default=0, help="K separate small MLP generators (0 = one MLP)")
+    p.add_argument("--expert-width", type=int, default=32)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--beta1", type=float, default=0.5)
     p.add_argument("--beta2", type=float, default=0.999)
@@ -177,11 +203,13 @@ def main() -> None:
     modes_fn, sigma = MIXTURES[a.data]
     modes = modes_fn()
     centres = torch.tensor(modes, dtype=torch.float32)
-    if (a.mix or a.onehot) and a.zdim < 2:
-        p.error("--mix / --onehot need --zdim >= 2 (one selector coordinate plus the rest)")
-    if a.mix and a.onehot:
-        p.error("--mix and --onehot both use z[:, 0] as their selector: pick one")
+    if (a.mix or a.onehot or a.experts) and a.zdim < 2:
+        p.error("--mix / --onehot / --experts need --zdim >= 2 (one selector coordinate plus the rest)")
+    if sum(map(bool, (a.mix, a.onehot, a.experts))) > 1:
+        p.error("--mix, --onehot and --experts all use z[:, 0] as their selector: pick one")
     G = MLPGenerator(a.zdim - (1 if a.mix or a.onehot else 0) + a.onehot, a.width, a.depth)
+    if a.experts:
+        G.net = torch.nn.Sequential(Experts(a.experts, a.zdim - 1, a.expert_width, a.depth))
     D = MLPDiscriminator(a.dwidth or a.width, a.depth)
     if a.onehot:
         G.net.insert(0, OneHotCode(a.onehot))

@@ -71,6 +71,20 @@ def test_bad_values_name_the_key(override, message):
         compose([override])
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model=dcgan32", "model.g_experts=4"], "model.g_experts=4 is for model.arch=mlp"),
+        (["model.latent_dim=1", "model.g_experts=4"], "model.g_experts needs model.latent_dim >= 2"),
+        (["model.spectral_norm=both", "model.g_experts=4"], "model.spectral_norm=both does not cover"),
+        (["model.g_experts=-1"], "model.g_experts=-1 is invalid; it must be >= 0"),
+    ],
+)
+def test_bad_experts_generator_settings_name_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose(overrides)
+
+
 def test_cli_reports_config_errors_without_a_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "trainer.main", "model.arch=gan"],

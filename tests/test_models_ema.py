@@ -29,6 +29,32 @@ def test_mlp_pair_and_unknown_arch():
         build_pair("vae", 8)
 
 
+def test_experts_generator_keeps_its_experts_apart():
+    """z[:, 0] picks one of k equally likely experts; a sample's gradient reaches only its own
+    expert's weights (no shared weights: no path between two experts' outputs)."""
+    from trainer.models.mlp import MLPExpertsGenerator, expert_index
+
+    torch.manual_seed(0)
+    G, _ = build_pair("mlp", 3, g_width=8, d_width=8, depth=2, g_experts=5)
+    assert isinstance(G, MLPExpertsGenerator) and G.out_shape == (2,)
+    z = torch.randn(4000, 3)
+    counts = torch.bincount(expert_index(z[:, 0], 5), minlength=5)
+    assert counts.min() > 700 and counts.max() < 900  # 800 each in expectation
+    one = torch.tensor([[0.0, 0.3, -0.2]])  # z0 = 0: the middle expert, index 2
+    G(one).sum().backward()
+    touched = [k for k in range(5) if any(layer.weight.grad[k].abs().sum() > 0 for layer in G.layers)]
+    assert touched == [2]
+    # The same point from the same expert whatever the other samples in the batch.
+    assert torch.allclose(G(torch.cat([one, torch.randn(7, 3)]))[0], G(one)[0])
+    # torch.export (how MLflow stores generators) takes it with a free batch size.
+    ep = torch.export.export(G, (z[:4],), dynamic_shapes={"z": {0: torch.export.Dim("batch")}})
+    assert torch.allclose(ep.module()(z[:9]), G(z[:9]))
+    with pytest.raises(ValueError, match="latent_dim >= 2"):
+        build_pair("mlp", 1, g_experts=3)
+    with pytest.raises(ValueError, match="g_experts is for the mlp pair"):
+        build_pair("dcgan", 8, g_experts=3)
+
+
 def test_ema_tracks_with_ramp_up_and_round_trips():
     G, _ = build_pair("mlp", 4, g_width=8, d_width=8, depth=1)
     ema = EMA(G, decay=0.99)

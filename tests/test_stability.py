@@ -56,6 +56,17 @@ def test_spectral_monitor_matches_the_largest_singular_value():
             assert values[name] == pytest.approx(exact, rel=1e-3)
 
 
+def test_spectral_monitor_reads_an_experts_layer_as_k_matrices():
+    torch.manual_seed(0)
+    G, _ = build_pair("mlp", 3, g_width=8, d_width=8, depth=2, g_experts=6)
+    values = stability.SpectralMonitor(G, iters=1, warmup=200)()
+    assert set(values) == {"layers.0", "layers.1", "layers.2"}
+    for i, layer in enumerate(G.layers):
+        w = layer.weight.detach()
+        exact = max(torch.linalg.matrix_norm(w[k], ord=2).item() for k in range(6))
+        assert values[f"layers.{i}"] == pytest.approx(exact, rel=1e-3)
+
+
 def test_group_grad_norms_leave_grads_alone_and_add_up():
     torch.manual_seed(0)
     _, D = build_pair("mlp", 4, d_width=16, depth=2)

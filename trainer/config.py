@@ -45,6 +45,9 @@ class ModelConfig:
     depth: int = 3  # mlp hidden layers
     spectral_norm: str = "none"  # none | d (every D layer) | both
     mbstd_group: int = 0  # > 0: minibatch stddev feature in D over groups of this many samples
+    # mlp only, > 0: G is this many separate MLPs of width g_width; z[:, 0] picks one (so
+    # latent_dim counts that coordinate). No path between experts' outputs: no mode bridges.
+    g_experts: int = 0
 
 
 @dataclass
@@ -208,6 +211,7 @@ def validate(cfg: Config) -> Config:
         ("model.d_width", cfg.model.d_width, 8),
         ("model.depth", cfg.model.depth, 1),
         ("model.mbstd_group", cfg.model.mbstd_group, 0),
+        ("model.g_experts", cfg.model.g_experts, 0),
         ("stability.every", cfg.stability.every, 0),
         ("stability.power_iters", cfg.stability.power_iters, 1),
         ("stability.samples", cfg.stability.samples, 16),
@@ -239,6 +243,22 @@ def validate(cfg: Config) -> Config:
         ("tracking.flush_timeout", cfg.tracking.flush_timeout, 0.0),
     ]:
         _at_least(key, value, low)
+    if cfg.model.g_experts:
+        if cfg.model.arch != "mlp":
+            raise ConfigError(
+                f"model.g_experts={cfg.model.g_experts} is for model.arch=mlp (2-D points), not "
+                f"{cfg.model.arch}: set model.g_experts=0"
+            )
+        if cfg.model.latent_dim < 2:
+            raise ConfigError(
+                f"model.g_experts needs model.latent_dim >= 2 (z[:, 0] picks the expert), got "
+                f"{cfg.model.latent_dim}"
+            )
+        if cfg.model.spectral_norm == "both":
+            raise ConfigError(
+                "model.spectral_norm=both does not cover an experts G (model.g_experts > 0): use "
+                "model.spectral_norm=d"
+            )
     if cfg.parallel.compile and cfg.model.spectral_norm != "none":
         # Measured: the compiled power iteration saves the SN vectors for its backward, and a
         # second forward before that backward (the penalty's) updates them in place.

@@ -40,6 +40,7 @@ def build_models(cfg: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
         depth=m.depth,
         spectral_norm=m.spectral_norm,
         mbstd_group=m.mbstd_group,
+        g_experts=m.g_experts,
     )
 
 

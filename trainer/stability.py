@@ -95,17 +95,20 @@ class SpectralMonitor:
             p = getattr(m, "weight", None)
             if not isinstance(p, torch.Tensor) or p.dim() < 2:
                 continue
-            w = p.detach().float().reshape(p.shape[0], -1)
+            if getattr(m, "batched", False):  # (k, in, out): k matrices (an experts G); the largest
+                w = p.detach().float().transpose(1, 2)
+            else:
+                w = p.detach().float().reshape(1, p.shape[0], -1)
             u = self._u.get(name)
             iters = self.iters
             if u is None or not bool(torch.isfinite(u).all()):  # first call, or NaN weights passed by
-                u = torch.randn(w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.device)
+                u = torch.randn(w.shape[:2], generator=torch.Generator().manual_seed(0)).to(w.device)
                 iters = self.warmup
             for _ in range(iters):
-                v = nn.functional.normalize(w.t() @ u, dim=0, eps=1e-12)
-                u = nn.functional.normalize(w @ v, dim=0, eps=1e-12)
+                v = nn.functional.normalize((w.transpose(1, 2) @ u.unsqueeze(2)).squeeze(2), dim=1, eps=1e-12)
+                u = nn.functional.normalize((w @ v.unsqueeze(2)).squeeze(2), dim=1, eps=1e-12)
             self._u[name] = u
-            out[name or "weight"] = float(u @ w @ v)
+            out[name or "weight"] = float((u.unsqueeze(1) @ w @ v.unsqueeze(2)).max())
         return out
 
 

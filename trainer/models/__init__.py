@@ -6,7 +6,7 @@ from torch import nn
 
 from trainer.models.dcgan import DCGANDiscriminator, DCGANGenerator
 from trainer.models.layers import MinibatchStd, spectral_norm_all
-from trainer.models.mlp import MLPDiscriminator, MLPGenerator
+from trainer.models.mlp import MLPDiscriminator, MLPExpertsGenerator, MLPGenerator
 from trainer.models.resnet import ResNetDiscriminator, ResNetGenerator
 
 
@@ -21,14 +21,23 @@ def build_pair(
     depth: int = 3,
     spectral_norm: str = "none",
     mbstd_group: int = 0,
+    g_experts: int = 0,
 ) -> tuple[nn.Module, nn.Module]:
     """(G, D) for `arch`: 'mlp' for 2-D points, 'dcgan' or 'resnet' for images.
 
     `spectral_norm`: 'none', 'd' (every D layer) or 'both'; `mbstd_group` > 0 adds a minibatch
-    stddev feature to D over groups of that many consecutive samples.
+    stddev feature to D over groups of that many consecutive samples; `g_experts` > 0 (mlp
+    only) makes G that many separate MLPs of width `g_width`, z[:, 0] picking one.
     """
+    if g_experts and arch != "mlp":
+        raise ValueError(f"g_experts is for the mlp pair, not {arch!r}")
     if arch == "mlp":
-        G, D = MLPGenerator(latent_dim, g_width, depth), MLPDiscriminator(d_width, depth, mbstd_group)
+        G = (
+            MLPExpertsGenerator(latent_dim, g_experts, g_width, depth)
+            if g_experts
+            else MLPGenerator(latent_dim, g_width, depth)
+        )
+        D = MLPDiscriminator(d_width, depth, mbstd_group)
     elif arch == "dcgan":
         G = DCGANGenerator(latent_dim, resolution, channels, g_width)
         D = DCGANDiscriminator(resolution, channels, d_width, mbstd_group)
@@ -49,6 +58,7 @@ __all__ = [
     "DCGANGenerator",
     "DCGANDiscriminator",
     "MLPGenerator",
+    "MLPExpertsGenerator",
     "MLPDiscriminator",
     "ResNetGenerator",
     "ResNetDiscriminator",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -28,6 +30,57 @@ class MLPGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
+
+
+def expert_index(z0: torch.Tensor, k: int) -> torch.Tensor:
+    """One of k equally likely experts from a N(0, 1) coordinate, through the normal CDF."""
+    return (0.5 * (1 + torch.erf(z0 / math.sqrt(2))) * k).long().clamp(0, k - 1)
+
+
+class ExpertLinear(nn.Module):
+    """k independent linear maps; each sample goes through the one its expert index picks.
+
+    `weight` is (k, in, out): `stability.SpectralMonitor` reads it as k matrices (`batched`).
+    """
+
+    batched = True
+
+    def __init__(self, k: int, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(k, d_in, d_out) / math.sqrt(d_in))
+        self.bias = nn.Parameter(torch.zeros(k, d_out))
+
+    def forward(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(h.unsqueeze(1), self.weight[idx]).squeeze(1) + self.bias[idx]
+
+
+class MLPExpertsGenerator(nn.Module):
+    """z (N, latent_dim) -> points (N, 2) from `experts` separate MLPs (model.g_experts).
+
+    z[:, 0] picks an expert (equally likely), which maps z[:, 1:] to a point. A single
+    continuous G over a connected latent must put mass on paths between disconnected modes
+    (Khayatkhoei et al. 2018, "Disconnected Manifold Learning for GANs"); experts share no
+    weights, so no path joins two experts' outputs. On grid25 that mass was the last 3-5 % of
+    low-quality samples (benchmarks/RESULTS.md).
+    """
+
+    def __init__(self, latent_dim: int, experts: int, width: int = 32, depth: int = 3):
+        super().__init__()
+        if latent_dim < 2:
+            raise ValueError(f"an experts G needs latent_dim >= 2 (1 selector + the rest), got {latent_dim}")
+        self.latent_dim, self.experts = latent_dim, experts
+        self.out_shape = (2,)
+        sizes = [latent_dim - 1] + [width] * depth + [2]
+        self.layers = nn.ModuleList(ExpertLinear(experts, a, b) for a, b in zip(sizes, sizes[1:]))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        idx = expert_index(z[:, 0], self.experts)
+        h = z[:, 1:]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, idx)
+            if i < len(self.layers) - 1:
+                h = torch.relu(h)
+        return h
 
 
 class MLPDiscriminator(nn.Module):
