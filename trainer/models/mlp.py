@@ -75,12 +75,35 @@ class MLPExpertsGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         idx = expert_index(z[:, 0], self.experts)
-        h = z[:, 1:]
+        if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+            return self._gathered(z[:, 1:], idx)
+        return self._grouped(z[:, 1:], idx)
+
+    def _gathered(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Each sample through its expert's gathered weights: static shapes, for torch.export
+        (MLflow's pt2 format) and torch.compile."""
         for i, layer in enumerate(self.layers):
             h = layer(h, idx)
             if i < len(self.layers) - 1:
                 h = torch.relu(h)
         return h
+
+    def _grouped(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The same maps with the samples grouped by expert into a (k, capacity, d) batch, one
+        bmm per layer over the weights as they are. Gathering a weight matrix per sample and
+        scattering its gradient back cost 4x as much (CPU, batch 256, 50 experts of 32 units:
+        2.7 against 0.67 ms forward and backward). Padding rows are computed and never read."""
+        order = torch.argsort(idx, stable=True)
+        sorted_idx = idx[order]
+        counts = torch.bincount(sorted_idx, minlength=self.experts)
+        pos = torch.arange(len(idx), device=idx.device) - (torch.cumsum(counts, 0) - counts)[sorted_idx]
+        x = h.new_zeros(self.experts, int(counts.max()), h.shape[1]).index_put((sorted_idx, pos), h[order])
+        for i, layer in enumerate(self.layers):
+            x = torch.baddbmm(layer.bias.unsqueeze(1), x, layer.weight)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        y = x[sorted_idx, pos]
+        return torch.empty_like(y).index_copy(0, order, y)
 
 
 class MLPDiscriminator(nn.Module):
