@@ -196,6 +196,59 @@ def test_two_workers_grid25_r1_tracked_registered_and_sampled(env, ray_cluster, 
     assert bad.returncode == 2 and f"versions of '{name}': [1]; aliases: champion -> 1" in bad.stderr
 
 
+def test_stable_preset_experts_generator_trains_on_two_workers_and_samples(env, ray_cluster, tmp_path):
+    """The recommended 2-D preset's G (50 expert MLPs) through the real stack: two DeepSpeed
+    replicas stay identical, the probe reads its (k, in, out) weights, and the generator
+    MLflow stores (torch.export) samples the same points as its saved EMA weights."""
+    from mlflow.tracking import MlflowClient
+
+    from trainer.main import compose
+    from trainer.models import build_pair
+
+    name = "it-experts"
+    proc = run_main(
+        [
+            f"cluster.address={ray_cluster['address']}",
+            "experiment=stable",
+            "trainer.num_workers=2",
+            "trainer.max_steps=200",
+            "trainer.log_every=100",
+            "trainer.sample_every=0",
+            "trainer.checkpoint_every=200",
+            f"trainer.storage_path={tmp_path}/runs",
+            "trainer.run_name=experts-it",
+            "data.loader_workers=1",
+            f"tracking.registered_model={name}",
+        ],
+        env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_id = re.search(r"MLflow run (\w+)", proc.stdout).group(1)
+    client = MlflowClient(ray_cluster["mlflow"])
+    assert client.get_run(run_id).data.params["model.g_experts"] == "50"
+    assert all(m.value == 0.0 for m in client.get_metric_history(run_id, "replica_drift"))
+    assert [m.step for m in client.get_metric_history(run_id, "sn/G/layers.1")] == [100, 200]
+    assert all(m.value > 0 for m in client.get_metric_history(run_id, "sn/G/max"))
+
+    out = tmp_path / "s.npz"
+    sample = subprocess.run(
+        [sys.executable, "-m", "trainer.sample", f"model=models:/{name}@champion", "num=500", f"out={out}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert sample.returncode == 0, sample.stderr
+    registered = np.load(out)["samples"]
+    cfg = compose(["experiment=stable"])
+    G, _ = build_pair("mlp", 3, g_width=32, d_width=8, g_experts=cfg.model.g_experts)
+    final = max((tmp_path / "runs" / "experts-it").rglob("ema.pt")).parent  # step 200: the end
+    G.load_state_dict({k[4:]: v for k, v in load_parameters(final).items() if k.startswith("ema.")})
+    with torch.no_grad():  # trainer.sample's latents: seed 0 by default
+        mine = G(torch.randn(500, 3, generator=torch.Generator().manual_seed(0))).numpy()
+    assert registered.shape == (500, 2) and np.allclose(registered, mine, atol=1e-5)
+
+
 def test_ray_job_submit_two_nodes_exactly_once_per_epoch(env, ray_cluster, tmp_path):
     """The multi-node path: `ray job submit` to a head + worker node, one training worker per
     node (custom resources), the shards split between them exactly once per epoch."""
