@@ -240,12 +240,12 @@ def test_stable_preset_experts_generator_trains_on_two_workers_and_samples(env, 
     )
     assert sample.returncode == 0, sample.stderr
     registered = np.load(out)["samples"]
-    cfg = compose(["experiment=stable"])
-    G, _ = build_pair("mlp", 3, g_width=32, d_width=8, g_experts=cfg.model.g_experts)
+    m = compose(["experiment=stable"]).model
+    G, _ = build_pair("mlp", m.latent_dim, g_width=m.g_width, depth=m.depth, g_experts=m.g_experts)
     final = max((tmp_path / "runs" / "experts-it").rglob("ema.pt")).parent  # step 200: the end
     G.load_state_dict({k[4:]: v for k, v in load_parameters(final).items() if k.startswith("ema.")})
     with torch.no_grad():  # trainer.sample's latents: seed 0 by default
-        mine = G(torch.randn(500, 3, generator=torch.Generator().manual_seed(0))).numpy()
+        mine = G(torch.randn(500, m.latent_dim, generator=torch.Generator().manual_seed(0))).numpy()
     assert registered.shape == (500, 2) and np.allclose(registered, mine, atol=1e-5)
 
 
