@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from data_pipeline.sources import MIXTURES
 from trainer.ema import EMA
-from trainer.models.mlp import MLPDiscriminator, MLPGenerator
+from trainer.models.mlp import MLPDiscriminator, MLPExpertsGenerator, MLPGenerator, expert_index
 from trainer.stability import mode_metrics
 
 
@@ -37,11 +37,6 @@ class Scale(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.s
-
-
-def category(z0: torch.Tensor, k: int) -> torch.Tensor:
-    """One of k equally likely categories from a N(0, 1) coordinate, through the normal CDF."""
-    return (0.5 * (1 + torch.erf(z0 / math.sqrt(2))) * k).long().clamp_(0, k - 1)
 
 
 class LatentMixture(torch.nn.Module):
@@ -59,7 +54,7 @@ class LatentMixture(torch.nn.Module):
         self.log_std = torch.nn.Parameter(torch.full((components, dim), math.log(init_std)))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        c = category(z[:, 0], self.k)
+        c = expert_index(z[:, 0], self.k)
         return self.mean[c] + self.log_std[c].exp() * z[:, 1:]
 
 
@@ -72,32 +67,8 @@ class OneHotCode(torch.nn.Module):
         self.k = k
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        c = category(z[:, 0], self.k)
+        c = expert_index(z[:, 0], self.k)
         return torch.cat([F.one_hot(c, self.k).to(z.dtype), z[:, 1:]], 1)
-
-
-class Experts(torch.nn.Module):
-    """K separate small MLP generators (--experts K): z[:, 0] picks one (normal CDF), which maps
-    z[:, 1:] to a point. No weights are shared, so no continuous path joins two experts' outputs;
-    a bridge can only form inside one expert."""
-
-    def __init__(self, k: int, zdim: int, width: int, depth: int):
-        super().__init__()
-        self.k = k
-        dims = [zdim] + [width] * depth + [2]
-        self.weights = torch.nn.ParameterList(
-            torch.nn.Parameter(torch.randn(k, i, o) / math.sqrt(i)) for i, o in zip(dims, dims[1:])
-        )
-        self.biases = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(k, o)) for o in dims[1:])
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        c = category(z[:, 0], self.k)
-        h = z[:, 1:]
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            h = torch.bmm(h.unsqueeze(1), w[c]).squeeze(1) + b[c]
-            if i < len(self.weights) - 1:
-                h = F.relu(h)
-        return h
 
 
 def latent(n: int, zdim: int, prior: str, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -209,7 +180,7 @@ def main() -> None:
         p.error("--mix, --onehot and --experts all use z[:, 0] as their selector: pick one")
     G = MLPGenerator(a.zdim - (1 if a.mix or a.onehot else 0) + a.onehot, a.width, a.depth)
     if a.experts:
-        G.net = torch.nn.Sequential(Experts(a.experts, a.zdim - 1, a.expert_width, a.depth))
+        G.net = torch.nn.Sequential(MLPExpertsGenerator(a.zdim, a.experts, a.expert_width, a.depth))
     D = MLPDiscriminator(a.dwidth or a.width, a.depth)
     if a.onehot:
         G.net.insert(0, OneHotCode(a.onehot))

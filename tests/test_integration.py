@@ -36,6 +36,13 @@ def run_main(args: list[str], env: dict, timeout: float = 600, **kw) -> subproce
     )
 
 
+def run_sample(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    """`python -m trainer.sample ARGS` (pull a registered generator and sample it)."""
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.sample", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
 def start_main(args: list[str], env: dict) -> subprocess.Popen:
     """`python -m trainer.main` in the background, in its own process group, output piped."""
     return subprocess.Popen(
@@ -136,21 +143,7 @@ def test_two_workers_grid25_r1_tracked_registered_and_sampled(env, ray_cluster, 
     assert versions[0].tags["steps"] == "400" and versions[0].tags["run_id"] == run_id
 
     out = tmp_path / "s.npz"
-    sample = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trainer.sample",
-            f"model=models:/{name}@champion",
-            "num=2000",
-            f"out={out}",
-            "seed=5",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    sample = run_sample([f"model=models:/{name}@champion", "num=2000", f"out={out}", "seed=5"], env)
     assert sample.returncode == 0, sample.stderr
     trained = np.load(out)["samples"]
     assert trained.shape == (2000, 2)
@@ -178,21 +171,9 @@ def test_two_workers_grid25_r1_tracked_registered_and_sampled(env, ray_cluster, 
     assert a1 + a2 <= (b1 + b2) / 2
 
     png = tmp_path / "grid.png"
-    proc = subprocess.run(
-        [sys.executable, "-m", "trainer.sample", f"model=models:/{name}/1", f"out={png}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_sample([f"model=models:/{name}/1", f"out={png}"], env)
     assert proc.returncode == 0 and png.read_bytes()[:4] == b"\x89PNG"
-    bad = subprocess.run(
-        [sys.executable, "-m", "trainer.sample", f"model=models:/{name}@production", f"out={png}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    bad = run_sample([f"model=models:/{name}@production", f"out={png}"], env)
     assert bad.returncode == 2 and f"versions of '{name}': [1]; aliases: champion -> 1" in bad.stderr
 
 
@@ -231,13 +212,7 @@ def test_stable_preset_experts_generator_trains_on_two_workers_and_samples(env, 
     assert all(m.value > 0 for m in client.get_metric_history(run_id, "sn/G/max"))
 
     out = tmp_path / "s.npz"
-    sample = subprocess.run(
-        [sys.executable, "-m", "trainer.sample", f"model=models:/{name}@champion", "num=500", f"out={out}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    sample = run_sample([f"model=models:/{name}@champion", "num=500", f"out={out}"], env)
     assert sample.returncode == 0, sample.stderr
     registered = np.load(out)["samples"]
     m = compose(["experiment=stable"]).model
