@@ -98,6 +98,16 @@ def metrics(
     return m
 
 
+def prior_summary(g: torch.nn.Module) -> str:
+    """A learned prior over experts, if any: its effective number of experts and extremes x K."""
+    logits = getattr(g.net[0], "prior_logits", None)
+    if logits is None:
+        return ""
+    p = torch.softmax(logits.detach(), 0)
+    eff = float(torch.exp(-(p * p.log()).sum()))
+    return f"  prior: {eff:.1f} effective, x K {len(p) * float(p.min()):.2f}..{len(p) * float(p.max()):.2f}"
+
+
 def diagnose(g: torch.nn.Module, zdim: int, modes: np.ndarray, sigma: float, prior: str) -> None:
     """Where the low-quality samples come from in latent space (--diagnose).
 
@@ -156,6 +166,9 @@ def main() -> None:
     )
     p.add_argument("--experts", type=int, default=0, help="K separate small MLP generators (0 = one MLP)")
     p.add_argument("--expert-width", type=int, default=32)
+    p.add_argument(
+        "--learn-prior", action="store_true", help="learn the prior over experts (score-function gradient)"
+    )
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--beta1", type=float, default=0.5)
     p.add_argument("--beta2", type=float, default=0.999)
@@ -164,7 +177,9 @@ def main() -> None:
     p.add_argument(
         "--diagnose", action="store_true", help="at the end, locate the off-mode mass in latent space"
     )
-    p.add_argument("--save", default=None, help="write the EMA generator's state_dict here at the end")
+    p.add_argument(
+        "--save", default=None, help="write the EMA generator's state_dict here at the end (D's to PATH.D)"
+    )
     a = p.parse_args()
     if not 0 <= a.decay_from < 1:
         p.error(f"--decay-from {a.decay_from}: a fraction of the run in [0, 1)")
@@ -180,7 +195,9 @@ def main() -> None:
         p.error("--mix, --onehot and --experts all use z[:, 0] as their selector: pick one")
     G = MLPGenerator(a.zdim - (1 if a.mix or a.onehot else 0) + a.onehot, a.width, a.depth)
     if a.experts:
-        G.net = torch.nn.Sequential(MLPExpertsGenerator(a.zdim, a.experts, a.expert_width, a.depth))
+        G.net = torch.nn.Sequential(
+            MLPExpertsGenerator(a.zdim, a.experts, a.expert_width, a.depth, a.learn_prior)
+        )
     D = MLPDiscriminator(a.dwidth or a.width, a.depth)
     if a.onehot:
         G.net.insert(0, OneHotCode(a.onehot))
@@ -214,11 +231,15 @@ def main() -> None:
             od.zero_grad(set_to_none=True)
             loss.backward()
             od.step()
-        g_logits = D(G(latent(a.bs, a.zdim, a.prior)))
+        zg = latent(a.bs, a.zdim, a.prior)
+        g_logits = D(G(zg))
         if a.topk < 1:  # top-k (Sinha et al. 2020): k ramps from the batch to topk over half the run
             k = int(a.bs * max(a.topk, 1 - (1 - a.topk) * 2 * t / a.steps))
             g_logits = g_logits.topk(k).values
-        g_loss = F.softplus(-g_logits).mean()
+        per_sample = F.softplus(-g_logits)
+        g_loss = per_sample.mean()
+        if a.learn_prior:  # score-function gradient of E_expert[loss] in the prior's logits
+            g_loss = g_loss + ((per_sample - g_loss).detach() * G.net[0].log_prior(zg)).mean()
         og.zero_grad(set_to_none=True)
         g_loss.backward()
         og.step()
@@ -232,13 +253,14 @@ def main() -> None:
                 f"step {t + 1}  raw {r['modes_covered']:.0f} modes / {100 * r['high_quality']:.1f} % HQ"
                 f" / KL {r['reverse_kl']:.2f}  ema {e['modes_covered']:.0f} / {100 * e['high_quality']:.1f}"
                 f" / {e['reverse_kl']:.2f}  wide {100 * e['wide']:.1f} %  off {100 * e['off']:.1f} %"
-                f"  spread {e['spread']:.2f}  {time.time() - t0:.0f}s",
+                f"  spread {e['spread']:.2f}{prior_summary(ema.module)}  {time.time() - t0:.0f}s",
                 flush=True,
             )
     if a.diagnose:
         diagnose(ema.module, a.zdim, modes, sigma, a.prior)
     if a.save:
         torch.save(ema.module.state_dict(), a.save)
+        torch.save(D.state_dict(), a.save + ".D")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,8 @@ def test_bad_values_name_the_key(override, message):
         (["model.latent_dim=1", "model.g_experts=4"], "model.g_experts needs model.latent_dim >= 2"),
         (["model.spectral_norm=both", "model.g_experts=4"], "model.spectral_norm=both does not cover"),
         (["model.g_experts=-1"], "model.g_experts=-1 is invalid; it must be >= 0"),
+        (["model.g_expert_prior=learned"], "model.g_expert_prior=learned needs an experts G"),
+        (["model.g_experts=4", "model.g_expert_prior=dirichlet"], "allowed values: uniform, learned"),
     ],
 )
 def test_bad_experts_generator_settings_name_the_fix(overrides, message):

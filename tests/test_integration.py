@@ -206,7 +206,8 @@ def test_stable_preset_experts_generator_trains_on_two_workers_and_samples(env, 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_id = re.search(r"MLflow run (\w+)", proc.stdout).group(1)
     client = MlflowClient(ray_cluster["mlflow"])
-    assert client.get_run(run_id).data.params["model.g_experts"] == "50"
+    params = client.get_run(run_id).data.params
+    assert params["model.g_experts"] == "50" and params["model.g_expert_prior"] == "learned"
     assert all(m.value == 0.0 for m in client.get_metric_history(run_id, "replica_drift"))
     assert [m.step for m in client.get_metric_history(run_id, "sn/G/layers.1")] == [100, 200]
     assert all(m.value > 0 for m in client.get_metric_history(run_id, "sn/G/max"))
@@ -216,9 +217,17 @@ def test_stable_preset_experts_generator_trains_on_two_workers_and_samples(env, 
     assert sample.returncode == 0, sample.stderr
     registered = np.load(out)["samples"]
     m = compose(["experiment=stable"]).model
-    G, _ = build_pair("mlp", m.latent_dim, g_width=m.g_width, depth=m.depth, g_experts=m.g_experts)
+    G, _ = build_pair(
+        "mlp",
+        m.latent_dim,
+        g_width=m.g_width,
+        depth=m.depth,
+        g_experts=m.g_experts,
+        g_expert_prior=m.g_expert_prior,
+    )
     final = max((tmp_path / "runs" / "experts-it").rglob("ema.pt")).parent  # step 200: the end
     G.load_state_dict({k[4:]: v for k, v in load_parameters(final).items() if k.startswith("ema.")})
+    assert G.prior_logits.std() > 0  # G's loss trained the prior (identical on both replicas: drift 0)
     with torch.no_grad():  # trainer.sample's latents: seed 0 by default
         mine = G(torch.randn(500, m.latent_dim, generator=torch.Generator().manual_seed(0))).numpy()
     assert registered.shape == (500, 2) and np.allclose(registered, mine, atol=1e-5)

@@ -62,6 +62,40 @@ def test_experts_generator_keeps_its_experts_apart():
         build_pair("dcgan", 8, g_experts=3)
 
 
+@pytest.mark.parametrize("kind", ["nonsaturating", "hinge", "wasserstein", "lsgan"])
+def test_learned_expert_prior_picks_by_its_weights_and_learns_from_g_loss(kind):
+    """model.g_expert_prior=learned: z[:, 0] is read against the prior's CDF; G's loss gains a
+    zero-valued score-function term whose gradient moves mass to experts D scores better."""
+    from trainer import losses
+    from trainer.models.mlp import expert_index
+
+    torch.manual_seed(0)
+    G, _ = build_pair("mlp", 3, g_width=8, d_width=8, depth=2, g_experts=4, g_expert_prior="learned")
+    z = torch.randn(20000, 3)
+    assert (G.choose(z[:, 0]) == expert_index(z[:, 0], 4)).float().mean() > 0.999  # zero logits: uniform
+    with torch.no_grad():
+        G.prior_logits.copy_(torch.tensor([0.7, 0.1, 0.1, 0.1]).log())
+    share = torch.bincount(G.choose(z[:, 0]), minlength=4) / len(z)
+    assert abs(share[0] - 0.7) < 0.02 and (share[1:] - 0.1).abs().max() < 0.015
+    with torch.no_grad():
+        G.prior_logits.zero_()
+    idx = G.choose(z[:512, 0])
+    fake_logits = torch.where(idx == 3, 2.0, -1.0)  # D scores expert 3's samples as more real
+    g_loss = losses.get(kind)[1]
+    total = losses.with_learned_prior(g_loss, fake_logits, G.log_prior(z[:512]))
+    assert torch.allclose(total, g_loss(fake_logits))  # the per-sample terms average to G's loss
+    total.backward()
+    assert G.prior_logits.grad.argmin() == 3 and (G.prior_logits.grad[:3] > 0).all()
+    # torch.export (MLflow's pt2 format) takes the prior's searchsorted too.
+    with torch.no_grad():
+        G.prior_logits.copy_(torch.tensor([1.0, -1.0, 0.5, 0.0]))
+    ep = torch.export.export(G, (z[:4],), dynamic_shapes={"z": {0: torch.export.Dim("batch")}})
+    assert torch.allclose(ep.module()(z[:9]), G(z[:9]), atol=1e-6)
+    uniform, _ = build_pair("mlp", 3, g_width=8, d_width=8, depth=2, g_experts=4)
+    with pytest.raises(ValueError, match="learned_prior=True"):
+        uniform.log_prior(z[:4])
+
+
 def test_ema_tracks_with_ramp_up_and_round_trips():
     G, _ = build_pair("mlp", 4, g_width=8, d_width=8, depth=1)
     ema = EMA(G, decay=0.99)

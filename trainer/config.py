@@ -20,6 +20,7 @@ LOSSES = ("nonsaturating", "hinge", "wasserstein", "lsgan")
 PENALTIES = ("none", "r1", "r2", "wgan_gp", "dragan")
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16_autocast")
 ZERO_STAGES = (0, 1, 2)
+EXPERT_PRIORS = ("uniform", "learned")
 BUILTINS = ("grid25", "ring8", "digits")
 RESOLUTIONS = (32, 64)
 
@@ -48,6 +49,9 @@ class ModelConfig:
     # mlp only, > 0: G is this many separate MLPs of width g_width; z[:, 0] picks one (so
     # latent_dim counts that coordinate). No path between experts' outputs: no mode bridges.
     g_experts: int = 0
+    # uniform | learned: the experts' prior. Learned, G's loss also trains it (a score-function
+    # gradient), so the mass per mode can balance when the experts do not divide evenly.
+    g_expert_prior: str = "uniform"
 
 
 @dataclass
@@ -259,6 +263,12 @@ def validate(cfg: Config) -> Config:
                 "model.spectral_norm=both does not cover an experts G (model.g_experts > 0): use "
                 "model.spectral_norm=d"
             )
+    _choice("model.g_expert_prior", cfg.model.g_expert_prior, EXPERT_PRIORS)
+    if cfg.model.g_expert_prior == "learned" and not cfg.model.g_experts:
+        raise ConfigError(
+            "model.g_expert_prior=learned needs an experts G: set model.g_experts (e.g. 50), or "
+            "model.g_expert_prior=uniform"
+        )
     if cfg.parallel.compile and cfg.model.spectral_norm != "none":
         # Measured: the compiled power iteration saves the SN vectors for its backward, and a
         # second forward before that backward (the penalty's) updates them in place.

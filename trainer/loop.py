@@ -41,6 +41,7 @@ def build_models(cfg: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
         spectral_norm=m.spectral_norm,
         mbstd_group=m.mbstd_group,
         g_experts=m.g_experts,
+        g_expert_prior=m.g_expert_prior,
     )
 
 

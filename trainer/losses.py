@@ -57,6 +57,20 @@ LOSSES: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor], T
 }
 
 
+def with_learned_prior(g_loss: Callable[[Tensor], Tensor], fake: Tensor, log_prior: Tensor) -> Tensor:
+    """`g_loss(fake)`, plus the score-function gradient of its expectation in a learned prior
+    over G's experts (`log_prior`: each sample's log p(expert), differentiable in the prior).
+
+    Picking an expert is discrete, so the prior gets REINFORCE's estimate: each sample's loss,
+    minus the batch mean as a baseline, times the gradient of its log p(expert). The added term
+    is zero in value; experts whose samples D scores better than average gain mass. Every G loss
+    here is a mean of per-sample terms, so `vmap` gives those terms.
+    """
+    per_sample = torch.vmap(g_loss)(fake.unsqueeze(1))
+    loss = per_sample.mean()
+    return loss + ((per_sample - loss).detach() * (log_prior - log_prior.detach())).mean()
+
+
 def get(kind: str) -> tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor], Tensor]]:
     """(d_loss, g_loss) for a loss name."""
     try:

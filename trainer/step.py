@@ -119,8 +119,14 @@ class GANStep:
         """G main phase: D is frozen so no gradient lands in D, and D's engine is not touched."""
         self.D.requires_grad_(False)
         try:
-            fake = self.G(self.latent(batch_size))
-            loss = self.g_loss(self.D(fake))
+            z = self.latent(batch_size)
+            logits = self.D(self.G(z))
+            if getattr(self.G.module, "prior_logits", None) is None:
+                loss = self.g_loss(logits)
+            else:  # an experts G with a learned prior (model.g_expert_prior=learned)
+                # z in G's dtype, as its forward sees it: the same expert for each sample.
+                log_prior = self.G.module.log_prior(z.to(self.G.dtype))
+                loss = losses.with_learned_prior(self.g_loss, logits, log_prior)
             self.G.backward(loss)
             grad_norm = self.G.step()
         finally:

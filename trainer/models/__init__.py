@@ -22,18 +22,20 @@ def build_pair(
     spectral_norm: str = "none",
     mbstd_group: int = 0,
     g_experts: int = 0,
+    g_expert_prior: str = "uniform",
 ) -> tuple[nn.Module, nn.Module]:
     """(G, D) for `arch`: 'mlp' for 2-D points, 'dcgan' or 'resnet' for images.
 
     `spectral_norm`: 'none', 'd' (every D layer) or 'both'; `mbstd_group` > 0 adds a minibatch
     stddev feature to D over groups of that many consecutive samples; `g_experts` > 0 (mlp
-    only) makes G that many separate MLPs of width `g_width`, z[:, 0] picking one.
+    only) makes G that many separate MLPs of width `g_width`, z[:, 0] picking one, equally likely
+    or (`g_expert_prior='learned'`) by a learned prior.
     """
     if g_experts and arch != "mlp":
         raise ValueError(f"g_experts is for the mlp pair, not {arch!r}")
     if arch == "mlp":
         G = (
-            MLPExpertsGenerator(latent_dim, g_experts, g_width, depth)
+            MLPExpertsGenerator(latent_dim, g_experts, g_width, depth, g_expert_prior == "learned")
             if g_experts
             else MLPGenerator(latent_dim, g_width, depth)
         )

@@ -64,7 +64,9 @@ class MLPExpertsGenerator(nn.Module):
     low-quality samples (benchmarks/RESULTS.md).
     """
 
-    def __init__(self, latent_dim: int, experts: int, width: int = 32, depth: int = 3):
+    def __init__(
+        self, latent_dim: int, experts: int, width: int = 32, depth: int = 3, learned_prior: bool = False
+    ):
         super().__init__()
         if latent_dim < 2:
             raise ValueError(f"an experts G needs latent_dim >= 2 (1 selector + the rest), got {latent_dim}")
@@ -72,9 +74,25 @@ class MLPExpertsGenerator(nn.Module):
         self.out_shape = (2,)
         sizes = [latent_dim - 1] + [width] * depth + [2]
         self.layers = nn.ModuleList(ExpertLinear(experts, a, b) for a, b in zip(sizes, sizes[1:]))
+        # Logits of a learned prior over the experts; None: equally likely.
+        self.prior_logits = nn.Parameter(torch.zeros(experts)) if learned_prior else None
+
+    def choose(self, z0: torch.Tensor) -> torch.Tensor:
+        """Each sample's expert: the normal CDF of z0 read against the prior's cumulative sum."""
+        if self.prior_logits is None:
+            return expert_index(z0, self.experts)
+        cdf = torch.cumsum(torch.softmax(self.prior_logits.detach().float(), 0), 0)
+        u = 0.5 * (1 + torch.erf(z0.float() / math.sqrt(2)))
+        return torch.searchsorted(cdf, u.contiguous()).clamp(max=self.experts - 1)
+
+    def log_prior(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(expert) of each latent's expert, differentiable in the prior's logits."""
+        if self.prior_logits is None:
+            raise ValueError("log_prior needs an experts G built with learned_prior=True")
+        return torch.log_softmax(self.prior_logits.float(), 0)[self.choose(z[:, 0])]
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        idx = expert_index(z[:, 0], self.experts)
+        idx = self.choose(z[:, 0])
         if torch.compiler.is_exporting() or torch.compiler.is_compiling():
             return self._gathered(z[:, 1:], idx)
         return self._grouped(z[:, 1:], idx)
