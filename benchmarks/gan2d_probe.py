@@ -9,6 +9,10 @@ the raw and the EMA generator every `--every` steps, plus where the low-quality 
     python benchmarks/gan2d_probe.py --data grid25 --r1 0.1 --lr 1e-2 --sched linear \
         --width 128 --steps 12000 --every 2000
 
+`--experts K` makes G K small expert MLPs (the trainer's `model.g_experts`), `--learn-prior`
+adds the learned prior over them (`model.g_expert_prior=learned`), and `--save` keeps the EMA G
+and D for a closer look.
+
 Numbers from it are probes; the preset's own numbers come from `mode_collapse.py`.
 """
 

@@ -195,6 +195,13 @@ def test_incompatible_checkpoint_config_names_the_keys():
         checkpoint.CheckpointError, match=r"model.g_width=256 \(now 128\), trainer.num_workers=1"
     ):
         checkpoint.check_compatible(saved, current)
+    # A checkpoint from before model.g_expert_prior existed had its default, uniform.
+    del saved["model"]["g_expert_prior"]
+    current = asdict(Config())
+    checkpoint.check_compatible(saved, current)
+    current["model"]["g_expert_prior"] = "learned"
+    with pytest.raises(checkpoint.CheckpointError, match=r"model.g_expert_prior='uniform' \(now 'learned'\)"):
+        checkpoint.check_compatible(saved, current)
 
 
 @pytest.mark.parametrize(

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from data_pipeline.shards import sha256_file
+from trainer.config import ModelConfig
 from trainer.ema import EMA
 from trainer.engines import Engine
 
@@ -161,6 +163,8 @@ def check_compatible(saved: dict, current: dict) -> None:
     and the precision, where fp32 and bf16_autocast (both fp32 weights and optimizer) load each
     other's files and bf16 / fp16 (master copies, loss scaler) load only their own.
     """
+    # A model key the saved config lacks predates it: that run had the key's default.
+    defaults = {("model", f.name): f.default for f in fields(ModelConfig)}
     keys = [("model", k) for k in current["model"]] + [
         ("trainer", "num_workers"),
         ("trainer", "seed"),
@@ -169,9 +173,9 @@ def check_compatible(saved: dict, current: dict) -> None:
         ("parallel", "zero_stage"),
     ]
     diffs = [
-        f"{a}.{b}={saved.get(a, {}).get(b)!r} (now {current[a][b]!r})"
+        f"{a}.{b}={saved.get(a, {}).get(b, defaults.get((a, b)))!r} (now {current[a][b]!r})"
         for a, b in keys
-        if saved.get(a, {}).get(b, current[a][b]) != current[a][b]
+        if saved.get(a, {}).get(b, defaults.get((a, b), current[a][b])) != current[a][b]
     ]
     was, now = saved.get("parallel", {}).get("precision"), current["parallel"]["precision"]
     if was is not None and _OPTIMIZER_STATE.get(was, was) != _OPTIMIZER_STATE.get(now, now):

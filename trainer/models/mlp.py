@@ -62,6 +62,11 @@ class MLPExpertsGenerator(nn.Module):
     (Khayatkhoei et al. 2018, "Disconnected Manifold Learning for GANs"); experts share no
     weights, so no path joins two experts' outputs. On grid25 that mass was the last 3-5 % of
     low-quality samples (benchmarks/RESULTS.md).
+
+    `learned_prior`: experts are picked by a learned prior instead (z[:, 0]'s normal CDF read
+    against its cumulative sum), whose logits G's loss trains (`losses.with_learned_prior`). With
+    equally likely experts the mass per mode moves in steps of 1/k: 50 experts over ring8's 8
+    modes left one or two hopping between modes to the end.
     """
 
     def __init__(
