@@ -57,16 +57,25 @@ LOSSES: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor], T
 }
 
 
-def with_learned_prior(g_loss: Callable[[Tensor], Tensor], fake: Tensor, log_prior: Tensor) -> Tensor:
-    """`g_loss(fake)`, plus the score-function gradient of its expectation in a learned prior
-    over G's experts (`log_prior`: each sample's log p(expert), differentiable in the prior).
+# G's loss per sample: each `*_g` above is the mean of its term (for `with_learned_prior`).
+G_TERMS: dict[str, Callable[[Tensor], Tensor]] = {
+    "nonsaturating": lambda fake: F.softplus(-fake),
+    "hinge": torch.neg,
+    "wasserstein": torch.neg,
+    "lsgan": lambda fake: 0.5 * (fake - 1.0).square(),
+}
+
+
+def with_learned_prior(g_term: Callable[[Tensor], Tensor], fake: Tensor, log_prior: Tensor) -> Tensor:
+    """G's loss, the mean of `g_term(fake)`, plus the score-function gradient of its expectation
+    in a learned prior over G's experts (`log_prior`: each sample's log p(expert),
+    differentiable in the prior).
 
     Picking an expert is discrete, so the prior gets REINFORCE's estimate: each sample's loss,
     minus the batch mean as a baseline, times the gradient of its log p(expert). The added term
-    is zero in value; experts whose samples D scores better than average gain mass. Every G loss
-    here is a mean of per-sample terms, so `vmap` gives those terms.
+    is zero in value; experts whose samples D scores better than average gain mass.
     """
-    per_sample = torch.vmap(g_loss)(fake.unsqueeze(1))
+    per_sample = g_term(fake)
     loss = per_sample.mean()
     return loss + ((per_sample - loss).detach() * (log_prior - log_prior.detach())).mean()
 

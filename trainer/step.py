@@ -28,6 +28,7 @@ class GANStep:
         self.G, self.D, self.cfg = G, D, cfg
         self.noise = noise
         self.d_loss, self.g_loss = losses.get(cfg.loss.kind)
+        self.g_term = losses.G_TERMS[cfg.loss.kind]
         self.d_iters = 0  # D steps so far: step x d_steps (the lazy schedule's phase)
         self.lr_scale = 1.0
         self.set_penalty(cfg.penalty.kind, cfg.penalty.weight)
@@ -126,7 +127,7 @@ class GANStep:
             else:  # an experts G with a learned prior (model.g_expert_prior=learned)
                 # z in G's dtype, as its forward sees it: the same expert for each sample.
                 log_prior = self.G.module.log_prior(z.to(self.G.dtype))
-                loss = losses.with_learned_prior(self.g_loss, logits, log_prior)
+                loss = losses.with_learned_prior(self.g_term, logits, log_prior)
             self.G.backward(loss)
             grad_norm = self.G.step()
         finally:
