@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.sources import MIXTURES
+from trainer import losses
 from trainer.ema import EMA
 from trainer.models.mlp import MLPDiscriminator, MLPExpertsGenerator, MLPGenerator, expert_index
 from trainer.stability import mode_metrics
@@ -195,6 +196,8 @@ def main() -> None:
     centres = torch.tensor(modes, dtype=torch.float32)
     if (a.mix or a.onehot or a.experts) and a.zdim < 2:
         p.error("--mix / --onehot / --experts need --zdim >= 2 (one selector coordinate plus the rest)")
+    if a.learn_prior and (not a.experts or a.topk < 1):
+        p.error("--learn-prior needs --experts, and every sample's loss (no --topk)")
     if sum(map(bool, (a.mix, a.onehot, a.experts))) > 1:
         p.error("--mix, --onehot and --experts all use z[:, 0] as their selector: pick one")
     G = MLPGenerator(a.zdim - (1 if a.mix or a.onehot else 0) + a.onehot, a.width, a.depth)
@@ -240,10 +243,12 @@ def main() -> None:
         if a.topk < 1:  # top-k (Sinha et al. 2020): k ramps from the batch to topk over half the run
             k = int(a.bs * max(a.topk, 1 - (1 - a.topk) * 2 * t / a.steps))
             g_logits = g_logits.topk(k).values
-        per_sample = F.softplus(-g_logits)
-        g_loss = per_sample.mean()
-        if a.learn_prior:  # score-function gradient of E_expert[loss] in the prior's logits
-            g_loss = g_loss + ((per_sample - g_loss).detach() * G.net[0].log_prior(zg)).mean()
+        if a.learn_prior:  # the trainer's score-function term for the prior's logits
+            g_loss = losses.with_learned_prior(
+                losses.G_TERMS["nonsaturating"], g_logits, G.net[0].log_prior(zg)
+            )
+        else:
+            g_loss = F.softplus(-g_logits).mean()
         og.zero_grad(set_to_none=True)
         g_loss.backward()
         og.step()
