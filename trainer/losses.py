@@ -15,6 +15,15 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 
+# G's loss per sample: each `*_g` below is the mean of its term (`with_learned_prior` needs the terms).
+G_TERMS: dict[str, Callable[[Tensor], Tensor]] = {
+    "nonsaturating": lambda fake: F.softplus(-fake),
+    "hinge": torch.neg,
+    "wasserstein": torch.neg,
+    "lsgan": lambda fake: 0.5 * (fake - 1.0).square(),
+}
+
+
 def nonsaturating_d(real: Tensor, fake: Tensor) -> Tensor:
     """-log sigmoid(D(x)) - log(1 - sigmoid(D(G(z)))), in a stable softplus form."""
     return F.softplus(-real).mean() + F.softplus(fake).mean()
@@ -22,7 +31,7 @@ def nonsaturating_d(real: Tensor, fake: Tensor) -> Tensor:
 
 def nonsaturating_g(fake: Tensor) -> Tensor:
     """-log sigmoid(D(G(z))): strong gradients exactly when D rejects the fakes."""
-    return F.softplus(-fake).mean()
+    return G_TERMS["nonsaturating"](fake).mean()
 
 
 def hinge_d(real: Tensor, fake: Tensor) -> Tensor:
@@ -30,7 +39,7 @@ def hinge_d(real: Tensor, fake: Tensor) -> Tensor:
 
 
 def hinge_g(fake: Tensor) -> Tensor:
-    return -fake.mean()
+    return G_TERMS["hinge"](fake).mean()
 
 
 def wasserstein_d(real: Tensor, fake: Tensor) -> Tensor:
@@ -38,7 +47,7 @@ def wasserstein_d(real: Tensor, fake: Tensor) -> Tensor:
 
 
 def wasserstein_g(fake: Tensor) -> Tensor:
-    return -fake.mean()
+    return G_TERMS["wasserstein"](fake).mean()
 
 
 def lsgan_d(real: Tensor, fake: Tensor) -> Tensor:
@@ -46,7 +55,7 @@ def lsgan_d(real: Tensor, fake: Tensor) -> Tensor:
 
 
 def lsgan_g(fake: Tensor) -> Tensor:
-    return 0.5 * (fake - 1.0).square().mean()
+    return G_TERMS["lsgan"](fake).mean()
 
 
 LOSSES: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
@@ -54,15 +63,6 @@ LOSSES: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor], T
     "hinge": (hinge_d, hinge_g),
     "wasserstein": (wasserstein_d, wasserstein_g),
     "lsgan": (lsgan_d, lsgan_g),
-}
-
-
-# G's loss per sample: each `*_g` above is the mean of its term (for `with_learned_prior`).
-G_TERMS: dict[str, Callable[[Tensor], Tensor]] = {
-    "nonsaturating": lambda fake: F.softplus(-fake),
-    "hinge": torch.neg,
-    "wasserstein": torch.neg,
-    "lsgan": lambda fake: 0.5 * (fake - 1.0).square(),
 }
 
 
