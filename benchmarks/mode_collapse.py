@@ -46,6 +46,9 @@ GUARD_PIN = [
     "model.g_width=256",
     "model.d_width=256",
     "model.latent_dim=16",
+    "model.g_experts=0",  # one MLP G then; 50 experts since 2026-11-27
+    "model.g_expert_prior=uniform",
+    "penalty.interval=1",  # R1 on every D step then; lazy since 2026-11-27
     "trainer.log_every=100",
 ]
 

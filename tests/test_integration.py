@@ -401,6 +401,7 @@ def test_guard_rolls_every_worker_back_after_a_nan_batch(env, ray_cluster, tmp_p
         "optim.d_lr=1e-2",
         "optim.beta2=0.999",
         "model.latent_dim=16",  # likewise: the preset's latent was 16 then
+        "penalty.interval=1",  # and its R1 ran on every D step
         "trainer.num_workers=2",
         "trainer.max_steps=300",
         "trainer.log_every=50",
