@@ -5,7 +5,9 @@ machine noise hits every variant alike:
 
 - `none`       our D step without a penalty (the floor);
 - `r1`, `wgan_gp`, `r2`, `dragan`: our D step (real and fake in one forward; R1/R2 take their
-  input gradient from that same forward);
+  input gradient from that same forward, and the loss's gradient on the penalized half from
+  the penalty's own backward pass: `penalties.loss_from_deltas`);
+- `r1_plainloss`: our R1 step with the loss's own backward over both halves instead;
 - `ref_r1`, `ref_wgan_gp`: the textbook step: D(real) and D(fake) as separate forwards, then
   one more forward for the penalty and a plain `autograd.grad`, through PyTorch's own
   `nn.Conv2d` and `nn.LeakyReLU` (and their double backward);
@@ -38,8 +40,7 @@ from benchmarks.train_throughput import init_dist, sync
 from trainer import losses
 from trainer.config import Config
 from trainer.engines import Engine
-from trainer.models import build_pair
-from trainer.models.layers import to_torch_layers
+from trainer.models import build_pair, layers
 from trainer.step import GANStep
 
 
@@ -113,6 +114,7 @@ def main() -> None:
     variants = {
         "none": ("none", 1),
         "r1": ("r1", 1),
+        "r1_plainloss": ("r1", 1),
         "ref_r1": ("r1", 1),
         "wgan_gp": ("wgan_gp", 1),
         "ref_wgan_gp": ("wgan_gp", 1),
@@ -131,7 +133,9 @@ def main() -> None:
     }
     for name, gan in steps.items():
         if name.startswith("ref_") or name.endswith("_nnlayers"):
-            to_torch_layers(gan.D.module)
+            layers.to_torch_layers(gan.D.module)
+        # PyTorch's layers record nothing; `r1_plainloss` is the A/B of `loss_from_deltas`.
+        gan.share_backward = layers.records_every_weight(gan.D.module) and name != "r1_plainloss"
     shape = (args.batch, 2) if args.arch == "mlp" else (args.batch, 1, 32, 32)
     real = torch.randn(*shape, device=args.device)
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -161,6 +165,7 @@ def main() -> None:
         "ms_per_d_step": {k: round(v, 2) for k, v in ms.items()},
         "ours_over_reference": {
             "r1": round(ms["r1"] / ms["ref_r1"], 3),
+            "r1_plainloss": round(ms["r1_plainloss"] / ms["ref_r1"], 3),
             "wgan_gp": round(ms["wgan_gp"] / ms["ref_wgan_gp"], 3),
             "r1_nnlayers": round(ms["r1_nnlayers"] / ms["ref_r1"], 3),
             "wgan_gp_nnlayers": round(ms["wgan_gp_nnlayers"] / ms["ref_wgan_gp"], 3),

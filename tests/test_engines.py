@@ -119,6 +119,36 @@ def test_every_penalty_trains_through_engines(ds_dist, kind, stage, precision, m
     assert not calls, "the G step's D forward should run PyTorch's own ops"
 
 
+@pytest.mark.parametrize(
+    "kind,stage,precision",
+    [("r1", 0, "fp32"), ("r2", 2, "fp32"), ("r1", 1, "bf16_autocast"), ("r1", 0, "bf16")],
+)
+def test_fused_step_takes_the_loss_gradient_from_the_penalty_pass(ds_dist, kind, stage, precision):
+    """The fused R1 / R2 D step with `share_backward` (the penalized half's weight gradients from
+    the penalty's recorded pass) trains D as the plain backward does, through DeepSpeed."""
+    weights, metrics = {}, {}
+    for share in (True, False):
+        cfg = Config()
+        cfg.parallel = ParallelConfig(zero_stage=stage, precision=precision)
+        cfg.penalty.kind, cfg.model.latent_dim = kind, 8
+        torch.manual_seed(0)
+        G, D = build_pair("dcgan", 8, resolution=32, channels=1, g_width=8, d_width=8)
+        g = Engine(G, 1e-3, (0.5, 0.99), cfg.parallel, 8)
+        d = Engine(D, 1e-3, (0.5, 0.99), cfg.parallel, 8)
+        step = GANStep(g, d, cfg, torch.Generator().manual_seed(1))
+        assert step.share_backward  # DCGAN's D: every weight in a recorded layer
+        step.share_backward = share
+        data = torch.Generator().manual_seed(2)
+        metrics[share] = [step.d_step(torch.randn(8, 1, 32, 32, generator=data)) for _ in range(3)]
+        weights[share] = [p.detach().float().clone() for p in d.module.parameters()]
+    tol = {"rtol": 1e-5, "atol": 1e-6} if precision == "fp32" else {"rtol": 2e-2, "atol": 1e-2}
+    for ours, plain in zip(metrics[True], metrics[False]):
+        for key in ("d_loss", "penalty", "d_grad_norm"):
+            torch.testing.assert_close(ours[key].float(), plain[key].float(), **tol)
+    for ours, plain in zip(weights[True], weights[False], strict=True):
+        torch.testing.assert_close(ours, plain, **tol)
+
+
 def test_linear_lr_schedule_keeps_the_lazy_correction(ds_dist):
     cfg = Config()
     cfg.penalty.interval = 4

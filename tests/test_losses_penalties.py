@@ -284,3 +284,55 @@ def test_d_conv_penalty_gradients_match_nn_conv2d(arch, kind):
     native = grads()
     for a, b in zip(ours, native, strict=True):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch,sn", [("dcgan", "none"), ("dcgan", "d"), ("resnet", "none"), ("resnet", "d")])
+@pytest.mark.parametrize("kind", ["r1", "r2"])
+def test_loss_from_deltas_is_the_loss_without_its_backward_pass(arch, sn, kind):
+    """The fused R1 / R2 step's loss taken from the penalty's recorded pass (`record_outputs`,
+    `loss_from_deltas`): the same value and weight gradients as the loss's own backward, while
+    the penalized half's layers compute no activation gradient (none reaches its input)."""
+    from trainer.models import build_pair, layers
+
+    torch.manual_seed(0)
+    _, D = build_pair(arch, 8, resolution=32, channels=1, g_width=8, d_width=8, spectral_norm=sn)
+    D = D.double().eval()  # eval: spectral norm's power iteration would move between the passes
+    assert layers.records_every_weight(D)
+    real, fake = (torch.randn(4, 1, 32, 32, dtype=torch.float64) for _ in range(2))
+    d_loss = losses.get("nonsaturating")[0]  # dloss/dlogit is not a power of two: rounding differs
+
+    def step(share: bool) -> tuple[float, list[torch.Tensor], torch.Tensor | None, int]:
+        D.zero_grad(set_to_none=True)
+        r, f = real.clone(), fake.clone()
+        x = r if kind == "r1" else f
+        x.requires_grad_(True)
+        with layers.record_outputs(share) as records:
+            rl = penalties.penalty_logits(D, r) if kind == "r1" else D(r)
+            fl = D(f) if kind == "r1" else penalties.penalty_logits(D, f)
+        pen = penalties.r1_from_logits(rl, r) if kind == "r1" else penalties.r2_from_logits(fl, f)
+        if share:
+            half = "real" if kind == "r1" else "fake"
+            adv = penalties.loss_from_deltas(d_loss, rl, fl, half, records)
+        else:
+            adv = d_loss(rl, fl)
+        (adv + 0.7 * pen).backward()
+        return adv.item(), [p.grad.clone() for p in D.parameters()], x.grad, len(records)
+
+    value, grads, x_grad, n = step(share=True)
+    ref_value, ref_grads, ref_x_grad, ref_n = step(share=False)
+    assert n == sum(isinstance(m, (layers.Conv2d, layers.Linear)) for m in D.modules()) and ref_n == 0
+    assert value == ref_value
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+    assert x_grad is None and ref_x_grad is not None  # no backward through the penalized half's layers
+
+
+def test_loss_from_deltas_needs_every_weight_recorded_and_per_sample_scores():
+    from trainer.models import build_pair, layers
+
+    assert not layers.records_every_weight(build_pair("mlp", 2, g_width=8, d_width=8)[1])  # nn.Linear
+    assert not layers.records_every_weight(
+        build_pair("dcgan", 8, resolution=32, channels=1, d_width=8, mbstd_group=4)[1]
+    )  # minibatch stddev: a sample's score depends on its group
+    with pytest.raises(RuntimeError, match="input_grad inside record_outputs"):
+        penalties.loss_from_deltas(losses.get("hinge")[0], torch.zeros(2), torch.zeros(2), "real", [])

@@ -54,12 +54,13 @@ def ds_config(parallel: ParallelConfig, batch_size: int, grad_clip: float) -> di
         # DeepSpeed's own autocast mode: fp32 parameters and optimizer, the plain (ZeRO 0) or
         # fp32 ZeRO path. Our forwards bypass the engine's __call__, so `Engine.__call__` opens
         # the autocast region itself; this section tells ZeRO which gradients it may reduce in
-        # bf16 (its default list matches exact classes, so D's Conv2d subclass is named).
+        # bf16 (its default list matches exact classes, so D's Conv2d and Linear subclasses are named).
         cfg["torch_autocast"] = {
             "enabled": True,
             "dtype": "bfloat16",
             "lower_precision_safe_modules": [
-                "torch.nn.Linear", "torch.nn.Conv2d", "torch.nn.ConvTranspose2d", "trainer.models.layers.Conv2d"
+                "torch.nn.Linear", "torch.nn.Conv2d", "torch.nn.ConvTranspose2d",
+                "trainer.models.layers.Conv2d", "trainer.models.layers.Linear",
             ],
         }  # fmt: skip
     elif parallel.precision == "fp16":

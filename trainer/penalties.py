@@ -44,6 +44,37 @@ def r1_from_logits(real_logits: Tensor, real: Tensor, scale: float = 1.0) -> Ten
     return input_grad(real_logits, real, scale).square().flatten(1).sum(1).mean()
 
 
+def loss_from_deltas(
+    d_loss: Callable[[Tensor, Tensor], Tensor],
+    real_logits: Tensor,
+    fake_logits: Tensor,
+    penalized: str,
+    records: list[dict],
+    scale: float = 1.0,
+) -> Tensor:
+    """`d_loss(real_logits, fake_logits)`, the same value and the same gradient in D's weights,
+    with the `penalized` half's ("real" or "fake") backward through D's layers taken from the
+    deltas that the penalty's input gradient (seed `scale`) recorded (`layers.record_outputs`).
+
+    D scores each sample on its own, so the loss's gradient at a recorded output is the delta
+    times dloss/dlogit of that sample; the recorded layers turn it into weight gradients alone.
+    That saves the fused R1 / R2 step one backward pass over the penalized half: the activation
+    gradients the loss's backward would compute, the penalty's input gradient computed already.
+    """
+    if not records or any("delta" not in r for r in records):
+        raise RuntimeError("loss_from_deltas: run the penalty's input_grad inside record_outputs first")
+    probe = (real_logits if penalized == "real" else fake_logits).detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = d_loss(probe, fake_logits) if penalized == "real" else d_loss(real_logits, probe)
+        (per_logit,) = torch.autograd.grad(loss, probe, retain_graph=True)
+    for r in records:
+        out, delta = r["out"], r["delta"]
+        c = (per_logit / scale).to(delta.dtype).reshape(-1, *[1] * (delta.dim() - 1))
+        term = (out * (c * delta)).sum()
+        loss = loss + (term - term.detach()).to(loss.dtype)  # zero in value
+    return loss
+
+
 def r1(d_fn: DFn, real: Tensor, scale: float = 1.0) -> Tensor:
     """R1 (Mescheder et al. 2018): E ||grad_x D(x)||^2 over real samples."""
     x = real.detach().requires_grad_(True)

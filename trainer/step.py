@@ -14,6 +14,7 @@ import torch
 from trainer import losses, penalties
 from trainer.config import Config
 from trainer.engines import Engine, set_optimizer_hparams
+from trainer.models import layers
 
 
 def _on(device: torch.device, *values: torch.Tensor) -> torch.Tensor:
@@ -30,6 +31,9 @@ class GANStep:
         self.d_loss, self.g_loss = losses.get(cfg.loss.kind)
         self.g_term = losses.G_TERMS[cfg.loss.kind]
         self.d_iters = 0  # D steps so far: step x d_steps (the lazy schedule's phase)
+        # The fused R1 / R2 step takes the penalized half's weight gradients from the penalty's
+        # own backward pass (`penalties.loss_from_deltas`) where D allows it (DCGAN, ResNet).
+        self.share_backward = layers.records_every_weight(D.module)
         self.lr_scale = 1.0
         self.set_penalty(cfg.penalty.kind, cfg.penalty.weight)
 
@@ -70,17 +74,24 @@ class GANStep:
             # D separately here, so the double backward spans only the penalized half (a
             # forward of the concatenation made the penalty step slower than the textbook one).
             (real if kind == "r1" else fake).requires_grad_(True)
-            real_logits = self._d_forward(real, penalized=kind == "r1")
-            fake_logits = self._d_forward(fake, penalized=kind == "r2")
+            with layers.record_outputs(self.share_backward) as records:
+                real_logits = self._d_forward(real, penalized=kind == "r1")
+                fake_logits = self._d_forward(fake, penalized=kind == "r2")
         else:
             # No per-sample penalty graph: one forward of real and fake together (D has no
             # batch statistics; minibatch-stddev groups never straddle the two halves).
             real_logits, fake_logits = self.D(torch.cat([real, fake])).split(real.shape[0])
-        adversarial = self.d_loss(real_logits, fake_logits)
-        loss = adversarial
-        penalty = torch.zeros((), device=adversarial.device)
+            records = []
+        penalty = torch.zeros((), device=real_logits.device)
         if reg_due:
             penalty = self._penalty(kind, real, fake, real_logits, fake_logits, fused, fp16)
+        if records:  # the penalized half's backward comes from the penalty's input gradient
+            half = "real" if kind == "r1" else "fake"
+            adversarial = penalties.loss_from_deltas(self.d_loss, real_logits, fake_logits, half, records)
+        else:
+            adversarial = self.d_loss(real_logits, fake_logits)
+        loss = adversarial
+        if reg_due:
             gain = self.cfg.penalty.weight / (2 if kind in ("r1", "r2") else 1)
             loss = loss + gain * self.reg_interval * penalty
         self.D.backward(loss)

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 _input_grad_only = False
 _penalty_forward = False
+_records: list[dict] | None = None  # see `record_outputs`
 
 
 @contextlib.contextmanager
@@ -49,6 +50,38 @@ def input_grad_only() -> Iterator[None]:
         _input_grad_only = saved
 
 
+@contextlib.contextmanager
+def record_outputs(enabled: bool = True) -> Iterator[list[dict]]:
+    """Inside, and under `penalty_forward()`, D's `Conv2d` and `Linear` record each output
+    (`"out"`) in the list this yields; a penalty's inner `autograd.grad` then adds the gradient
+    of sum(logits) at that output (`"delta"`), and their first-order backward computes weight
+    and bias gradients only.
+
+    For the fused R1 / R2 step (`penalties.loss_from_deltas`): D scores each sample on its own,
+    so the loss's gradient at a layer's output is the penalty's `delta` times the loss's
+    derivative in that sample's logit. Its weight gradients then need no backward pass through
+    the layers of their own. Yields an empty list that nothing fills when not `enabled`.
+    """
+    global _records
+    records: list[dict] = []
+    saved, _records = _records, (records if enabled else None)
+    try:
+        yield records
+    finally:
+        _records = saved
+
+
+def _record(out: torch.Tensor, slot: dict | None) -> torch.Tensor:
+    if slot is not None:
+        slot["out"] = out
+        _records.append(slot)
+    return out
+
+
+def _new_slot() -> dict | None:
+    return {} if _records is not None else None
+
+
 class _Conv2dFn(torch.autograd.Function):
     """conv2d whose input gradient is taken by `conv_transpose2d`, itself differentiable.
 
@@ -68,13 +101,17 @@ class _Conv2dFn(torch.autograd.Function):
         bias: torch.Tensor | None,
         stride: tuple[int, int],
         padding: tuple[int, int],
+        slot: dict | None = None,
     ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.stride, ctx.padding, ctx.has_bias = stride, padding, bias is not None
+        ctx.stride, ctx.padding, ctx.has_bias, ctx.slot = stride, padding, bias is not None, slot
+        ctx.set_materialize_grads(False)  # see _ReLUFn
         return F.conv2d(x, weight, bias, stride, padding)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx, grad: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        if grad is None:
+            return None, None, None, None, None, None
         x, weight = ctx.saved_tensors
         if grad.dtype != weight.dtype:
             # The forward ran under autocast (bf16 conv of fp32 weights); the backward runs
@@ -86,16 +123,20 @@ class _Conv2dFn(torch.autograd.Function):
         if not torch.is_grad_enabled():
             # A first-order backward (grad mode is on only under create_graph): nn.Conv2d's
             # own call, which computes both gradients in one pass (on this CPU 5 % of a D step
-            # faster than a conv_transpose2d plus a weight gradient).
+            # faster than a conv_transpose2d plus a weight gradient). A recorded output's
+            # gradient comes straight from the loss (`record_outputs`): weights only.
+            want_x = ctx.needs_input_grad[0] and ctx.slot is None
             return (
                 *torch.ops.aten.convolution_backward(
                     grad, x, weight, [weight.shape[0]] if ctx.has_bias else None,
-                    ctx.stride, ctx.padding, [1, 1], False, [0, 0], 1,
-                    [ctx.needs_input_grad[0], want_w, want_b],
+                    ctx.stride, ctx.padding, [1, 1], False, [0, 0], 1, [want_x, want_w, want_b],
                 ),
                 None,
                 None,
+                None,
             )  # fmt: skip
+        if ctx.slot is not None:
+            ctx.slot["delta"] = grad.detach()
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             # conv_transpose2d's output size is ambiguous by up to stride - 1 rows: pin it to x's.
@@ -110,7 +151,7 @@ class _Conv2dFn(torch.autograd.Function):
                 grad, x, weight, [weight.shape[0]] if ctx.has_bias else None,
                 ctx.stride, ctx.padding, [1, 1], False, [0, 0], 1, [False, want_w, want_b],
             )  # fmt: skip
-        return gx, gw, gb, None, None
+        return gx, gw, gb, None, None, None
 
 
 class Conv2d(nn.Conv2d):
@@ -124,15 +165,81 @@ class Conv2d(nn.Conv2d):
     def _conv_forward(
         self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        simple = (
+        if not (_penalty_forward and self.records_output()):
+            return super()._conv_forward(input, weight, bias)
+        slot = _new_slot()
+        return _record(_Conv2dFn.apply(input, weight, bias, self.stride, self.padding, slot), slot)
+
+    def records_output(self) -> bool:
+        """Whether this convolution takes the custom path (and `record_outputs` sees it)."""
+        return (
             self.groups == 1
             and self.dilation == (1, 1)
             and self.padding_mode == "zeros"
             and not isinstance(self.padding, str)
         )
-        if not (_penalty_forward and simple):
-            return super()._conv_forward(input, weight, bias)
-        return _Conv2dFn.apply(input, weight, bias, self.stride, self.padding)
+
+
+class _LinearFn(torch.autograd.Function):
+    """linear, for `record_outputs` (its own double backward is PyTorch's: matmuls)."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        slot: dict | None,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias, ctx.slot = bias is not None, slot
+        ctx.set_materialize_grads(False)  # see _ReLUFn
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        if grad is None:
+            return None, None, None, None
+        x, weight = ctx.saved_tensors
+        if grad.dtype != weight.dtype:  # autocast, as in _Conv2dFn
+            x, weight = x.to(grad.dtype), weight.to(grad.dtype)
+        if ctx.slot is not None and torch.is_grad_enabled():
+            ctx.slot["delta"] = grad.detach()
+        want_x = ctx.needs_input_grad[0] and (ctx.slot is None or torch.is_grad_enabled())
+        want_w = not _input_grad_only and ctx.needs_input_grad[1]
+        want_b = not _input_grad_only and ctx.has_bias and ctx.needs_input_grad[2]
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gx = grad @ weight if want_x else None
+        gw = g2.T @ x.reshape(-1, x.shape[-1]) if want_w else None
+        gb = g2.sum(0) if want_b else None
+        return gx, gw, gb, None
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters and state dict) that `record_outputs` sees; outside
+    `penalty_forward()` it is PyTorch's own."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not _penalty_forward:
+            return super().forward(input)
+        slot = _new_slot()
+        return _record(_LinearFn.apply(input, self.weight, self.bias, slot), slot)
+
+    def records_output(self) -> bool:
+        return True
+
+
+def records_every_weight(module: nn.Module) -> bool:
+    """Whether `record_outputs` sees every parameter of `module` (D) and D scores each sample on
+    its own (no minibatch-stddev), so that `penalties.loss_from_deltas` can stand in for the
+    loss's backward."""
+    seen: set[int] = set()
+    for m in module.modules():
+        if isinstance(m, MinibatchStd):
+            return False
+        if isinstance(m, (Conv2d, Linear)) and m.records_output():
+            seen.update(id(p) for p in m.parameters())
+    return all(id(p) in seen for p in module.parameters())
 
 
 class _ReLUFn(torch.autograd.Function):
@@ -144,11 +251,16 @@ class _ReLUFn(torch.autograd.Function):
     DRAGAN, whose penalty forward is not shared with the loss, two of the step's twelve
     forward-sized passes. Here the penalty's graph never links back to the forward. The
     gradients are PyTorch's, bit for bit.
+
+    No gradient in, none out (`set_materialize_grads(False)`): where the fused R1 / R2 step
+    takes its loss's gradients from the penalty's pass (`record_outputs`), none reaches D's
+    activations, and materialized zeros would flow through every layer's backward.
     """
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, slope: float) -> torch.Tensor:
         ctx.slope = slope
+        ctx.set_materialize_grads(False)
         if slope == 0.0:
             out = F.relu(x)
             ctx.save_for_backward(out)  # what F.relu's own backward keeps
@@ -157,7 +269,9 @@ class _ReLUFn(torch.autograd.Function):
         return F.leaky_relu(x, slope)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, grad: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:
+        if grad is None:
+            return None, None
         (saved,) = ctx.saved_tensors
         if ctx.slope == 0.0:
             return torch.ops.aten.threshold_backward(grad, saved.detach(), 0), None
@@ -190,10 +304,13 @@ class _AvgPool2Fn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
         ctx.size = x.shape[-2:]
+        ctx.set_materialize_grads(False)  # see _ReLUFn
         return F.avg_pool2d(x, 2)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor | None) -> torch.Tensor | None:
+        if grad is None:
+            return None
         # Each input pixel gets a quarter of its window's gradient (exactly, in binary floating
         # point); the row and column an odd size drops get none.
         g = F.interpolate(grad, scale_factor=2, mode="nearest") * 0.25
@@ -215,7 +332,9 @@ class AvgPool2(nn.AvgPool2d):
 def to_torch_layers(module: nn.Module) -> nn.Module:
     """Swap this module's D layers for PyTorch's own, in place (same parameters and outputs):
     the textbook baseline for benchmarks, and the reference in tests."""
-    torch_layer = {Conv2d: nn.Conv2d, LeakyReLU: nn.LeakyReLU, ReLU: nn.ReLU, AvgPool2: nn.AvgPool2d}
+    torch_layer = {
+        Conv2d: nn.Conv2d, Linear: nn.Linear, LeakyReLU: nn.LeakyReLU, ReLU: nn.ReLU, AvgPool2: nn.AvgPool2d
+    }  # fmt: skip
     for m in module.modules():
         if nn.utils.parametrize.is_parametrized(m) and isinstance(m, tuple(torch_layer)):
             # Its class is a generated subclass (with the parametrization's properties): a swap

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainer.models.layers import AvgPool2, Conv2d, MinibatchStd, ReLU
+from trainer.models.layers import AvgPool2, Conv2d, Linear, MinibatchStd, ReLU
 
 
 class _UpBlock(nn.Module):
@@ -91,7 +91,7 @@ class ResNetDiscriminator(nn.Module):
             _DownBlock(width + extra, width, down=False), _DownBlock(width, width, down=False)
         )
         self.act = ReLU()
-        self.head = nn.Linear(width, 1)
+        self.head = Linear(width, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert x.shape[1:] == self.in_shape, f"D expects {self.in_shape} images, got {tuple(x.shape[1:])}"
