@@ -68,11 +68,23 @@ def loss_from_deltas(
         loss = d_loss(probe, fake_logits) if penalized == "real" else d_loss(real_logits, probe)
         (per_logit,) = torch.autograd.grad(loss, probe, retain_graph=True)
     for r in records:
-        out, delta = r["out"], r["delta"]
-        c = (per_logit / scale).to(delta.dtype).reshape(-1, *[1] * (delta.dim() - 1))
-        term = (out * (c * delta)).sum()
-        loss = loss + (term - term.detach()).to(loss.dtype)  # zero in value
+        c = (per_logit / scale).to(r["delta"].dtype).reshape(-1, *[1] * (r["delta"].dim() - 1))
+        loss = loss + _GradientAt.apply(r["out"], c * r["delta"])
     return loss
+
+
+class _GradientAt(torch.autograd.Function):
+    """Zero in value; its backward hands `grad` (times the incoming scale) to `x`."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, grad: Tensor) -> Tensor:
+        ctx.save_for_backward(grad)
+        return torch.zeros((), device=x.device)
+
+    @staticmethod
+    def backward(ctx, scale: Tensor) -> tuple[Tensor, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * scale.to(grad.dtype), None
 
 
 def r1(d_fn: DFn, real: Tensor, scale: float = 1.0) -> Tensor:
