@@ -248,7 +248,7 @@ def main() -> None:
                 losses.G_TERMS["nonsaturating"], g_logits, G.net[0].log_prior(zg)
             )
         else:
-            g_loss = F.softplus(-g_logits).mean()
+            g_loss = losses.nonsaturating_g(g_logits)
         og.zero_grad(set_to_none=True)
         g_loss.backward()
         og.step()

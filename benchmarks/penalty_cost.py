@@ -134,8 +134,7 @@ def main() -> None:
     for name, gan in steps.items():
         if name.startswith("ref_") or name.endswith("_nnlayers"):
             layers.to_torch_layers(gan.D.module)
-        # PyTorch's layers record nothing; `r1_plainloss` is the A/B of `loss_from_deltas`.
-        gan.share_backward = layers.records_every_weight(gan.D.module) and name != "r1_plainloss"
+        gan.share_backward = name != "r1_plainloss"  # the A/B of `penalties.loss_from_deltas`
     shape = (args.batch, 2) if args.arch == "mlp" else (args.batch, 1, 32, 32)
     real = torch.randn(*shape, device=args.device)
     times: dict[str, list[float]] = {name: [] for name in variants}

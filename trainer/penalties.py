@@ -64,9 +64,8 @@ def loss_from_deltas(
     if not records or any("delta" not in r for r in records):
         raise RuntimeError("loss_from_deltas: run the penalty's input_grad inside record_outputs first")
     probe = (real_logits if penalized == "real" else fake_logits).detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = d_loss(probe, fake_logits) if penalized == "real" else d_loss(real_logits, probe)
-        (per_logit,) = torch.autograd.grad(loss, probe, retain_graph=True)
+    loss = d_loss(probe, fake_logits) if penalized == "real" else d_loss(real_logits, probe)
+    (per_logit,) = torch.autograd.grad(loss, probe, retain_graph=True)
     for r in records:
         c = (per_logit / scale).to(r["delta"].dtype).reshape(-1, *[1] * (r["delta"].dim() - 1))
         loss = loss + _GradientAt.apply(r["out"], c * r["delta"])

@@ -32,8 +32,9 @@ class GANStep:
         self.g_term = losses.G_TERMS[cfg.loss.kind]
         self.d_iters = 0  # D steps so far: step x d_steps (the lazy schedule's phase)
         # The fused R1 / R2 step takes the penalized half's weight gradients from the penalty's
-        # own backward pass (`penalties.loss_from_deltas`) where D allows it (DCGAN, ResNet).
-        self.share_backward = layers.records_every_weight(D.module)
+        # own backward pass (`penalties.loss_from_deltas`) where D allows it (DCGAN, ResNet:
+        # `layers.records_every_weight`, checked on each such step); False turns it off.
+        self.share_backward = True
         self.lr_scale = 1.0
         self.set_penalty(cfg.penalty.kind, cfg.penalty.weight)
 
@@ -74,7 +75,8 @@ class GANStep:
             # D separately here, so the double backward spans only the penalized half (a
             # forward of the concatenation made the penalty step slower than the textbook one).
             (real if kind == "r1" else fake).requires_grad_(True)
-            with layers.record_outputs(self.share_backward) as records:
+            share = self.share_backward and layers.records_every_weight(self.D.module)
+            with layers.record_outputs(share) as records:
                 real_logits = self._d_forward(real, penalized=kind == "r1")
                 fake_logits = self._d_forward(fake, penalized=kind == "r2")
         else:
