@@ -10,7 +10,9 @@ machine noise hits every variant alike:
 - `r1_plainloss`: our R1 step with the loss's own backward over both halves instead;
 - `ref_r1`, `ref_wgan_gp`: the textbook step: D(real) and D(fake) as separate forwards, then
   one more forward for the penalty and a plain `autograd.grad`, through PyTorch's own
-  `nn.Conv2d` and `nn.LeakyReLU` (and their double backward);
+  `nn.Conv2d` and `nn.LeakyReLU` (and their double backward); `ref_none`, the same step
+  without a penalty, so that `penalty_cost_over_reference` compares what each penalty adds
+  (its step minus its own no-penalty step) apart from the work both steps share;
 - `none_nnlayers`, `r1_nnlayers`, `wgan_gp_nnlayers`: our step with PyTorch's own layers in D
   instead of `trainer.models.layers`' conv and activation, which separates what the step's
   layout saves from what D's layers save in the double backward (and what they cost where no
@@ -73,7 +75,8 @@ def make(
 
 
 def reference_step(gan: GANStep, kind: str, real: torch.Tensor) -> None:
-    """The straightforward D step: three forwards, one plain autograd.grad."""
+    """The straightforward D step: three forwards, one plain autograd.grad (`kind` "none":
+    the first two alone)."""
     D, d_loss = gan.D, losses.get("nonsaturating")[0]
     with torch.no_grad():
         fake = gan.G(gan.latent(real.shape[0]))
@@ -82,11 +85,13 @@ def reference_step(gan: GANStep, kind: str, real: torch.Tensor) -> None:
         x = real.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
         loss = loss + 0.5 * grad.square().flatten(1).sum(1).mean()
-    else:
+    elif kind == "wgan_gp":
         t = torch.rand(real.shape[0], *[1] * (real.dim() - 1), device=real.device)
         x = (t * real + (1 - t) * fake).requires_grad_(True)
         (grad,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
         loss = loss + (grad.flatten(1).norm(dim=1) - 1).square().mean()
+    elif kind != "none":
+        raise ValueError(f"reference_step: no textbook step for penalty {kind!r} (none, r1, wgan_gp)")
     D.backward(loss)
     D.step()
 
@@ -113,6 +118,7 @@ def main() -> None:
     init_dist(args.device)
     variants = {
         "none": ("none", 1),
+        "ref_none": ("none", 1),
         "r1": ("r1", 1),
         "r1_plainloss": ("r1", 1),
         "ref_r1": ("r1", 1),
@@ -168,6 +174,9 @@ def main() -> None:
             "wgan_gp": round(ms["wgan_gp"] / ms["ref_wgan_gp"], 3),
             "r1_nnlayers": round(ms["r1_nnlayers"] / ms["ref_r1"], 3),
             "wgan_gp_nnlayers": round(ms["wgan_gp_nnlayers"] / ms["ref_wgan_gp"], 3),
+        },
+        "penalty_cost_over_reference": {
+            k: round((ms[k] - ms["none"]) / (ms[f"ref_{k}"] - ms["ref_none"]), 3) for k in ("r1", "wgan_gp")
         },
         "overhead_over_none": {k: round(ms[k] / ms["none"] - 1, 3) for k in ms if k != "none"},
     }
