@@ -4,7 +4,7 @@
 # important first, each step under its own time limit so that one slow step cannot eat the rest:
 #   penalty  penalty_cost.py eager at fp32/bf16, batch 64 to 1024: the penalty steps against
 #            the reference on a GPU;
-#   checks   gpu_checks.py: R1 through DeepSpeed under bf16/bf16_autocast/fp16, ZeRO 0-2, against fp32;
+#   checks   tests/test_gpu.py (pytest -m gpu): R1 through DeepSpeed under bf16/bf16_autocast/fp16, ZeRO 0-2, against fp32;
 #   train    train_throughput.py, bf16, bf16_autocast and fp32 at batch 64;
 #   compile  penalty_cost.py with --compile: whether parallel.compile helps on a GPU.
 # Usage: benchmarks/gpu_run.sh [SECTION ...]   (default: all four, in that order)
@@ -27,11 +27,11 @@ for section in "${@:-penalty checks train compile}"; do for s in $section; do ca
       echo "penalty_cost $1 b$2: exit $?" | tee -a "$OUT/log.txt"
     done ;;
   checks)
-    timeout 150 python3 -m benchmarks.gpu_checks "$OUT/gpu_checks.json" 2>&1 | quiet >> "$OUT/log.txt"
-    echo "gpu_checks: exit $?" | tee -a "$OUT/log.txt" ;;
+    timeout 150 python3 -m pytest -q -s -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_checks.log" >> "$OUT/log.txt"
+    echo "gpu checks: exit $?" | tee -a "$OUT/log.txt" ;;
   train)
     for precision in bf16 bf16_autocast fp32; do
-      timeout 60 python3 benchmarks/train_throughput.py --device cuda --resolution 64 --channels 3 \
+      timeout 60 python3 -m benchmarks.train_throughput --device cuda --resolution 64 --channels 3 \
         --precision "$precision" --batch 64 --steps 300 --warmup 20 --repeats 1 2>&1 | quiet | tee -a "$OUT/train_gpu.log"
     done ;;
   compile)

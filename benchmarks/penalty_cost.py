@@ -14,7 +14,7 @@ machine noise hits every variant alike:
   without a penalty, so that `penalty_cost_over_reference` compares what each penalty adds
   (its step minus its own no-penalty step) apart from the work both steps share;
 - `none_nnlayers`, `r1_nnlayers`, `wgan_gp_nnlayers`: our step with PyTorch's own layers in D
-  instead of `trainer.models.layers`' conv and activation, which separates what the step's
+  instead of the fast ops (`trainer.gan.ops`), which separates what the step's
   layout saves from what D's layers save in the double backward (and what they cost where no
   penalty runs);
 - `r1_lazy16`: R1 every 16th D step with gain 16 (StyleGAN2), averaged over whole periods;
@@ -32,18 +32,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
 
-from benchmarks.train_throughput import init_dist, sync
-from trainer import losses
+from benchmarks.common import init_dist, machine, sync
 from trainer.config import Config
-from trainer.engines import Engine
-from trainer.models import build_pair, layers
-from trainer.step import GANStep
+from trainer.gan import losses, ops
+from trainer.gan.models import build_pair
+from trainer.gan.step import GANStep
+from trainer.train.engines import Engine
 
 
 def make(
@@ -138,9 +137,11 @@ def main() -> None:
         for name, (kind, k) in variants.items()
     }
     for name, gan in steps.items():
-        if name.startswith("ref_") or name.endswith("_nnlayers"):
-            layers.to_torch_layers(gan.D.module)
-        gan.share_backward = name != "r1_plainloss"  # the A/B of `penalties.loss_from_deltas`
+        torch_layers = name.startswith("ref_") or name.endswith("_nnlayers")
+        if torch_layers:
+            ops.remove(gan.D.module)
+        # r1_plainloss is the A/B of `penalties.loss_from_deltas`; PyTorch's layers record nothing.
+        gan.share_backward = gan.share_backward and not torch_layers and name != "r1_plainloss"
     shape = (args.batch, 2) if args.arch == "mlp" else (args.batch, 1, 32, 32)
     real = torch.randn(*shape, device=args.device)
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -158,11 +159,7 @@ def main() -> None:
                 times[name].append((time.perf_counter() - t0) / args.steps * 1000)
     ms = {name: statistics.median(v) for name, v in times.items()}
     result = {
-        "machine": (
-            torch.cuda.get_device_name()
-            if args.device == "cuda"
-            else f"{platform.node()} ({platform.processor() or platform.machine()}), {args.threads} threads"
-        ),
+        "machine": machine(args.device, args.threads),
         "precision": args.precision,
         "torch": torch.__version__,
         "arch": args.arch,

@@ -4,7 +4,7 @@ The probe (`trainer/stability.py`, every `stability.every` steps on rank 0) take
 norms by power iteration, per-layer gradient norms from an extra forward/backward, the loss
 statistics, and then either PacGAN's mode metrics on 2,500 EMA samples (2-D) or diversity and
 near-duplicates on 256 (images). Timed here on the loop's own pieces: `GANStep` over DeepSpeed
-engines, the EMA update and `trainer.loop.make_probe`, interleaved in rounds so that machine
+engines, the EMA update and `trainer.train.worker.make_probe`, interleaved in rounds so that machine
 noise hits both alike. Overhead at K = probe ms / (K x iteration ms).
 
     python -m benchmarks.probe_cost [--rounds 5] [--steps 50] [--threads 1] [--arch mlp,dcgan]
@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
 
+from benchmarks.common import init_dist, machine
 from benchmarks.penalty_cost import make
-from benchmarks.train_throughput import init_dist
-from trainer.ema import EMA
-from trainer.loop import make_probe
+from trainer.gan.ema import EMA
+from trainer.train.worker import make_probe
 
 
 def measure(arch: str, rounds: int, steps: int) -> dict:
@@ -75,7 +74,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     init_dist("cpu")
     result = {
-        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}), {args.threads} threads",
+        "machine": machine("cpu", args.threads),
         "torch": torch.__version__,
     }
     for arch in args.arch.split(","):

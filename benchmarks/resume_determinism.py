@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from trainer.checkpoint import load_parameters
+from trainer.train.checkpoint import load_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {

@@ -5,8 +5,8 @@ D forwards (real and fake in one batch; with R1, separate forwards and R1 from t
 so the ratio isolates what the engines cost. Synthetic batches in memory: the data pipeline
 has its own benchmark.
 
-    python benchmarks/train_throughput.py                        # CPU: DCGAN-32, batch 64, fp32
-    python benchmarks/train_throughput.py --device cuda --resolution 64 --channels 3 \
+    python -m benchmarks.train_throughput                        # CPU: DCGAN-32, batch 64, fp32
+    python -m benchmarks.train_throughput --device cuda --resolution 64 --channels 3 \
         --precision bf16 --steps 300                             # GPU: DCGAN-64 bf16
     (--precision bf16_autocast: stablegan's fp32 weights under torch.autocast)
 """
@@ -15,35 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import socket
 import time
 
 import torch
 
-from trainer import losses, penalties
+from benchmarks.common import init_dist, machine, sync
 from trainer.config import Config, ParallelConfig
-from trainer.engines import Engine
-from trainer.models import build_pair
-from trainer.step import GANStep
-
-
-def init_dist(device: str) -> None:
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
-    )
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+from trainer.gan import losses, penalties
+from trainer.gan.models import build_pair
+from trainer.gan.step import GANStep
+from trainer.train.engines import Engine
 
 
 def make_cfg(args, penalty: str) -> Config:
@@ -159,14 +140,10 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
     init_dist(args.device)
     real = torch.rand(args.batch, args.channels, args.resolution, args.resolution, device=args.device) * 2 - 1
-    machine = (
-        torch.cuda.get_device_name()
-        if args.device == "cuda"
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    )
+    host = machine(args.device, torch.get_num_threads())
     print(
         f"# DCGAN-{args.resolution} x{args.channels}ch, batch {args.batch}, {args.precision}, ZeRO {args.zero_stage}, "
-        f"{args.steps} steps after {args.warmup} warm-up, on {machine}; torch {torch.__version__}"
+        f"{args.steps} steps after {args.warmup} warm-up, on {host}; torch {torch.__version__}"
     )
     rows = []
     for penalty in ("none", "r1"):
@@ -188,7 +165,7 @@ def main() -> None:
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "machine": machine, "rows": rows}, f, indent=2)
+            json.dump({"args": vars(args), "machine": host, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -13,17 +13,19 @@ import pytest
 
 from tests.conftest import ROOT
 
-SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if p.name != "__init__.py")
-COMMAND = re.compile(r"python3? (-m benchmarks\.\w+|benchmarks/\w+\.py)")
+SCRIPTS = sorted(
+    p
+    for folder in ("benchmarks", "experiments")
+    for p in (ROOT / folder).glob("*.py")
+    if p.name not in ("__init__.py", "common.py")
+)
+COMMAND = re.compile(r"python3? (-m (?:benchmarks|experiments)\.\w+|(?:benchmarks|experiments)/\w+\.py)")
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
 def test_benchmark_starts_as_its_docstring_says(script):
     doc = ast.get_docstring(ast.parse(script.read_text())) or ""
     commands = set(COMMAND.findall(doc))
-    if script.stem == "gpu_checks":  # no CLI: benchmarks/gpu_run.sh runs it on a lent GPU
-        assert "gpu_run.sh" in doc
-        return
     assert commands, f"{script.name}: its docstring shows no `python ...` command"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     for command in commands:

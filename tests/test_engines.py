@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer import penalties
 from trainer.config import Config, ParallelConfig
-from trainer.engines import Engine
-from trainer.models import build_pair, layers
-from trainer.step import GANStep
+from trainer.gan import ops, penalties
+from trainer.gan.models import build_pair
+from trainer.gan.step import GANStep
+from trainer.train.engines import Engine
 
 
 def _reference_r1(D: torch.nn.Module, x: torch.Tensor) -> float:
@@ -94,11 +94,11 @@ def test_lazy_regularization_schedule_and_rescaled_optimizer(ds_dist):
 @pytest.mark.parametrize("kind", ["r1", "r2", "wgan_gp", "dragan"])
 @pytest.mark.parametrize("stage,precision", [(0, "fp32"), (2, "bf16"), (1, "bf16_autocast")])
 def test_every_penalty_trains_through_engines(ds_dist, kind, stage, precision, monkeypatch):
-    from trainer.models import layers
+    from trainer.gan.ops import functions
 
     calls: list[int] = []  # D's own activation Function: only in forwards a penalty differentiates
-    plain = layers._ReLUFn.apply
-    monkeypatch.setattr(layers._ReLUFn, "apply", lambda *a: calls.append(1) or plain(*a))
+    plain = functions._ReLUFn.apply
+    monkeypatch.setattr(functions._ReLUFn, "apply", lambda *a: calls.append(1) or plain(*a))
     cfg = Config()
     cfg.parallel = ParallelConfig(zero_stage=stage, precision=precision)
     cfg.penalty.kind = kind
@@ -136,10 +136,11 @@ def test_fused_step_takes_the_loss_gradient_from_the_penalty_pass(ds_dist, kind,
         g = Engine(G, 1e-3, (0.5, 0.99), cfg.parallel, 8)
         d = Engine(D, 1e-3, (0.5, 0.99), cfg.parallel, 8)
         step = GANStep(g, d, cfg, torch.Generator().manual_seed(1))
-        assert layers.records_every_weight(d.module)  # DCGAN's D: every weight in a recorded layer
+        assert ops.covers_every_weight(d.module) == []  # DCGAN's D: every weight in a recorded layer
         step.share_backward = share
         data = torch.Generator().manual_seed(2)
         metrics[share] = [step.d_step(torch.randn(8, 1, 32, 32, generator=data)) for _ in range(3)]
+        assert step.share_backward == share  # the shared path ran: no fallback
         weights[share] = [p.detach().float().clone() for p in d.module.parameters()]
     tol = {"rtol": 1e-5, "atol": 1e-6} if precision == "fp32" else {"rtol": 2e-2, "atol": 1e-2}
     for ours, plain in zip(metrics[True], metrics[False]):
@@ -147,6 +148,23 @@ def test_fused_step_takes_the_loss_gradient_from_the_penalty_pass(ds_dist, kind,
             torch.testing.assert_close(ours[key].float(), plain[key].float(), **tol)
     for ours, plain in zip(weights[True], weights[False], strict=True):
         torch.testing.assert_close(ours, plain, **tol)
+
+
+def test_fused_step_falls_back_loudly_where_scores_mix_samples(ds_dist, caplog):
+    """A D with minibatch stddev scores a sample with its group: the behavioural check sends the
+    fused R1 step to the plain backward, with a warning, and training goes on."""
+    cfg = Config()
+    cfg.penalty.kind, cfg.model.latent_dim = "r1", 8
+    torch.manual_seed(0)
+    G, D = build_pair("dcgan", 8, resolution=32, channels=1, g_width=8, d_width=8, mbstd_group=4)
+    g = Engine(G, 1e-3, (0.5, 0.99), cfg.parallel, 8)
+    d = Engine(D, 1e-3, (0.5, 0.99), cfg.parallel, 8)
+    step = GANStep(g, d, cfg, torch.Generator().manual_seed(1))
+    assert step.share_backward and ops.covers_every_weight(d.module) == []
+    with caplog.at_level("WARNING", logger="stablegan.step"):
+        out = step.d_step(torch.randn(8, 1, 32, 32))
+    assert not step.share_backward and out["penalty"] > 0 and out["nonfinite"] == 0
+    assert "depends on other samples" in caplog.text
 
 
 def test_linear_lr_schedule_keeps_the_lazy_correction(ds_dist):
@@ -162,8 +180,8 @@ def test_linear_lr_schedule_keeps_the_lazy_correction(ds_dist):
 
 
 def _saved_checkpoint(tmp_path, step=10):
-    from trainer import checkpoint
-    from trainer.ema import EMA
+    from trainer.gan.ema import EMA
+    from trainer.train import checkpoint
 
     cfg = Config()
     G, D = build_pair("mlp", cfg.model.latent_dim, g_width=16, d_width=16, depth=1)
@@ -176,7 +194,7 @@ def _saved_checkpoint(tmp_path, step=10):
 
 
 def test_checkpoints_are_checksummed_and_a_corrupt_one_falls_back(ds_dist, tmp_path):
-    from trainer import checkpoint
+    from trainer.train import checkpoint
 
     old, _ = _saved_checkpoint(tmp_path, 10)
     new, (g, d, ema) = _saved_checkpoint(tmp_path, 20)
@@ -199,7 +217,7 @@ def test_resume_takes_the_newest_complete_checkpoint_on_disk(ds_dist, tmp_path):
     """Ray registers checkpoints asynchronously: after a worker dies it may hand over an older
     one than the newest complete one on disk. Guard branches (-rK) are newer than any step of
     an earlier branch."""
-    from trainer import checkpoint
+    from trainer.train import checkpoint
 
     ray_latest, _ = _saved_checkpoint(tmp_path, 40)
     newer, _ = _saved_checkpoint(tmp_path, 80)
@@ -214,7 +232,7 @@ def test_resume_takes_the_newest_complete_checkpoint_on_disk(ds_dist, tmp_path):
 def test_incompatible_checkpoint_config_names_the_keys():
     from dataclasses import asdict
 
-    from trainer import checkpoint
+    from trainer.train import checkpoint
 
     saved = asdict(Config())
     current = asdict(Config())
@@ -247,7 +265,7 @@ def test_resume_checks_the_optimizer_file_layout(ds_dist, tmp_path, was, now, ok
     """What `check_compatible` lets through, DeepSpeed loads; what it refuses, it would fail on."""
     from dataclasses import asdict, replace
 
-    from trainer import checkpoint
+    from trainer.train import checkpoint
 
     def engine(parallel: ParallelConfig) -> Engine:
         torch.manual_seed(0)

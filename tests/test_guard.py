@@ -8,7 +8,7 @@ import math
 import pytest
 
 from trainer.config import GuardConfig
-from trainer.guard import EVENT_COLUMNS, Guard
+from trainer.train.guard import EVENT_COLUMNS, Guard
 
 HEALTHY = {"d_loss": 1.3, "g_loss": 0.8, "d_acc_real": 0.6, "d_acc_fake": 0.55, "nonfinite": 0.0}
 

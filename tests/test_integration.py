@@ -19,7 +19,7 @@ import torch
 
 from data_pipeline.sources import grid25_modes
 from tests.conftest import ROOT
-from trainer.checkpoint import load_parameters
+from trainer.train.checkpoint import load_parameters
 
 pytestmark = pytest.mark.slow
 
@@ -149,8 +149,8 @@ def test_two_workers_grid25_r1_tracked_registered_and_sampled(env, ray_cluster, 
     assert trained.shape == (2000, 2)
 
     # Step 0: the same architecture and seed, untrained.
+    from trainer.gan.models import build_pair
     from trainer.main import compose
-    from trainer.models import build_pair
 
     cfg = compose([])
     torch.manual_seed(cfg.trainer.seed)
@@ -183,8 +183,8 @@ def test_stable_preset_experts_generator_trains_on_two_workers_and_samples(env, 
     MLflow stores (torch.export) samples the same points as its saved EMA weights."""
     from mlflow.tracking import MlflowClient
 
+    from trainer.gan.models import build_pair
     from trainer.main import compose
-    from trainer.models import build_pair
 
     name = "it-experts"
     proc = run_main(

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer import losses, penalties
+from trainer.gan import losses, penalties
+from trainer.gan.models.blocks import spectral_norm_all
 
 
 def test_nonsaturating_matches_bce_and_fixes_the_seed_bug():
@@ -161,18 +162,18 @@ def test_r1_from_logits_equals_separate_forward():
     [(9, 4, 2, 1, True), (8, 4, 2, 1, False), (7, 3, 1, 1, True), (6, 1, 1, 0, True), (9, 3, 2, 0, False)],
 )
 def test_d_conv_gradcheck_and_gradgradcheck(size, kernel, stride, padding, bias):
-    """layers.Conv2d's own backward and double backward against finite differences (odd sizes
+    """The fast conv's own backward and double backward against finite differences (odd sizes
     need conv_transpose2d's output padding)."""
-    from trainer.models import layers
-    from trainer.models.layers import Conv2d
+    from trainer.gan import ops
 
     torch.manual_seed(0)
-    conv = Conv2d(2, 3, kernel, stride=stride, padding=padding, bias=bias).double()
+    conv = ops.apply(torch.nn.Conv2d(2, 3, kernel, stride=stride, padding=padding, bias=bias).double())
+    assert ops.is_fast(conv)
     x = torch.randn(2, 2, size, size, dtype=torch.float64, requires_grad=True)
     args = (x, conv.weight, conv.bias) if bias else (x, conv.weight)
 
     def f(x, w, b=None):
-        with layers.penalty_forward():
+        with ops.penalty_forward():
             return conv._conv_forward(x, w, b)
 
     assert torch.autograd.gradcheck(f, args)
@@ -181,13 +182,14 @@ def test_d_conv_gradcheck_and_gradgradcheck(size, kernel, stride, padding, bias)
 
 @pytest.mark.parametrize("slope", [0.0, 0.2])
 def test_d_activation_gradcheck_and_gradgradcheck(slope):
-    """layers.(Leaky)ReLU's backward and double backward against finite differences."""
-    from trainer.models import layers
+    """The fast (Leaky)ReLU's backward and double backward against finite differences."""
+    from trainer.gan import ops
 
-    module = layers.ReLU() if slope == 0 else layers.LeakyReLU(slope)
+    module = ops.apply(torch.nn.ReLU() if slope == 0 else torch.nn.LeakyReLU(slope))
+    assert ops.is_fast(module)
 
     def act(x):
-        with layers.penalty_forward():
+        with ops.penalty_forward():
             return module(x)
 
     torch.manual_seed(0)
@@ -199,13 +201,16 @@ def test_d_activation_gradcheck_and_gradgradcheck(slope):
 
 @pytest.mark.parametrize("size", [8, 7])
 def test_d_avg_pool_matches_f_avg_pool2d(size):
-    """layers.AvgPool2 under penalty_forward(): F.avg_pool2d's values and gradients (odd sizes
-    drop a row and column), finite-difference checked to second order."""
-    from trainer.models import layers
+    """The fast 2x2 average pool under penalty_forward(): F.avg_pool2d's values and gradients
+    (odd sizes drop a row and column), finite-difference checked to second order."""
+    from trainer.gan import ops
+
+    pool = ops.apply(torch.nn.AvgPool2d(2))
+    assert ops.is_fast(pool) and not ops.is_fast(ops.apply(torch.nn.AvgPool2d(3)))  # 2x2 only
 
     def avg_pool2(x):
-        with layers.penalty_forward():
-            return layers.AvgPool2()(x)
+        with ops.penalty_forward():
+            return pool(x)
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, size, size, dtype=torch.float64, requires_grad=True)
@@ -223,7 +228,8 @@ def test_penalty_graph_does_not_reach_d_forward(arch):
     """WGAN-GP's backward skips D's forward graph on the interpolates: under penalty_forward()
     the penalty does not depend on D's hidden activations at all; PyTorch's own ops (D's layers
     outside it) send it zeros there (what the cut saves: a backward over D on zero gradients)."""
-    from trainer.models import build_pair, layers
+    from trainer.gan import ops
+    from trainer.gan.models import build_pair
 
     torch.manual_seed(0)
     if arch == "mlp":
@@ -232,13 +238,14 @@ def test_penalty_graph_does_not_reach_d_forward(arch):
     else:
         _, D = build_pair(arch, 8, resolution=32, channels=1, g_width=8, d_width=8)
         x = torch.randn(4, 1, 32, 32, requires_grad=True)
+    ops.apply(D, linear=arch != "mlp")  # as GANStep applies them
     hidden: list[torch.Tensor] = []
     first_conv_or_linear = next(m for m in D.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
     first_conv_or_linear.register_forward_hook(lambda m, i, o: hidden.append(o))
 
     def penalty_grad_on_hidden(cut: bool) -> torch.Tensor | None:
         hidden.clear()
-        with layers.penalty_forward() if cut else contextlib.nullcontext():
+        with ops.penalty_forward() if cut else contextlib.nullcontext():
             logits = D(x)
         grad = penalties.input_grad(logits, x)
         p = (grad.flatten(1).norm(dim=1) - 1).square().mean()
@@ -252,14 +259,16 @@ def test_penalty_graph_does_not_reach_d_forward(arch):
 @pytest.mark.parametrize("arch", ["dcgan", "resnet"])
 @pytest.mark.parametrize("kind", ["r1", "wgan_gp"])
 def test_d_conv_penalty_gradients_match_nn_conv2d(arch, kind):
-    """The penalties' gradients on D's weights are the same with D's `layers` (conv, activations,
+    """The penalties' gradients on D's weights are the same with the fast ops (conv, activations,
     pooling) as with PyTorch's own layers and double backward, and the weight-gradient skip does
     not outlive the penalty."""
-    from trainer.models import build_pair, layers
+    from trainer.gan import ops
+    from trainer.gan.models import build_pair
+    from trainer.gan.ops.functions import STATE
 
     torch.manual_seed(0)
     _, D = build_pair(arch, 8, resolution=32, channels=1, g_width=8, d_width=8)
-    D = D.double()
+    D = ops.apply(D.double())
     real, fake = (
         torch.randn(4, 1, 32, 32, dtype=torch.float64),
         torch.randn(4, 1, 32, 32, dtype=torch.float64),
@@ -275,12 +284,15 @@ def test_d_conv_penalty_gradients_match_nn_conv2d(arch, kind):
         return [q.grad.clone() for q in D.parameters()]
 
     ours = grads()
-    assert not layers._input_grad_only
-    assert any(isinstance(m, layers.Conv2d) for m in D.modules()), "D should use layers.Conv2d"
-    layers.to_torch_layers(D)  # PyTorch's own layers and double backward
-    assert not any(type(m).__module__ == layers.__name__ for m in D.modules())
-    with pytest.raises(ValueError, match="parametrized"):  # spectral norm: no silent half-swap
-        layers.to_torch_layers(layers.spectral_norm_all(layers.Conv2d(1, 1, 3)))
+    assert not STATE.no_weight_gradients
+    assert any(ops.is_fast(m) and isinstance(m, torch.nn.Conv2d) for m in D.modules()), "D's convs are fast"
+    ops.remove(D)  # PyTorch's own layers and double backward
+    assert not any(type(m).__module__ == ops.__name__ for m in D.modules())
+    # Spectral norm: the parametrized class is swapped and swapped back whole, parametrization kept.
+    sn = spectral_norm_all(torch.nn.Conv2d(1, 1, 3))
+    parametrized = type(sn)
+    assert ops.is_fast(ops.apply(sn)) and isinstance(sn, parametrized) and hasattr(sn, "parametrizations")
+    assert type(ops.remove(sn)) is parametrized
     native = grads()
     for a, b in zip(ours, native, strict=True):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
@@ -292,12 +304,13 @@ def test_loss_from_deltas_is_the_loss_without_its_backward_pass(arch, sn, kind):
     """The fused R1 / R2 step's loss taken from the penalty's recorded pass (`record_outputs`,
     `loss_from_deltas`): the same value and weight gradients as the loss's own backward, while
     the penalized half's layers compute no activation gradient (none reaches its input)."""
-    from trainer.models import build_pair, layers
+    from trainer.gan import ops
+    from trainer.gan.models import build_pair
 
     torch.manual_seed(0)
     _, D = build_pair(arch, 8, resolution=32, channels=1, g_width=8, d_width=8, spectral_norm=sn)
-    D = D.double().eval()  # eval: spectral norm's power iteration would move between the passes
-    assert layers.records_every_weight(D)
+    D = ops.apply(D.double().eval())  # eval: spectral norm's power iteration would move between the passes
+    assert ops.covers_every_weight(D) == []
     real, fake = (torch.randn(4, 1, 32, 32, dtype=torch.float64) for _ in range(2))
     d_loss = losses.get("nonsaturating")[0]  # dloss/dlogit is not a power of two: rounding differs
 
@@ -306,7 +319,7 @@ def test_loss_from_deltas_is_the_loss_without_its_backward_pass(arch, sn, kind):
         r, f = real.clone(), fake.clone()
         x = r if kind == "r1" else f
         x.requires_grad_(True)
-        with layers.record_outputs(share) as records:
+        with ops.record_outputs(share) as records:
             rl = penalties.penalty_logits(D, r) if kind == "r1" else D(r)
             fl = D(f) if kind == "r1" else penalties.penalty_logits(D, f)
         pen = penalties.r1_from_logits(rl, r) if kind == "r1" else penalties.r2_from_logits(fl, f)
@@ -320,7 +333,7 @@ def test_loss_from_deltas_is_the_loss_without_its_backward_pass(arch, sn, kind):
 
     value, grads, x_grad, n = step(share=True)
     ref_value, ref_grads, ref_x_grad, ref_n = step(share=False)
-    assert n == sum(isinstance(m, (layers.Conv2d, layers.Linear)) for m in D.modules()) and ref_n == 0
+    assert n == sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in D.modules()) and ref_n == 0
     assert value == ref_value
     for a, b in zip(grads, ref_grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
@@ -328,11 +341,41 @@ def test_loss_from_deltas_is_the_loss_without_its_backward_pass(arch, sn, kind):
 
 
 def test_loss_from_deltas_needs_every_weight_recorded_and_per_sample_scores():
-    from trainer.models import build_pair, layers
+    from trainer.gan import ops
+    from trainer.gan.models import build_pair
 
-    assert not layers.records_every_weight(build_pair("mlp", 2, g_width=8, d_width=8)[1])  # nn.Linear
-    assert not layers.records_every_weight(
-        build_pair("dcgan", 8, resolution=32, channels=1, d_width=8, mbstd_group=4)[1]
-    )  # minibatch stddev: a sample's score depends on its group
+    mlp_d = ops.apply(build_pair("mlp", 2, g_width=8, d_width=8)[1], linear=False)
+    assert ops.covers_every_weight(mlp_d)  # PyTorch's nn.Linear left as it is: not covered
+    mbstd_d = ops.apply(build_pair("dcgan", 8, resolution=32, channels=1, d_width=8, mbstd_group=4)[1])
+    assert ops.covers_every_weight(mbstd_d) == []  # every weight is covered, but ...
+    x = torch.randn(8, 1, 32, 32)
+    assert not ops.scores_per_sample(mbstd_d, mbstd_d, x)  # minibatch stddev: a score depends on its group
+    plain_d = ops.apply(build_pair("dcgan", 8, resolution=32, channels=1, d_width=8)[1])
+    assert ops.scores_per_sample(plain_d, plain_d, x)
     with pytest.raises(RuntimeError, match="input_grad inside record_outputs"):
         penalties.loss_from_deltas(losses.get("hinge")[0], torch.zeros(2), torch.zeros(2), "real", [])
+
+
+def test_a_sample_mixing_op_is_caught_by_behaviour_and_leaves_d_untouched():
+    """A parameter-free op that mixes samples passes any check by class or parameter: the
+    behavioural check (`ops.scores_per_sample`) catches it, in training mode, and restores what
+    its forwards touched (spectral norm's power-iteration vectors, the RNG)."""
+    from trainer.gan import ops
+    from trainer.gan.models import build_pair
+
+    class BatchCentred(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x - x.mean(0, keepdim=True)
+
+    torch.manual_seed(0)
+    _, D = build_pair("dcgan", 8, resolution=32, channels=1, d_width=8, spectral_norm="d")
+    x = torch.randn(8, 1, 32, 32)
+    assert ops.scores_per_sample(D, D, x)
+    D.body = torch.nn.Sequential(BatchCentred(), *D.body)
+    ops.apply(D)
+    assert ops.covers_every_weight(D) == []  # every weight is in a recording layer ...
+    state = {k: v.clone() for k, v in D.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert not ops.scores_per_sample(D, D, x)  # ... and still it mixes samples
+    assert all(torch.equal(state[k], v) for k, v in D.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())

@@ -176,8 +176,8 @@ def test_builtin_shards_written_once_by_runs_starting_together(tmp_path, monkeyp
     from concurrent.futures import ThreadPoolExecutor
 
     from data_pipeline.shards import resolve
-    from trainer import run as run_mod
     from trainer.main import compose
+    from trainer.services import driver as run_mod
 
     cfg = compose(["data.builtin=ring8"])
     calls = []

@@ -7,8 +7,8 @@ import contextlib
 import pytest
 import torch
 
-from trainer.ema import EMA
-from trainer.models import build_pair
+from trainer.gan.ema import EMA
+from trainer.gan.models import build_pair
 
 
 @pytest.mark.parametrize("resolution,channels", [(32, 1), (32, 3), (64, 1), (64, 3)])
@@ -32,7 +32,7 @@ def test_mlp_pair_and_unknown_arch():
 def test_experts_generator_keeps_its_experts_apart():
     """z[:, 0] picks one of k equally likely experts; a sample's gradient reaches only its own
     expert's weights (no shared weights: no path between two experts' outputs)."""
-    from trainer.models.mlp import MLPExpertsGenerator, expert_index
+    from trainer.gan.models.mlp import MLPExpertsGenerator, expert_index
 
     torch.manual_seed(0)
     G, _ = build_pair("mlp", 3, g_width=8, d_width=8, depth=2, g_experts=5)
@@ -66,8 +66,8 @@ def test_experts_generator_keeps_its_experts_apart():
 def test_learned_expert_prior_picks_by_its_weights_and_learns_from_g_loss(kind):
     """model.g_expert_prior=learned: z[:, 0] is read against the prior's CDF; G's loss gains a
     zero-valued score-function term whose gradient moves mass to experts D scores better."""
-    from trainer import losses
-    from trainer.models.mlp import expert_index
+    from trainer.gan import losses
+    from trainer.gan.models.mlp import expert_index
 
     torch.manual_seed(0)
     G, _ = build_pair("mlp", 3, g_width=8, d_width=8, depth=2, g_experts=4, g_expert_prior="learned")
@@ -119,21 +119,22 @@ def test_ema_tracks_with_ramp_up_and_round_trips():
 @pytest.mark.parametrize("penalty_forward", [False, True])
 def test_d_compiles_to_one_graph_with_eager_gradients(penalty_forward):
     """parallel.compile runs D's unpenalized forwards compiled (PyTorch's ops in D's layers);
-    under layers.penalty_forward() D's own autograd Functions must trace without graph breaks
+    under ops.penalty_forward() D's own autograd Functions must trace without graph breaks
     too, and both give the eager gradients."""
     from torch._dynamo.utils import counters
 
-    from trainer.models import layers
+    from trainer.gan import ops
 
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
     _, D = build_pair("dcgan", 8, resolution=32, channels=1, g_width=8, d_width=8)
+    ops.apply(D)
     x = torch.randn(4, 1, 32, 32)
     D(x).sum().backward()
     eager = [p.grad.clone() for p in D.parameters()]
     D.zero_grad(set_to_none=True)
-    with layers.penalty_forward() if penalty_forward else contextlib.nullcontext():
+    with ops.penalty_forward() if penalty_forward else contextlib.nullcontext():
         torch.compile(D)(x).sum().backward()
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     for a, b in zip(eager, [p.grad for p in D.parameters()], strict=True):

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from data_pipeline.sources import grid25_modes, ring8_modes
-from trainer import losses, stability
-from trainer.metrics import Meter
-from trainer.models import MinibatchStd, build_pair
+from trainer.gan import losses
+from trainer.gan.models import MinibatchStd, build_pair
+from trainer.train import plots
+from trainer.train import probe as stability
+from trainer.train.meter import Meter
 
 
 def test_mode_metrics_published_definitions():
@@ -126,7 +128,7 @@ def test_summary_names_divergence_and_the_first_signal():
     assert summary["diverged"] is True and summary["diverged_at"] == 1400
     assert summary["first_signal"] == "g_grad_norm" and summary["first_moves"]["g_grad_norm"] == 1200
     assert set(summary["reasons"]) == {"nonfinite", "modes_covered"}
-    png = stability.report_png(broken, summary, "test")
+    png = plots.report_png(broken, summary, "test")
     assert png[:4] == b"\x89PNG"
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tests.conftest import free_port, start_mlflow_server, stop_group
-from trainer import tracking
-from trainer.metrics import Meter, replica_drift
+from trainer.services import tracking
+from trainer.train.meter import Meter, replica_drift
 
 
 def test_logger_never_blocks_and_counts_what_it_could_not_send():
@@ -88,7 +88,7 @@ def test_register_saved_weights_later(tmp_path, capsys):
     cfg.tracking.registered_model = "later"
     uri = f"sqlite:///{tmp_path}/m.db"
     run_id, _ = tracking.start_run(uri, "later", "run-a", asdict(cfg))
-    from trainer.run import build_generator
+    from trainer.services.driver import build_generator
 
     weights = tmp_path / "run-a" / "generator_ema.pt"
     weights.parent.mkdir()

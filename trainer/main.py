@@ -1,10 +1,11 @@
-"""Entry point: compose the config, validate it, train on Ray, register the generator.
+"""Entry point: compose the config, check it, train on Ray, register the generator.
 
     python -m trainer.main                                  # grid25 on a local Ray, local MLflow
     python -m trainer.main experiment=digits32 trainer.num_workers=2 trainer.max_steps=500
     ray job submit --working-dir . -- python -m trainer.main experiment=dcgan64 data.urls=...
 
-The only module that talks to Hydra; the work happens in `run(cfg)`.
+The only module that talks to Hydra (besides its sweep callback); the work happens in
+`trainer.services.driver.run`.
 """
 
 from __future__ import annotations
@@ -19,81 +20,16 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import (
-    Config,
-    ConfigError,
-    allowed_keys,
-    dict_keys,
-    exit_on_config_error,
-    from_dict,
-    validate,
-)
-from trainer.run import RegistryError, UserError, run
+from trainer.config import Config, ConfigError, exit_on_config_error, from_dict, validate
+from trainer.config.overrides import check_overrides, prepare_overrides
+from trainer.services.driver import RegistryError, UserError, run
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-GROUPS = (
-    "model",
-    "loss",
-    "penalty",
-    "optim",
-    "data",
-    "parallel",
-    "trainer",
-    "stability",
-    "tracking",
-    "cluster",
-    "experiment",
-)
-
 ConfigStore.instance().store(name="stablegan_schema", node=Config)
-DICT_KEYS = dict_keys()  # free-form dict fields: any key below them is allowed
-
-
-def _in_dict_field(key: str) -> bool:
-    return key in DICT_KEYS or key.rsplit(".", 1)[0] in DICT_KEYS
-
-
-log = logging.getLogger("stablegan")
-
-
-def check_overrides(argv: list[str]) -> None:
-    """Reject unknown keys before Hydra does, naming the allowed ones at that level."""
-    for arg in argv:
-        if arg.startswith("-") or "=" not in arg or arg.startswith(("hydra", "+hydra", "~")):
-            continue
-        key = arg.split("=", 1)[0].lstrip("+")
-        if _in_dict_field(key):
-            continue
-        if "." not in key:
-            if key not in GROUPS and key not in allowed_keys(""):
-                raise ConfigError(f"unknown key {key!r}; config groups: {', '.join(GROUPS)}")
-            continue
-        parent, leaf = key.rsplit(".", 1)
-        allowed = allowed_keys(parent)
-        if allowed is None:
-            raise ConfigError(
-                f"unknown key {key!r}: {parent!r} is not a config section; sections: {', '.join(GROUPS[:-1])}"
-            )
-        if leaf not in allowed:
-            raise ConfigError(f"unknown key {key!r}; allowed keys in {parent}: {', '.join(allowed)}")
-
-
-def prepare_overrides(argv: list[str]) -> list[str]:
-    """`data.urls=x-{000000..000009}.tar` -> quoted, so Hydra reads the braces as text; and
-    `trainer.worker_resources={a:1}` -> `++...`, since a typed dict only takes new keys that way."""
-    out = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and _in_dict_field(key):
-            arg = f"++{arg}"
-        if sep and key.lstrip("+").endswith("urls") and "{" in value and value[:1] not in ("'", '"', "["):
-            arg = f"{key}='{value}'"
-        out.append(arg)
-    return out
 
 
 def to_config(dcfg: DictConfig) -> Config:
-    """Hydra's composed config -> validated typed `Config`."""
+    """Hydra's composed config -> checked typed `Config`."""
     data = OmegaConf.to_container(dcfg, resolve=True)
     assert isinstance(data, dict)
     return validate(from_dict(data))
@@ -131,7 +67,7 @@ def main() -> None:
 
 
 def compose(overrides: list[str]) -> Config:
-    """The validated `Config` for `overrides` (for tests and notebooks)."""
+    """The checked `Config` for `overrides` (for tests and notebooks)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline.cli import parse_overrides
-from trainer import tracking
 from trainer.config import from_dict
-from trainer.run import register_saved
+from trainer.services import tracking
+from trainer.services.driver import register_saved
 
 
 @dataclass

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from data_pipeline.cli import parse_overrides
-from trainer import tracking
+from trainer.services import tracking
+from trainer.train import plots
 
 
 @dataclass
@@ -49,9 +50,9 @@ def sample(
         if suffix == ".npz":
             np.savez_compressed(path, samples=samples)
         elif samples.ndim == 2:
-            path.write_bytes(tracking.scatter_png(samples, title=model))
+            path.write_bytes(plots.scatter_png(samples, title=model))
         else:
-            path.write_bytes(tracking.grid_png(torch.from_numpy(samples)))
+            path.write_bytes(plots.grid_png(torch.from_numpy(samples)))
     return samples
 
 

@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 
 from trainer.config import GuardConfig
-from trainer.stability import EWStats
+from trainer.train.probe import EWStats
 
 LOSS_WARMUP = 10  # checks before the loss statistics are trusted (again, after a rollback)
 EVENT_COLUMNS = ["step", "trigger", "detail", "action", "rolled_back_to", "lr_scale", "penalty", "repeats"]
@@ -195,7 +195,7 @@ class Guard:
 def usable_checkpoints(healthy: list[tuple[int, str]], world: int) -> list[tuple[int, str]]:
     """The healthy checkpoints still on disk with every rank's files intact (Ray keeps the
     last `trainer.keep_checkpoints`)."""
-    from trainer import checkpoint
+    from trainer.train import checkpoint
 
     out = []
     for step, path in healthy:

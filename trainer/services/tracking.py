@@ -8,7 +8,6 @@ counted (reported in the `tracking_dropped` metric and at close).
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import tempfile
@@ -213,50 +212,6 @@ class RunLogger:
                 "MLflow logger closed with %d unsent items and %d dropped metrics", left, self.dropped
             )
         return left + self.dropped
-
-
-def grid_png(images: torch.Tensor, nrow: int | None = None) -> bytes:
-    """Images (N,C,H,W) in [-1,1] -> one PNG grid (PIL only; torchvision is not a dependency)."""
-    from PIL import Image
-
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-    n, c, h, w = x.shape
-    nrow = nrow or int(np.ceil(np.sqrt(n)))
-    ncol = int(np.ceil(n / nrow))
-    pad = 2
-    canvas = np.zeros((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, nrow)
-        y0, x0 = pad + r * (h + pad), pad + q * (w + pad)
-        canvas[y0 : y0 + h, x0 : x0 + w] = x[i].transpose(1, 2, 0)
-    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def scatter_png(points: np.ndarray, modes: np.ndarray | None = None, title: str = "") -> bytes:
-    """2-D samples as a scatter plot (with the true modes as crosses when known)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
-    ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.4, color="tab:blue", label="samples")
-    if modes is not None:
-        ax.scatter(modes[:, 0], modes[:, 1], s=40, marker="x", color="tab:red", label="modes")
-    lim = max(1.5, float(np.abs(modes).max()) * 1.3) if modes is not None else None
-    if lim:
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
-    ax.set_aspect("equal")
-    ax.set_title(title)
-    ax.legend(loc="upper right", fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def register_generator(

@@ -314,38 +314,3 @@ def summarize(history: dict[str, list[tuple[int, float]]], z_threshold: float = 
         "first_signal": first,
         "first_moves": dict(moved),
     }
-
-
-def report_png(history: dict[str, list[tuple[int, float]]], summary: dict, title: str = "") -> bytes:
-    """A grid of the watched signals over steps, with the divergence step marked."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [k for k in WATCH if history.get(k)] + [
-        k for k in ("penalty", "d_acc_real", "d_acc_fake", "reverse_kl") if history.get(k)
-    ]
-    cols = 3
-    rows = max(1, math.ceil(len(keys) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        steps, values = zip(*history[key])
-        ax.plot(steps, values, lw=1.2)
-        ax.set_title(key + ("  (moved first)" if key == summary.get("first_signal") else ""), fontsize=9)
-        if summary.get("diverged_at") is not None:
-            ax.axvline(summary["diverged_at"], color="red", ls="--", lw=1)
-        if key in summary.get("first_moves", {}):
-            ax.axvline(summary["first_moves"][key], color="orange", ls=":", lw=1)
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(keys) :]:
-        ax.axis("off")
-    verdict = f"diverged at step {summary['diverged_at']}" if summary["diverged"] else "stable"
-    fig.suptitle(f"{title}  {verdict}; first signal: {summary.get('first_signal') or 'none'}", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()

@@ -4,8 +4,8 @@ Each takes `d_fn`, the discriminator's *module* forward: going through the DeepS
 `__call__` makes `autograd.grad(..., create_graph=True)` fail under ZeRO 0-2 (its hooks fire).
 The inner gradient comes back in at least fp32 whatever D's dtype. `scale` multiplies the inner
 gradient's seed and is divided back out; the trainer leaves it at 1: under fp16, scaling by
-the loss scale overflowed (measured on an H200), so there the penalty runs through an fp32
-forward instead (`Engine.fp32_forward`).
+the loss scale overflows, so there the penalty runs through an fp32 forward instead
+(`Engine.fp32_forward`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from trainer.models.layers import input_grad_only, penalty_forward
+from trainer.gan.ops import no_weight_gradients, penalty_forward
 
 Tensor = torch.Tensor
 DFn = Callable[[Tensor], Tensor]
@@ -22,14 +22,14 @@ DFn = Callable[[Tensor], Tensor]
 
 def input_grad(logits: Tensor, x: Tensor, scale: float = 1.0) -> Tensor:
     """d sum(logits) / dx with the graph kept (for the penalty's own backward), in >= fp32."""
-    with input_grad_only():  # D's convs skip the weight gradients nobody asked for
+    with no_weight_gradients():  # D's convs skip the weight gradients nobody asked for
         (grad,) = torch.autograd.grad(logits.sum() * scale, x, create_graph=True)
     return grad.to(torch.promote_types(grad.dtype, torch.float32)) / scale
 
 
 def penalty_logits(d_fn: DFn, x: Tensor) -> Tensor:
     """D's logits at `x` for a penalty of their own: recorded by D's layers for a cheap double
-    backward (`layers.penalty_forward`)."""
+    backward (`ops.penalty_forward`)."""
     with penalty_forward():
         return d_fn(x)
 
@@ -54,7 +54,7 @@ def loss_from_deltas(
 ) -> Tensor:
     """`d_loss(real_logits, fake_logits)`, the same value and the same gradient in D's weights,
     with the `penalized` half's ("real" or "fake") backward through D's layers taken from the
-    deltas that the penalty's input gradient (seed `scale`) recorded (`layers.record_outputs`).
+    deltas that the penalty's input gradient (seed `scale`) recorded (`ops.record_outputs`).
 
     D scores each sample on its own, so the loss's gradient at a recorded output is the delta
     times dloss/dlogit of that sample; the recorded layers turn it into weight gradients alone.
@@ -109,8 +109,8 @@ def dragan(
     """DRAGAN (Kodali et al. 2017): E (||grad D(x_hat)|| - 1)^2 around the reals, where
     x_hat = x + t * c * std(x) * u with u ~ U[0, 1) per element and t ~ U[0, 1) per sample."""
     x = real.detach()
-    # A full-size draw: made on x's device (a CPU draw copied over cost milliseconds a step on
-    # a GPU), from a generator seeded by the caller's CPU one so that runs still replay exactly.
+    # A full-size draw made on x's device (a host draw would be copied over every step), from a
+    # generator seeded by the caller's CPU one so that runs still replay exactly.
     seed = int(torch.randint(2**62, (), generator=generator))
     u = torch.rand(
         x.shape, generator=torch.Generator(x.device).manual_seed(seed), device=x.device, dtype=x.dtype

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainer.models.dcgan import DCGANDiscriminator, DCGANGenerator
-from trainer.models.layers import MinibatchStd, spectral_norm_all
-from trainer.models.mlp import MLPDiscriminator, MLPExpertsGenerator, MLPGenerator
-from trainer.models.resnet import ResNetDiscriminator, ResNetGenerator
+from trainer.gan.models.blocks import MinibatchStd, spectral_norm_all
+from trainer.gan.models.dcgan import DCGANDiscriminator, DCGANGenerator
+from trainer.gan.models.mlp import MLPDiscriminator, MLPExpertsGenerator, MLPGenerator
+from trainer.gan.models.resnet import ResNetDiscriminator, ResNetGenerator
 
 
 def build_pair(

@@ -22,9 +22,10 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from data_pipeline.make_shards import MakeShardsConfig, write_shards
 from data_pipeline.shards import MANIFEST, ShardSpecError, resolve
-from trainer import checkpoint, tracking
 from trainer.config import Config
-from trainer.loop import build_models, sample_picture, train_loop
+from trainer.services import tracking
+from trainer.train import checkpoint
+from trainer.train.worker import Worker, build_models, sample_picture
 
 log = logging.getLogger("stablegan.run")
 
@@ -181,8 +182,75 @@ def register_saved(weights: Path, cfg: Config, run_id: str, uri: str, dataset: s
     return f"models:/{name}/{version} (also {also})"
 
 
+def train_loop(config: dict) -> None:
+    """Ray Train's per-rank entry: `config` holds the resolved config, shard URLs and MLflow run.
+    Rank 0 logs through a buffered `RunLogger`; the worker itself knows nothing of MLflow."""
+    logger = None
+    if ray.train.get_context().get_world_rank() == 0:
+        logger = tracking.RunLogger(config["tracking_uri"], config["run_id"])
+    try:
+        worker = Worker(config["cfg"], config["data_urls"], config["run_dir"], logger)
+        handed = ray.train.get_checkpoint()
+        if handed is not None:  # storage_path is a shared filesystem: the path is a local folder
+            worker.resume(Path(handed.path))
+    except BaseException:
+        if logger is not None:
+            logger.close(timeout=0)
+        raise
+    worker.run()
+
+
 def run(cfg: Config) -> dict[str, str]:
     """Train `cfg` end to end; return where the results are."""
+    run_name, storage, urls = prepare_run(cfg)
+    config_dict = asdict(cfg)
+    init_ray(cfg)  # before the MLflow run: an unreachable cluster leaves no run behind
+    uri, run_id = open_tracking(cfg, run_name, config_dict)
+    loop_config = {
+        "cfg": config_dict,
+        "data_urls": urls,
+        "tracking_uri": uri,
+        "run_id": run_id,
+        "run_dir": str(storage / run_name),  # where Ray Train puts the checkpoints
+    }
+    try:
+        result = make_trainer(cfg, run_name, storage, loop_config).fit()
+    except Exception as exc:
+        tracking.end_run(uri, run_id, status="FAILED")
+        raise RuntimeError(f"training run {run_name} failed: {exc}") from exc
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name} ended without a checkpoint")
+    out = {
+        "run": run_name,
+        "mlflow_run_id": run_id,
+        "tracking_uri": uri,
+        "checkpoint": result.checkpoint.path,
+    }
+    out |= save_outputs(cfg, storage / run_name, result.checkpoint, config_dict)
+    if cfg.tracking.register:
+        try:
+            out["registered_model"] = register_saved(
+                Path(out["generator_weights"]), cfg, run_id, uri, str(urls)
+            )
+        except Exception as exc:  # noqa: BLE001 - the weights are safe on disk; say how to retry
+            log.exception("registering the generator failed")
+            out["registered_model"] = f"FAILED ({exc}); the weights are in {out['generator_weights']}"
+    tags = {"stablegan.steps": cfg.trainer.max_steps}
+    if "stability" in (result.metrics or {}):
+        stability_tags, out["stability"] = describe_stability(json.loads(result.metrics["stability"]))
+        tags |= stability_tags
+    try:
+        tracking.end_run(uri, run_id, tags=tags)
+    except Exception as exc:  # noqa: BLE001 - the results are on disk; the run just stays RUNNING
+        log.warning("could not mark MLflow run %s finished (%s); it shows as RUNNING", run_id, exc)
+    if out.get("registered_model", "").startswith("FAILED"):
+        raise RegistryError(out)
+    return out
+
+
+def prepare_run(cfg: Config) -> tuple[str, Path, str | list]:
+    """The run's name, its storage folder and checked shard URLs (built-in data written on
+    first use); a resume is refused here if it changes the model or data layout."""
     t = cfg.trainer
     # The random tail keeps apart runs of a parallel sweep that start in the same second.
     run_name = t.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
@@ -192,15 +260,17 @@ def run(cfg: Config) -> dict[str, str]:
     if not isinstance(urls, str):
         urls = list(urls)
     check_data(cfg, urls)
-
-    config_dict = asdict(cfg)
     previous = sorted((storage / run_name).glob("checkpoint_*/config.json"))
     if previous:  # resuming: the same model and data layout, or a clear error before any work
         try:
-            checkpoint.check_compatible(checkpoint.load_config(previous[-1].parent), config_dict)
+            checkpoint.check_compatible(checkpoint.load_config(previous[-1].parent), asdict(cfg))
         except checkpoint.CheckpointError as exc:
             raise UserError(f"trainer.run_name={run_name}: {exc}") from None
-    init_ray(cfg)  # before the MLflow run: an unreachable cluster leaves no run behind
+    return run_name, storage, urls
+
+
+def open_tracking(cfg: Config, run_name: str, config_dict: dict) -> tuple[str, str]:
+    """(tracking URI, MLflow run id): the run is created, or found again by its name on a resume."""
     uri = tracking.resolve_uri(cfg.tracking.uri)
     try:
         tracking.check_server(uri)
@@ -212,15 +282,16 @@ def run(cfg: Config) -> dict[str, str]:
             "both empty for a local sqlite store"
         ) from None
     print(f"stablegan: run {run_name} ({'resumed' if resumed else 'new'}), MLflow run {run_id} at {uri}")
-    trainer = TorchTrainer(
+    return uri, run_id
+
+
+def make_trainer(cfg: Config, run_name: str, storage: Path, loop_config: dict) -> TorchTrainer:
+    """Ray Train's trainer: one `train_loop` per worker; a new one with the same name and
+    storage hands the workers the latest checkpoint (a resume)."""
+    t = cfg.trainer
+    return TorchTrainer(
         train_loop,
-        train_loop_config={
-            "cfg": config_dict,
-            "data_urls": urls,
-            "tracking_uri": uri,
-            "run_id": run_id,
-            "run_dir": str(storage / run_name),  # where Ray Train puts the checkpoints
-        },
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
@@ -234,71 +305,44 @@ def run(cfg: Config) -> dict[str, str]:
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
         ),
     )
-    try:
-        result = trainer.fit()
-    except Exception as exc:
-        tracking.end_run(uri, run_id, status="FAILED")
-        raise RuntimeError(f"training run {run_name} failed: {exc}") from exc
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {run_name} ended without a checkpoint")
 
-    out_dir = storage / run_name
+
+def save_outputs(cfg: Config, out_dir: Path, ckpt: ray.train.Checkpoint, config_dict: dict) -> dict[str, str]:
+    """The EMA weights, config and a sample picture beside the checkpoints (each written
+    atomically): what registering, or registering again later, needs."""
     try:
         os.getcwd()
     except FileNotFoundError:
         # Under `ray job submit` Ray may delete the unpacked working_dir once the training
         # workers release it; MLflow needs a working directory to log the model.
         os.chdir(out_dir)
-    with result.checkpoint.as_directory() as ckpt_dir:
+    with ckpt.as_directory() as ckpt_dir:
         ema_state = checkpoint.load_ema_weights(Path(ckpt_dir))
     weights = out_dir / "generator_ema.pt"
     atomic_write(weights, lambda f: torch.save(ema_state, f))  # kept whatever the registry does
     config_json = json.dumps(config_dict, indent=2, sort_keys=True).encode()
     atomic_write(out_dir / "config.json", lambda f: f.write(config_json))
-    G = build_generator(cfg, ema_state)
     picture = out_dir / "samples.png"
-    png = sample_picture(G, cfg, t.max_steps)
+    png = sample_picture(build_generator(cfg, ema_state), cfg, cfg.trainer.max_steps)
     atomic_write(picture, lambda f: f.write(png))
-    out = {
-        "run": run_name,
-        "mlflow_run_id": run_id,
-        "tracking_uri": uri,
-        "checkpoint": result.checkpoint.path,
-        "generator_weights": str(weights),
-        "sample_image": str(picture),
+    return {"generator_weights": str(weights), "sample_image": str(picture)}
+
+
+def describe_stability(summary: dict) -> tuple[dict, str]:
+    """The end-of-run stability summary as MLflow run tags and one line for the user."""
+    tags = {
+        "stablegan.diverged": str(summary["diverged"]).lower(),
+        "stablegan.diverged_at": summary["diverged_at"] if summary["diverged"] else "",
+        "stablegan.first_signal": summary["first_signal"],
     }
-    if cfg.tracking.register:
-        try:
-            out["registered_model"] = register_saved(weights, cfg, run_id, uri, str(urls))
-        except Exception as exc:  # noqa: BLE001 - the weights are safe on disk; say how to retry
-            log.exception("registering the generator failed")
-            out["registered_model"] = f"FAILED ({exc}); the weights are in {weights}"
-    tags: dict = {"stablegan.steps": t.max_steps}
-    if "stability" in (result.metrics or {}):
-        summary = json.loads(result.metrics["stability"])
+    line = "diverged at step {diverged_at}".format(**summary) if summary["diverged"] else "stable"
+    if "guard" in summary:
+        g = summary["guard"]
         tags |= {
-            "stablegan.diverged": str(summary["diverged"]).lower(),
-            "stablegan.diverged_at": summary["diverged_at"] if summary["diverged"] else "",
-            "stablegan.first_signal": summary["first_signal"],
+            "stablegan.guard.rollbacks": g["rollbacks"],
+            "stablegan.guard.triggers": ",".join(g["triggers"]),
         }
-        out["stability"] = (
-            "diverged at step {diverged_at}".format(**summary) if summary["diverged"] else "stable"
-        )
-        if "guard" in summary:
-            g = summary["guard"]
-            tags |= {
-                "stablegan.guard.rollbacks": g["rollbacks"],
-                "stablegan.guard.triggers": ",".join(g["triggers"]),
-            }
-            out["stability"] += f"; guard: {g['rollbacks']} rollback(s), {g['events']} event(s)"
-            if g["triggers"]:
-                out["stability"] += (
-                    f" ({', '.join(g['triggers'])}), final lr x{g['lr_scale']:g}, {g['penalty']}"
-                )
-    try:
-        tracking.end_run(uri, run_id, tags=tags)
-    except Exception as exc:  # noqa: BLE001 - the results are on disk; the run just stays RUNNING
-        log.warning("could not mark MLflow run %s finished (%s); it shows as RUNNING", run_id, exc)
-    if out.get("registered_model", "").startswith("FAILED"):
-        raise RegistryError(out)
-    return out
+        line += f"; guard: {g['rollbacks']} rollback(s), {g['events']} event(s)"
+        if g["triggers"]:
+            line += f" ({', '.join(g['triggers'])}), final lr x{g['lr_scale']:g}, {g['penalty']}"
+    return tags, line

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainer.models.layers import AvgPool2, Conv2d, Linear, MinibatchStd, ReLU
+from trainer.gan.models.blocks import MinibatchStd
 
 
 class _UpBlock(nn.Module):
@@ -34,10 +34,10 @@ class _DownBlock(nn.Module):
     def __init__(self, cin: int, cout: int, first: bool = False, down: bool = True):
         super().__init__()
         self.first, self.down = first, down
-        # D's convolutions and activations: the penalties differentiate them twice (layers).
-        self.c1, self.c2 = Conv2d(cin, cout, 3, padding=1), Conv2d(cout, cout, 3, padding=1)
-        self.skip = Conv2d(cin, cout, 1) if (cin != cout or down) else None
-        self.act, self.pool = ReLU(), AvgPool2()
+        # D is written with PyTorch layers; trainer.gan.ops gives them a cheaper double backward.
+        self.c1, self.c2 = nn.Conv2d(cin, cout, 3, padding=1), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if (cin != cout or down) else None
+        self.act, self.pool = nn.ReLU(), nn.AvgPool2d(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x if self.first else self.act(x)
@@ -90,8 +90,8 @@ class ResNetDiscriminator(nn.Module):
         self.tail = nn.Sequential(
             _DownBlock(width + extra, width, down=False), _DownBlock(width, width, down=False)
         )
-        self.act = ReLU()
-        self.head = Linear(width, 1)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(width, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert x.shape[1:] == self.in_shape, f"D expects {self.in_shape} images, got {tuple(x.shape[1:])}"

@@ -7,9 +7,9 @@ definitions (trainer/stability.py: `mode_metrics`). `--jobs 2` (the default) run
 with Hydra's joblib launcher over one Ray head that this script starts on loopback
 (launch/local_cluster.sh) and stops; each run trains on one worker with one CPU.
 
-    python benchmarks/mode_collapse.py run [--sweeps main,robustness] [--store DIR] [--jobs 2] \
+    python experiments/mode_collapse.py run [--sweeps main,robustness] [--store DIR] [--jobs 2] \
         [--grid-seeds 10] [--ring-seeds 5] [--set trainer.max_steps=4000 ...]
-    python benchmarks/mode_collapse.py table [--store DIR]      # markdown to stdout + JSON
+    python experiments/mode_collapse.py table [--store DIR]      # markdown to stdout + JSON
 
 Sweeps: `main`: vanilla (non-saturating, no penalty, no SN) vs the recommended `stable`
 preset, 10 seeds on grid25 and 5 on ring8. `robustness`: both on grid25, learning rate in
@@ -305,7 +305,7 @@ def main() -> None:
     ap.add_argument(
         "--set", nargs="*", default=[], help="extra overrides for every run (e.g. trainer.max_steps=300)"
     )
-    ap.add_argument("--store", default=str(ROOT / "benchmarks" / "results" / "mode_collapse"))
+    ap.add_argument("--store", default=str(ROOT / "experiments" / "results" / "mode_collapse"))
     ap.add_argument(
         "--jobs", type=int, default=2, help="runs at a time (1: one after another, no shared cluster)"
     )

@@ -6,7 +6,7 @@ the raw and the EMA generator every `--every` steps, plus where the low-quality 
 `wide` (3-6 sigma from the nearest mode), `off` (beyond 6 sigma: bridges between modes) and
 `spread` (the high-quality samples' std around their mode, in sigma; 1.0 = the data's).
 
-    python benchmarks/gan2d_probe.py --data grid25 --r1 0.1 --lr 1e-2 --sched linear \
+    python experiments/gan2d_probe.py --data grid25 --r1 0.1 --lr 1e-2 --sched linear \
         --width 128 --steps 12000 --every 2000
 
 `--experts K` makes G K small expert MLPs (the trainer's `model.g_experts`), `--learn-prior`
@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.sources import MIXTURES
-from trainer import losses
-from trainer.ema import EMA
-from trainer.models.mlp import MLPDiscriminator, MLPExpertsGenerator, MLPGenerator, expert_index
-from trainer.stability import mode_metrics
+from trainer.gan import losses
+from trainer.gan.ema import EMA
+from trainer.gan.models.mlp import MLPDiscriminator, MLPExpertsGenerator, MLPGenerator, expert_index
+from trainer.train.probe import mode_metrics
 
 
 class Scale(torch.nn.Module):

@@ -30,8 +30,8 @@ import torch
 
 from data_pipeline.shards import sha256_file
 from trainer.config import ModelConfig
-from trainer.ema import EMA
-from trainer.engines import Engine
+from trainer.gan.ema import EMA
+from trainer.train.engines import Engine
 
 log = logging.getLogger("stablegan.checkpoint")
 
@@ -150,8 +150,8 @@ def latest_valid(directory: Path, expected_ranks: int | None = None) -> Path | N
     return None
 
 
-# Which DeepSpeed optimizer-state layout a precision writes (measured: deepspeed 0.19.8 loads
-# fp32 <-> bf16_autocast at ZeRO 0-2, and fails with KeyErrors between fp32 and bf16 / fp16).
+# Which DeepSpeed optimizer-state layout a precision writes: fp32 and bf16_autocast load each
+# other's at ZeRO 0-2; between fp32 and bf16 / fp16 DeepSpeed fails with KeyErrors.
 _OPTIMIZER_STATE = {"fp32": "fp32", "bf16_autocast": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 

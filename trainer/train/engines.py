@@ -45,7 +45,7 @@ def ds_config(parallel: ParallelConfig, batch_size: int, grad_clip: float) -> di
         "steps_per_print": 1 << 62,
         "wall_clock_breakdown": False,
         # On by default, this timer synchronizes the device twice per step, serializing the
-        # GPU pipeline (measured: ~2x slower DCGAN-64 steps on an H200). We time steps ourselves.
+        # GPU pipeline. We time steps ourselves.
         "timers": {"throughput": {"enabled": False}},
     }
     if parallel.precision == "bf16":
@@ -54,13 +54,12 @@ def ds_config(parallel: ParallelConfig, batch_size: int, grad_clip: float) -> di
         # DeepSpeed's own autocast mode: fp32 parameters and optimizer, the plain (ZeRO 0) or
         # fp32 ZeRO path. Our forwards bypass the engine's __call__, so `Engine.__call__` opens
         # the autocast region itself; this section tells ZeRO which gradients it may reduce in
-        # bf16 (its default list matches exact classes, so D's Conv2d and Linear subclasses are named).
+        # bf16. It matches exact classes when the engine is built, before `trainer.gan.ops` swaps D's.
         cfg["torch_autocast"] = {
             "enabled": True,
             "dtype": "bfloat16",
             "lower_precision_safe_modules": [
                 "torch.nn.Linear", "torch.nn.Conv2d", "torch.nn.ConvTranspose2d",
-                "trainer.models.layers.Conv2d", "trainer.models.layers.Linear",
             ],
         }  # fmt: skip
     elif parallel.precision == "fp16":
@@ -96,8 +95,7 @@ class Engine:
         grad_clip: float = 0.0,
     ):
         self.parallel = parallel
-        # Fused Adam (one kernel over all tensors; CPU and CUDA): measured 2.6x faster than the
-        # default per-tensor loop for the 2-D MLP's optimizer step on this CPU.
+        # Fused Adam: one kernel over all tensors (CPU and CUDA) instead of a loop per tensor.
         optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=betas, fused=True)
         self.ds, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=ds_config(parallel, batch_size, grad_clip)
@@ -113,7 +111,7 @@ class Engine:
         self.ds.checkpoint_engine.load = _load_weights_only
         if parallel.zero_stage == 0 and self.ds.dp_world_size == 1:
             # A single replica: DeepSpeed's gradient all-reduce (flatten, a gloo call, copy
-            # back, twice per GAN step) is an identity; it cost ~7 % of a small 2-D model's step.
+            # back, twice per GAN step) is an identity, and costly on a small model.
             self.ds.enable_backward_allreduce = False
         # DeepSpeed casts parameters for bf16/fp16 but not buffers; BatchNorm2d then refuses
         # fp32 running statistics next to bf16 weights.
@@ -183,6 +181,12 @@ class Engine:
             )
         return norm.detach().float()  # left on its device: no host sync in the step
 
+    def set_hparams(self, lr: float, betas: tuple[float, float]) -> None:
+        """Set lr/betas on every param group (lazy regularization and the guard rescale them)."""
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr
+            group["betas"] = betas
+
     def requires_grad_(self, flag: bool) -> None:
         for p in self.module.parameters():
             p.requires_grad_(flag)
@@ -196,10 +200,3 @@ class Engine:
         path, _ = self.ds.load_checkpoint(str(directory), tag="state", load_optimizer_states=True)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
-
-
-def set_optimizer_hparams(engine: Engine, lr: float, betas: tuple[float, float]) -> None:
-    """Set lr/betas on every param group (lazy regularization rescales them)."""
-    for group in engine.ds.optimizer.param_groups:
-        group["lr"] = lr
-        group["betas"] = betas

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from trainer.models.layers import Conv2d, LeakyReLU, Linear, MinibatchStd
+from trainer.gan.models.blocks import MinibatchStd
 
 
 class DCGANGenerator(nn.Module):
@@ -61,10 +61,10 @@ class DCGANDiscriminator(nn.Module):
         layers: list[nn.Module] = []
         ch_in, ch = channels, width
         for _ in range(n_down):
-            layers += [Conv2d(ch_in, ch, 4, stride=2, padding=1), LeakyReLU(0.2)]
+            layers += [nn.Conv2d(ch_in, ch, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
             ch_in, ch = ch, ch * 2
         self.body = nn.Sequential(*layers)
-        self.head = Linear((ch_in + (1 if mbstd_group else 0)) * 16, 1)
+        self.head = nn.Linear((ch_in + (1 if mbstd_group else 0)) * 16, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert x.shape[1:] == self.in_shape, f"D expects {self.in_shape} images, got {tuple(x.shape[1:])}"

@@ -7,14 +7,33 @@ multiplied by the interval, and D's Adam lr/betas are rescaled by c = k / (k + 1
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
+from typing import Protocol
 
 import torch
+from torch import nn
 
-from trainer import losses, penalties
 from trainer.config import Config
-from trainer.engines import Engine, set_optimizer_hparams
-from trainer.models import layers
+from trainer.gan import losses, ops, penalties
+
+log = logging.getLogger("stablegan.step")
+
+
+class Network(Protocol):
+    """What the step needs of a network and its optimizer (`trainer.train.engines.Engine`)."""
+
+    module: nn.Module
+    device: torch.device
+    dtype: torch.dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+    def eager(self, x: torch.Tensor) -> torch.Tensor: ...
+    def fp32_forward(self, x: torch.Tensor) -> torch.Tensor: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self) -> torch.Tensor: ...
+    def set_hparams(self, lr: float, betas: tuple[float, float]) -> None: ...
+    def requires_grad_(self, flag: bool) -> None: ...
 
 
 def _on(device: torch.device, *values: torch.Tensor) -> torch.Tensor:
@@ -25,16 +44,23 @@ def _on(device: torch.device, *values: torch.Tensor) -> torch.Tensor:
 class GANStep:
     """Runs the D and G phases on two engines; returns detached metric tensors (no sync)."""
 
-    def __init__(self, G: Engine, D: Engine, cfg: Config, noise: torch.Generator):
+    def __init__(self, G: Network, D: Network, cfg: Config, noise: torch.Generator, fast_ops: bool = True):
         self.G, self.D, self.cfg = G, D, cfg
         self.noise = noise
         self.d_loss, self.g_loss = losses.get(cfg.loss.kind)
         self.g_term = losses.G_TERMS[cfg.loss.kind]
         self.d_iters = 0  # D steps so far: step x d_steps (the lazy schedule's phase)
-        # The fused R1 / R2 step takes the penalized half's weight gradients from the penalty's
-        # own backward pass (`penalties.loss_from_deltas`) where D allows it (DCGAN, ResNet:
-        # `layers.records_every_weight`, checked on each such step); False turns it off.
-        self.share_backward = True
+        # D's layers get the cheaper double backward (trainer.gan.ops), applied after the engine
+        # is built. A D may keep PyTorch's Linear (`keeps_torch_linear`, the 2-D MLP: its presets
+        # were tuned and are reported with the plain backward); then the fused R1 / R2 step
+        # cannot take the loss's gradient from the penalty's pass either.
+        torch_linear = getattr(D.module, "keeps_torch_linear", False)
+        if fast_ops:
+            ops.apply(D.module, linear=not torch_linear)
+        # `penalties.loss_from_deltas` where D allows it, checked on each fused step
+        # (`_can_share_backward`); False turns it off.
+        self.share_backward = fast_ops and not torch_linear
+        self._scores_per_sample: bool | None = None
         self.lr_scale = 1.0
         self.set_penalty(cfg.penalty.kind, cfg.penalty.weight)
 
@@ -52,8 +78,8 @@ class GANStep:
         """Both learning rates times `scale` (schedule x guard), D's lazy correction kept."""
         o = self.cfg.optim
         self.lr_scale = scale
-        set_optimizer_hparams(self.D, self._d_hparams[0] * scale, self._d_hparams[1])
-        set_optimizer_hparams(self.G, o.g_lr * scale, (o.beta1, o.beta2))
+        self.D.set_hparams(self._d_hparams[0] * scale, self._d_hparams[1])
+        self.G.set_hparams(o.g_lr * scale, (o.beta1, o.beta2))
 
     def latent(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.cfg.model.latent_dim, generator=self.noise).to(self.G.device)
@@ -74,9 +100,9 @@ class GANStep:
             # fakes: one forward fewer than a separate penalty pass. Real and fake go through
             # D separately here, so the double backward spans only the penalized half (a
             # forward of the concatenation made the penalty step slower than the textbook one).
+            share = self._can_share_backward(real)
             (real if kind == "r1" else fake).requires_grad_(True)
-            share = self.share_backward and layers.records_every_weight(self.D.module)
-            with layers.record_outputs(share) as records:
+            with ops.record_outputs(share) as records:
                 real_logits = self._d_forward(real, penalized=kind == "r1")
                 fake_logits = self._d_forward(fake, penalized=kind == "r2")
         else:
@@ -109,6 +135,25 @@ class GANStep:
             "d_grad_norm": grad_norm,
             "nonfinite": (~torch.isfinite(stats)).sum().float(),  # summed over steps by the loop
         }
+
+    def _can_share_backward(self, real: torch.Tensor) -> bool:
+        """Whether this D step may use `penalties.loss_from_deltas`: every weight in a recording
+        layer (checked each time: a D's layers can be swapped back) and each sample scored on
+        its own (checked once, by behaviour). Otherwise the plain backward, with a warning."""
+        if not self.share_backward:
+            return False
+        uncovered = ops.covers_every_weight(self.D.module)
+        why = (
+            f"parameters outside the fast conv/linear layers: {', '.join(uncovered[:4])}" if uncovered else ""
+        )
+        if not why and self._scores_per_sample is None:
+            self._scores_per_sample = ops.scores_per_sample(self.D.eager, self.D.module, real)
+            if not self._scores_per_sample:
+                why = "D's score of a sample depends on other samples (minibatch stddev, batch statistics)"
+        if why:
+            log.warning("fused R1/R2 step: the plain backward instead of the shared one: %s", why)
+            self.share_backward = False
+        return not why
 
     def _d_forward(self, x: torch.Tensor, penalized: bool) -> torch.Tensor:
         """D's logits; a forward that a penalty differentiates twice runs eagerly (a compiled

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from trainer.models.layers import LeakyReLU, MinibatchStd
+from trainer.gan.models.blocks import MinibatchStd
 
 
 def _mlp(sizes: list[int], act: nn.Module) -> nn.Sequential:
@@ -60,8 +60,8 @@ class MLPExpertsGenerator(nn.Module):
     z[:, 0] picks an expert (equally likely), which maps z[:, 1:] to a point. A single
     continuous G over a connected latent must put mass on paths between disconnected modes
     (Khayatkhoei et al. 2018, "Disconnected Manifold Learning for GANs"); experts share no
-    weights, so no path joins two experts' outputs. On grid25 that mass was the last 3-5 % of
-    low-quality samples (benchmarks/RESULTS.md).
+    weights, so no path joins two experts' outputs: on grid25 that mass was most of the
+    remaining low-quality samples (benchmarks/RESULTS.md).
 
     `learned_prior`: experts are picked by a learned prior instead (z[:, 0]'s normal CDF read
     against its cumulative sum), whose logits G's loss trains (`losses.with_learned_prior`). With
@@ -113,9 +113,9 @@ class MLPExpertsGenerator(nn.Module):
 
     def _grouped(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The same maps with the samples grouped by expert into a (k, capacity, d) batch, one
-        bmm per layer over the weights as they are. Gathering a weight matrix per sample and
-        scattering its gradient back cost 4x as much (CPU, batch 256, 50 experts of 32 units:
-        2.7 against 0.67 ms forward and backward). Padding rows are computed and never read.
+        bmm per layer over the weights as they are, instead of gathering a weight matrix per
+        sample and scattering its gradient back (several times dearer: benchmarks/RESULTS.md).
+        Padding rows are computed and never read.
         The capacity is read on the host: one device sync per forward on a GPU."""
         order = torch.argsort(idx, stable=True)
         sorted_idx = idx[order]
@@ -133,11 +133,15 @@ class MLPExpertsGenerator(nn.Module):
 class MLPDiscriminator(nn.Module):
     """points (N, 2) -> logits (N,); optionally with minibatch stddev before the last layer."""
 
+    # trainer.gan.ops leaves its Linear layers to PyTorch (activations still get the cut double
+    # backward): the 2-D presets were tuned and are reported with the plain backward.
+    keeps_torch_linear = True
+
     def __init__(self, width: int = 256, depth: int = 3, mbstd_group: int = 0):
         super().__init__()
-        # layers.LeakyReLU: the penalties' double backward skips D's forward graph.
-        self.net = _mlp([2] + [width] * depth, LeakyReLU(0.2))
-        self.act = LeakyReLU(0.2)
+        # PyTorch layers; trainer.gan.ops gives the activations a cheaper double backward.
+        self.net = _mlp([2] + [width] * depth, nn.LeakyReLU(0.2))
+        self.act = nn.LeakyReLU(0.2)
         self.mbstd = MinibatchStd(mbstd_group) if mbstd_group else None
         self.head = nn.Linear(width + (1 if mbstd_group else 0), 1)
 

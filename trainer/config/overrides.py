@@ -1,0 +1,67 @@
+"""Command-line overrides, checked and prepared before Hydra parses them.
+
+Hydra's schema rejects an unknown key too, but with a traceback-style message that does not
+list the allowed keys; `check_overrides` names them. `prepare_overrides` is the one rewrite of
+argv, for two things Hydra's grammar reads otherwise: a brace pattern in `*.urls` (Hydra would
+parse `{a..b}` as a dict: it is quoted) and new keys under a free-form dict field
+(`trainer.worker_resources`: a typed dict takes new keys only as `++key=value`).
+"""
+
+from __future__ import annotations
+
+from trainer.config.schema import ConfigError, allowed_keys, dict_keys
+
+GROUPS = (
+    "model",
+    "loss",
+    "penalty",
+    "optim",
+    "data",
+    "parallel",
+    "trainer",
+    "stability",
+    "tracking",
+    "cluster",
+    "experiment",
+)
+DICT_KEYS = dict_keys()  # free-form dict fields: any key below them is allowed
+
+
+def _in_dict_field(key: str) -> bool:
+    return key in DICT_KEYS or key.rsplit(".", 1)[0] in DICT_KEYS
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Reject unknown keys before Hydra does, naming the allowed ones at that level."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg or arg.startswith(("hydra", "+hydra", "~")):
+            continue
+        key = arg.split("=", 1)[0].lstrip("+")
+        if _in_dict_field(key):
+            continue
+        if "." not in key:
+            if key not in GROUPS and key not in allowed_keys(""):
+                raise ConfigError(f"unknown key {key!r}; config groups: {', '.join(GROUPS)}")
+            continue
+        parent, leaf = key.rsplit(".", 1)
+        allowed = allowed_keys(parent)
+        if allowed is None:
+            raise ConfigError(
+                f"unknown key {key!r}: {parent!r} is not a config section; sections: {', '.join(GROUPS[:-1])}"
+            )
+        if leaf not in allowed:
+            raise ConfigError(f"unknown key {key!r}; allowed keys in {parent}: {', '.join(allowed)}")
+
+
+def prepare_overrides(argv: list[str]) -> list[str]:
+    """`data.urls=x-{000000..000009}.tar` -> quoted, so Hydra reads the braces as text; and
+    `trainer.worker_resources={a:1}` -> `++...`, since a typed dict only takes new keys that way."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and _in_dict_field(key):
+            arg = f"++{arg}"
+        if sep and key.lstrip("+").endswith("urls") and "{" in value and value[:1] not in ("'", '"', "["):
+            arg = f"{key}='{value}'"
+        out.append(arg)
+    return out

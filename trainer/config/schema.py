@@ -1,0 +1,431 @@
+"""The typed config tree: one dataclass per section, each value's default, allowed values and
+checks beside it. Hydra composes it from `configs/` (whose files hold only what differs from
+these defaults); everything below the entry points receives a checked `Config`.
+
+A field's `metadata` holds its allowed values (`choices`) or its lower bound (`at_least`); a
+section's `check()` applies them and its own rules, and `Config.check()` adds the rules that
+span sections. Errors name the key, the value and the fix, before Ray, DeepSpeed or MLflow
+start. (Choices are plain strings: OmegaConf 2.3 rejects `Literal` annotations, and its own
+Enum errors would not name the fix.)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, NoReturn
+
+__all__ = [
+    "ClusterConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "GuardConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "PenaltyConfig",
+    "StabilityConfig",
+    "TrackingConfig",
+    "TrainerConfig",
+    "allowed_keys",
+    "dict_keys",
+    "exit_on_config_error",
+    "from_dict",
+    "validate",
+]
+
+
+class ConfigError(ValueError):
+    """A config value a user set is invalid; the message names the key and the fix."""
+
+
+def exit_on_config_error(exc: ConfigError) -> NoReturn:
+    """The command line's report of a bad config value: one line on stderr, exit status 2."""
+    print(f"stablegan: config error: {exc}", file=sys.stderr)
+    sys.exit(2)
+
+
+def one_of(default: Any, *choices: Any) -> Any:
+    """A field whose value must be one of `choices` (the default first among them or not)."""
+    return field(default=default, metadata={"choices": choices})
+
+
+def at_least(default: Any, low: float) -> Any:
+    """A numeric field whose value must be >= `low`."""
+    return field(default=default, metadata={"at_least": low})
+
+
+def _fail_range(key: str, value: float, low: float, high: float, high_open: bool = True) -> None:
+    ok = low < value < high if high_open else low < value <= high
+    if not ok:
+        raise ConfigError(
+            f"{key}={value} is invalid; it must be in ({low}, {high}{')' if high_open else ']'}"
+        )
+
+
+def _check_fields(section: Any, prefix: str) -> None:
+    """Each field's `choices` / `at_least` metadata, in declaration order."""
+    for f in fields(section):
+        value, key = getattr(section, f.name), f"{prefix}.{f.name}"
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            allowed = ", ".join(map(str, f.metadata["choices"]))
+            raise ConfigError(f"{key}={value!r} is invalid; allowed values: {allowed}")
+        if "at_least" in f.metadata and value < f.metadata["at_least"]:
+            raise ConfigError(f"{key}={value} is invalid; it must be >= {f.metadata['at_least']}")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = one_of("mlp", "mlp", "dcgan", "resnet")  # mlp: 2-D points; dcgan, resnet: images
+    latent_dim: int = at_least(16, 1)
+    resolution: int = 32  # dcgan / resnet: 32 or 64
+    channels: int = 1  # dcgan / resnet: 1 or 3, as the data has
+    g_width: int = at_least(256, 8)  # mlp: hidden units; dcgan: channels of the last feature map
+    d_width: int = at_least(256, 8)
+    depth: int = at_least(3, 1)  # mlp hidden layers
+    spectral_norm: str = one_of("none", "none", "d", "both")  # d: every D layer; both: G too
+    mbstd_group: int = at_least(0, 0)  # > 0: minibatch stddev feature in D over groups this size
+    # mlp only, > 0: G is this many separate MLPs of width g_width; z[:, 0] picks one (so
+    # latent_dim counts that coordinate). No path between experts' outputs: no mode bridges.
+    g_experts: int = at_least(0, 0)
+    # The experts' prior. Learned: G's loss also trains it (a score-function gradient), so the
+    # mass per mode can balance when the experts do not divide evenly over the modes.
+    g_expert_prior: str = one_of("uniform", "uniform", "learned")
+
+    def check(self) -> None:
+        if self.arch in ("dcgan", "resnet"):
+            for key, value, allowed in [
+                ("resolution", self.resolution, (32, 64)),
+                ("channels", self.channels, (1, 3)),
+            ]:
+                if value not in allowed:
+                    raise ConfigError(
+                        f"model.{key}={value!r} is invalid; allowed values: {', '.join(map(str, allowed))}"
+                    )
+        if self.g_experts:
+            self._check_experts()
+        _check_fields(self, "model")
+        if self.g_expert_prior == "learned" and not self.g_experts:
+            raise ConfigError(
+                "model.g_expert_prior=learned needs an experts G: set model.g_experts (e.g. 50), or "
+                "model.g_expert_prior=uniform"
+            )
+
+    def _check_experts(self) -> None:
+        if self.arch != "mlp":
+            raise ConfigError(
+                f"model.g_experts={self.g_experts} is for model.arch=mlp (2-D points), not "
+                f"{self.arch}: set model.g_experts=0"
+            )
+        if self.latent_dim < 2:
+            raise ConfigError(
+                f"model.g_experts needs model.latent_dim >= 2 (z[:, 0] picks the expert), got {self.latent_dim}"
+            )
+        if self.spectral_norm == "both":
+            raise ConfigError(
+                "model.spectral_norm=both does not cover an experts G (model.g_experts > 0): use "
+                "model.spectral_norm=d"
+            )
+
+
+@dataclass
+class LossConfig:
+    kind: str = one_of("nonsaturating", "nonsaturating", "hinge", "wasserstein", "lsgan")
+
+    def check(self) -> None:
+        _check_fields(self, "loss")
+
+
+@dataclass
+class PenaltyConfig:
+    # r1: on reals; r2: on fakes; wgan_gp: on interpolates; dragan: around reals
+    kind: str = one_of("r1", "none", "r1", "r2", "wgan_gp", "dragan")
+    weight: float = at_least(1.0, 0.0)  # r1/r2: gamma (term = gamma/2 * E|grad|^2); wgan_gp/dragan: lambda
+    interval: int = at_least(1, 1)  # lazy regularization: every k D steps with gain k
+
+    def check(self) -> None:
+        _check_fields(self, "penalty")
+
+
+@dataclass
+class OptimConfig:
+    g_lr: float = 2e-4
+    d_lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    d_steps: int = at_least(1, 1)  # D updates per G update
+    grad_clip: float = at_least(0.0, 0.0)  # 0 = off
+    ema_decay: float = 0.999  # EMA of G's weights; the EMA generator is sampled and registered
+    lr_schedule: str = one_of("constant", "constant", "linear")  # linear: both lrs decay to 0 at max_steps
+
+    def check(self) -> None:
+        _check_fields(self, "optim")
+        for key in ("g_lr", "d_lr"):
+            value = getattr(self, key)
+            if not 0 < value < 1:
+                raise ConfigError(f"optim.{key}={value} is invalid; a learning rate must be in (0, 1)")
+        for key in ("beta1", "beta2", "ema_decay"):
+            value = getattr(self, key)
+            if not 0 <= value < 1:
+                raise ConfigError(f"optim.{key}={value} is invalid; it must be in [0, 1)")
+
+
+@dataclass
+class GuardConfig:
+    """The stability guard (trainer/train/guard.py): triggers, interventions and their budget."""
+
+    enabled: bool = False
+    loss_z: float = at_least(8.0, 0.0)  # d_loss or g_loss beyond this many EW std devs (0 = off) ...
+    loss_rel: float = at_least(0.5, 0.0)  # ... and beyond this fraction of its EW mean
+    d_saturation: float = 0.99  # D accuracy on reals and on fakes both at least this ...
+    saturated_checks: int = at_least(3, 0)  # ... for this many checks in a row (0 = off)
+    sn_growth: float = at_least(10.0, 0.0)  # top singular value of D beyond this x its first probe (0 = off)
+    coverage_drop: float = at_least(
+        0.5, 0.0
+    )  # modes covered (2-D) or diversity below this x its best (0 = off)
+    lr_factor: float = 0.5  # intervention: both learning rates times this per rollback
+    penalty_factor: float = at_least(2.0, 1.0)  # intervention: the penalty weight times this per rollback
+    add_r1: float = at_least(
+        0.1, 0.0
+    )  # a run without a penalty gets R1 with this gamma at its first rollback
+    max_rollbacks: int = at_least(3, 0)  # budget; once spent the guard only watches and records
+    reseed: bool = True  # new latent noise after a rollback, so the same bad luck is not replayed
+
+    def check(self) -> None:
+        _check_fields(self, "stability.guard")
+        _fail_range("stability.guard.lr_factor", self.lr_factor, 0, 1, high_open=False)
+        if self.enabled:
+            _fail_range("stability.guard.d_saturation", self.d_saturation, 0, 1, high_open=False)
+
+
+@dataclass
+class StabilityConfig:
+    every: int = at_least(100, 0)  # stability probe every this many steps (0 = off); train/probe.py
+    power_iters: int = at_least(1, 1)  # power iterations per probe for the spectral norms
+    samples: int = at_least(2500, 16)  # EMA samples for mode metrics (2-D) or diversity (images, <= 256)
+    summary: bool = True  # end-of-run stability summary: MLflow tags + report artifacts
+    guard: GuardConfig = field(default_factory=GuardConfig)
+
+    def check(self) -> None:
+        _check_fields(self, "stability")
+        self.guard.check()
+
+
+@dataclass
+class DataConfig:
+    urls: Any = ""  # brace pattern, list, folder or manifest; "" = build `builtin` under the run
+    builtin: str = one_of("grid25", "grid25", "ring8", "digits")  # written on first use when urls is ""
+    batch_size: int = at_least(256, 1)  # per worker
+    loader_workers: int = at_least(2, 0)  # DataLoader processes per training worker
+    shuffle: bool = True
+    resample: bool = False
+    hflip: bool = False
+    verify: bool = True  # sha256 of every shard against its manifest before training
+    audit: bool = False  # log which samples each rank read, per epoch (data_audit.json.gz in MLflow)
+
+    def check(self) -> None:
+        _check_fields(self, "data")
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = one_of(0, 0, 1, 2)  # ZeRO 3 fails in the penalties' double backward
+    # fp32 | bf16 (bf16 weights, fp32 master copies) | fp16 (GPU, dynamic loss scaling) |
+    # bf16_autocast (fp32 weights, bf16 compute under torch.autocast)
+    precision: str = one_of("fp32", "fp32", "bf16", "fp16", "bf16_autocast")
+    # torch.compile the G and D forwards, except the one a penalty differentiates twice
+    # (AOTAutograd has no double backward): that one stays eager. Costs a compile at start.
+    compile: bool = False
+
+    def check(self) -> None:
+        _check_fields(self, "parallel")
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = at_least(1, 1)
+    use_gpu: bool = False
+    cpus_per_worker: int = at_least(1, 1)
+    # Extra Ray resources per training worker, e.g. {stablegan_slot: 1} to put each worker on
+    # its own node (launch/local_cluster.sh gives every node one stablegan_slot).
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    max_steps: int = at_least(1000, 1)  # G steps
+    seed: int = 0
+    log_every: int = at_least(50, 1)  # metrics to MLflow every this many steps
+    sample_every: int = at_least(500, 0)  # sample grid / scatter plot every this many steps (0 = end only)
+    checkpoint_every: int = at_least(250, 1)
+    keep_checkpoints: int = at_least(2, 1)
+    max_failures: int = at_least(2, 0)  # worker-group restarts from the last checkpoint before giving up
+    run_name: str = ""  # same name + storage_path again = resume; "" = a new timestamped name
+    storage_path: str = "runs"  # a filesystem path every node sees (NFS/EFS on a cluster)
+    torch_threads: int = at_least(0, 0)  # intra-op threads per worker; 0 = cpus_per_worker
+    inject_nan_at: int = at_least(
+        0, 0
+    )  # fault drill: poison one batch with NaN at this step, once (0 = never)
+
+    def check(self) -> None:
+        _check_fields(self, "trainer")
+        if "://" in self.storage_path:
+            raise ConfigError(
+                f"trainer.storage_path={self.storage_path!r} is invalid: checkpoints, datasets and "
+                "weights need a filesystem path that every node sees (local disk on one machine, an NFS/EFS "
+                "mount on a cluster); object-store URLs are not supported yet"
+            )
+        for key, amount in self.worker_resources.items():
+            if key in ("CPU", "GPU") or amount <= 0:
+                raise ConfigError(
+                    f"trainer.worker_resources.{key}={amount} is invalid: give custom resources with a "
+                    "positive amount; CPUs and GPUs come from trainer.cpus_per_worker and trainer.use_gpu"
+                )
+        if self.run_name and not all(c.isalnum() or c in "-_." for c in self.run_name):
+            raise ConfigError(
+                f"trainer.run_name={self.run_name!r} is invalid; use letters, digits, '-', '_' and '.'"
+            )
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory
+    experiment: str = "stablegan"
+    registered_model: str = "stablegan-generator"
+    register: bool = True
+    alias: str = "champion"  # moved to each newly registered version ("" = leave aliases alone)
+    sample_grid: int = at_least(64, 1)  # images in a logged grid (points in a scatter: x40)
+    flush_timeout: float = at_least(60.0, 0.0)  # at the end, seconds to wait for an unreachable server
+
+    def check(self) -> None:
+        _check_fields(self, "tracking")
+        a = self.alias
+        if a and (a == "latest" or re.fullmatch(r"v\d+", a) or not re.fullmatch(r"[\w-]+", a)):
+            raise ConfigError(
+                f"tracking.alias={a!r} is invalid: MLflow reserves 'latest' and 'v<N>'; use letters, "
+                "digits, '-' and '_' (e.g. champion), or '' for no alias"
+            )
+
+
+@dataclass
+class ClusterConfig:
+    address: str = ""  # "" = start a local Ray on 127.0.0.100; "auto" or ray://HOST:PORT = connect
+    num_cpus: int = 0  # local Ray only; 0 = all cores
+
+    def check(self) -> None:
+        pass
+
+
+@dataclass
+class Config:
+    name: str = "grid25"  # experiment preset name, recorded with the run
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    penalty: PenaltyConfig = field(default_factory=PenaltyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def check(self) -> Config:
+        """Every section's own checks, then the rules that span sections; raises `ConfigError`
+        naming the first bad key."""
+        for section in (self.parallel, self.model, self.loss, self.penalty, self.optim, self.data):
+            section.check()
+        for section in (self.trainer, self.stability, self.tracking, self.cluster):
+            section.check()
+        self._check_compile()
+        self._check_across()
+        return self
+
+    def _check_compile(self) -> None:
+        if not self.parallel.compile:
+            return
+        if self.model.spectral_norm != "none":
+            # The compiled power iteration saves the SN vectors for its backward, and a second
+            # forward before that backward (the penalty's) updates them in place.
+            raise ConfigError(
+                f"parallel.compile=true does not work with model.spectral_norm={self.model.spectral_norm} "
+                "yet (the compiled power iteration breaks the penalty's backward): set one of them off"
+            )
+        if not self.trainer.use_gpu and not (
+            os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+        ):
+            raise ConfigError(
+                "parallel.compile=true on CPU needs a C++ compiler for torch.compile (g++ or clang++ "
+                "on PATH, or $CXX): install one, or leave parallel.compile=false"
+            )
+
+    def _check_across(self) -> None:
+        t = self.trainer
+        if self.stability.guard.enabled and t.checkpoint_every % t.log_every:
+            raise ConfigError(
+                f"stability.guard.enabled needs trainer.checkpoint_every={t.checkpoint_every} to be "
+                f"a multiple of trainer.log_every={t.log_every}: a checkpoint counts as healthy only "
+                "when the guard has checked the steps before it"
+            )
+        g = self.model.mbstd_group
+        if g and self.data.batch_size % g:
+            raise ConfigError(
+                f"model.mbstd_group={g} must divide data.batch_size={self.data.batch_size}, so that no "
+                "minibatch-stddev group mixes real and generated samples"
+            )
+        if self.parallel.precision == "fp16" and not t.use_gpu:
+            raise ConfigError(
+                "parallel.precision=fp16 needs trainer.use_gpu=true (DeepSpeed's fp16 loss scaling is "
+                "GPU-only); use parallel.precision=bf16, bf16_autocast or fp32 on CPU"
+            )
+
+
+def validate(cfg: Config) -> Config:
+    """`cfg.check()`: every user-facing value checked, or `ConfigError` naming the first bad key."""
+    return cfg.check()
+
+
+def from_dict(data: dict) -> Config:
+    """A `Config` from the nested dict form that travels to Ray workers and checkpoints; a key
+    the schema does not have is a `ConfigError` naming the allowed ones."""
+
+    def build(cls: type, values: dict) -> Any:
+        names = [f.name for f in fields(cls)]
+        unknown = set(values) - set(names)
+        if unknown:
+            raise ConfigError(f"unknown key(s) {sorted(unknown)} in {cls.__name__}; allowed: {names}")
+        kwargs = {}
+        for f in fields(cls):
+            if f.name in values:
+                v, sub = values[f.name], _section_type(f)
+                kwargs[f.name] = build(sub, v) if sub is not None and isinstance(v, dict) else v
+        return cls(**kwargs)
+
+    return build(Config, data)
+
+
+def _section_type(f: Any) -> type | None:
+    return f.default_factory if is_dataclass(f.default_factory) else None
+
+
+def allowed_keys(path: str) -> list[str] | None:
+    """Keys allowed under a dotted `path` of the schema (None if `path` is a leaf or unknown)."""
+    cls: Any = Config
+    for part in [p for p in path.split(".") if p]:
+        match = {f.name: f for f in fields(cls)}.get(part)
+        if match is None or _section_type(match) is None:
+            return None
+        cls = match.default_factory
+    return [f.name for f in fields(cls)]
+
+
+def dict_keys() -> set[str]:
+    """Dotted paths of the schema's free-form dict fields (e.g. trainer.worker_resources)."""
+    return {
+        f"{section.name}.{f.name}"
+        for section in fields(Config)
+        if _section_type(section) is not None
+        for f in fields(section.default_factory)
+        if f.default_factory is dict
+    }

@@ -1,0 +1,1 @@
+"""What runs around training: the Ray driver, MLflow runs and registry, the sweep check."""

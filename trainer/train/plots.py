@@ -1,0 +1,88 @@
+"""Pictures the worker and the driver log: image grids, 2-D scatters, the stability report."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+
+from trainer.train.probe import WATCH
+
+
+def grid_png(images: torch.Tensor, nrow: int | None = None) -> bytes:
+    """Images (N,C,H,W) in [-1,1] -> one PNG grid (PIL only; torchvision is not a dependency)."""
+    from PIL import Image
+
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    n, c, h, w = x.shape
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    ncol = int(np.ceil(n / nrow))
+    pad = 2
+    canvas = np.zeros((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        y0, x0 = pad + r * (h + pad), pad + q * (w + pad)
+        canvas[y0 : y0 + h, x0 : x0 + w] = x[i].transpose(1, 2, 0)
+    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def scatter_png(points: np.ndarray, modes: np.ndarray | None = None, title: str = "") -> bytes:
+    """2-D samples as a scatter plot (with the true modes as crosses when known)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.4, color="tab:blue", label="samples")
+    if modes is not None:
+        ax.scatter(modes[:, 0], modes[:, 1], s=40, marker="x", color="tab:red", label="modes")
+    lim = max(1.5, float(np.abs(modes).max()) * 1.3) if modes is not None else None
+    if lim:
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def report_png(history: dict[str, list[tuple[int, float]]], summary: dict, title: str = "") -> bytes:
+    """A grid of the watched signals over steps, with the divergence step marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in WATCH if history.get(k)] + [
+        k for k in ("penalty", "d_acc_real", "d_acc_fake", "reverse_kl") if history.get(k)
+    ]
+    cols = 3
+    rows = max(1, math.ceil(len(keys) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        steps, values = zip(*history[key])
+        ax.plot(steps, values, lw=1.2)
+        ax.set_title(key + ("  (moved first)" if key == summary.get("first_signal") else ""), fontsize=9)
+        if summary.get("diverged_at") is not None:
+            ax.axvline(summary["diverged_at"], color="red", ls="--", lw=1)
+        if key in summary.get("first_moves", {}):
+            ax.axvline(summary["first_moves"][key], color="orange", ls=":", lw=1)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    verdict = f"diverged at step {summary['diverged_at']}" if summary["diverged"] else "stable"
+    fig.suptitle(f"{title}  {verdict}; first signal: {summary.get('first_signal') or 'none'}", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
