@@ -93,8 +93,15 @@ class _FastAvgPool2:
 
 
 def _is_2x2_pool(m: nn.Module) -> bool:
-    k, s = m.kernel_size, m.stride
-    return k in (2, (2, 2)) and s in (2, (2, 2)) and m.padding in (0, (0, 0)) and not m.ceil_mode
+    """`_AvgPool2Fn` is a plain 2x2 average: no padding, ceil mode or divisor override."""
+    k, s, pad = m.kernel_size, m.stride, m.padding
+    return (
+        k in (2, (2, 2))
+        and s in (2, (2, 2))
+        and pad in (0, (0, 0))
+        and not m.ceil_mode
+        and m.divisor_override is None
+    )
 
 
 _MIXINS: list[tuple[type[nn.Module], type, object]] = [
