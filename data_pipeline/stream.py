@@ -69,8 +69,9 @@ def _plain_tar_members(data: bytes) -> tuple[list[tuple[str, bytes]], Exception 
     that cut it short; None when the archive needs more than that (compression, PAX or GNU
     long-name records, base-256 sizes), for `tarfile` to handle.
 
-    Python's `tarfile` spends ~50 us per member on header objects; with 32-64 px images that
-    was most of the stream's time once PNG decoding got fast. Header checksums are verified.
+    Python's `tarfile` builds a header object per member, which dominates the stream's time
+    for small images once PNG decoding is fast (benchmarks/RESULTS.md). Header checksums are
+    verified.
     """
     members: list[tuple[str, bytes]] = []
     pos, end = 0, len(data)
@@ -253,8 +254,8 @@ class ShardStream(IterableDataset):
                     )
                 if self.kind == "points":
                     # Points go in slices of the shard's arrays, not one by one: the same
-                    # permutation, batches and positions as the per-sample path at a tenth of
-                    # the CPU (benchmarks/data_throughput.py --points).
+                    # permutation, batches and positions as the per-sample path, for a
+                    # fraction of the CPU (benchmarks/data_throughput.py --points).
                     pts, cls, names = self._points(samples, skipped)
                     perm = self._order(len(pts), epoch, slot, shard_i)
                     j = sample_i
