@@ -41,7 +41,11 @@ __all__ = [
 ]
 
 
-class _FastConv2d:
+class _Fast:
+    """The base of every fast layer mixin: `is_fast` is an isinstance check."""
+
+
+class _FastConv2d(_Fast):
     """Mixin for `nn.Conv2d` (or its spectral-norm parametrized class): `_Conv2dFn` under
     `penalty_forward()`. Grouped, dilated, non-zero- or string-padded convolutions keep
     PyTorch's path."""
@@ -61,7 +65,7 @@ class _FastConv2d:
         )
 
 
-class _FastLinear:
+class _FastLinear(_Fast):
     """Mixin for `nn.Linear`: `_LinearFn` (which `record_outputs` sees) under `penalty_forward()`."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -74,7 +78,7 @@ class _FastLinear:
         return True
 
 
-class _FastReLU:
+class _FastReLU(_Fast):
     """Mixin for `nn.LeakyReLU` / `nn.ReLU`: a double backward that stops here (`_ReLUFn`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +87,7 @@ class _FastReLU:
         return _ReLUFn.apply(x, getattr(self, "negative_slope", 0.0))
 
 
-class _FastAvgPool2:
+class _FastAvgPool2(_Fast):
     """Mixin for `nn.AvgPool2d(2)`: the cut double backward of `_FastReLU` (`_AvgPool2Fn`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +115,8 @@ _MIXINS: list[tuple[type[nn.Module], type, object]] = [
     (nn.ReLU, _FastReLU, None),
     (nn.AvgPool2d, _FastAvgPool2, _is_2x2_pool),
 ]
-_FAST_CLASSES: dict[type, type] = {}  # PyTorch's (or a parametrized) class -> its fast class
+# PyTorch's class (or a spectral-norm parametrized one: torch makes one per module) -> its fast class
+_FAST_CLASSES: dict[type, type] = {}
 
 
 def _plain_type(m: nn.Module) -> type:
@@ -127,7 +132,8 @@ def _fast_class(cls: type, mixin: type) -> type:
 
 
 def is_fast(m: nn.Module) -> bool:
-    return type(m) in _FAST_CLASSES.values()
+    """Whether `apply` gave this layer the fast double backward."""
+    return isinstance(m, _Fast)
 
 
 def apply(module: nn.Module, linear: bool = True) -> nn.Module:
