@@ -1,6 +1,6 @@
 """What the stability probe costs: one probe against one training iteration, in one process.
 
-The probe (`trainer/stability.py`, every `stability.every` steps on rank 0) takes spectral
+The probe (`trainer/train/probe.py`, every `stability.every` steps on rank 0) takes spectral
 norms by power iteration, per-layer gradient norms from an extra forward/backward, the loss
 statistics, and then either PacGAN's mode metrics on 2,500 EMA samples (2-D) or diversity and
 near-duplicates on 256 (images). Timed here on the loop's own pieces: `GANStep` over DeepSpeed

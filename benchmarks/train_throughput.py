@@ -69,7 +69,7 @@ def bench_stablegan(args, penalty: str, real: torch.Tensor) -> float:
 def bench_bare(args, penalty: str, real: torch.Tensor) -> float:
     dev = torch.device(args.device)
     G, D = models(args)
-    # fused=True as in trainer/engines.py: the comparison is of everything around the optimizer.
+    # fused=True as in trainer/train/engines.py: the comparison is of everything around the optimizer.
     opt_g = torch.optim.Adam(G.parameters(), 2e-4, betas=(0.5, 0.999), fused=True)
     opt_d = torch.optim.Adam(D.parameters(), 2e-4, betas=(0.5, 0.999), fused=True)
     gen = torch.Generator().manual_seed(1)

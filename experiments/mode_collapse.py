@@ -3,7 +3,7 @@
 Runs the sweeps as Hydra multiruns of the real trainer (`python -m trainer.main -m ...`), each
 into its own MLflow experiment, then builds the tables from the MLflow store (not from stdout):
 the final probe of each run measures 2,500 samples of the EMA generator with PacGAN's
-definitions (trainer/stability.py: `mode_metrics`). `--jobs 2` (the default) runs two at a time
+definitions (trainer/train/probe.py: `mode_metrics`). `--jobs 2` (the default) runs two at a time
 with Hydra's joblib launcher over one Ray head that this script starts on loopback
 (launch/local_cluster.sh) and stops; each run trains on one worker with one CPU.
 
