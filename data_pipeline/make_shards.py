@@ -1,6 +1,7 @@
 """Write an image collection or a 2-D benchmark as WebDataset tar shards plus `manifest.json`.
 
     python -m data_pipeline.make_shards source=digits out=shards/digits resolution=32
+    python -m data_pipeline.make_shards source=stacked_digits out=shards/stacked num_samples=50000
 
 Shards are byte-identical for the same inputs (seeded order, fixed tar metadata) and appear
 only when complete: everything is written under a staging folder and renamed at the end, the
@@ -27,7 +28,7 @@ from data_pipeline.cli import parse_overrides
 from data_pipeline.shards import MANIFEST, sha256_file
 
 FORMAT = "stablegan-shards/1"
-SOURCES = ("folder", "npz", "digits", "ring8", "grid25")
+SOURCES = ("folder", "npz", "digits", "stacked_digits", "ring8", "grid25")
 
 
 @dataclass
@@ -41,9 +42,9 @@ class MakeShardsConfig:
     resolution: int = 32
     channels: int = 1
     shard_size: int = 0  # samples per shard; 0 = 1000 images or 10000 points
-    num_samples: int = 100_000  # ring8/grid25 only
+    num_samples: int = 100_000  # ring8/grid25/stacked_digits only
     points_per_record: int = 1000  # ring8/grid25: points stored together in one tar member
-    seed: int = 0  # draws ring8/grid25 points and the write order
+    seed: int = 0  # draws ring8/grid25 points, stacked digits' triples and the write order
     shuffle: bool = True  # write in a seeded random order so every shard mixes classes
     key: str = ""  # npz: array name of the images (default: first uint8 (N,H,W[,C]) array)
     label_key: str = ""  # npz: array name of the labels (default: y, labels or y_train)
@@ -71,6 +72,10 @@ def load_source(cfg: MakeShardsConfig) -> sources.Source:
         return sources.npz_source(cfg.src, cfg.resolution, cfg.channels, cfg.key, cfg.label_key)
     if cfg.source == "digits":
         return sources.digits_source(cfg.resolution, cfg.channels)
+    if cfg.source == "stacked_digits":
+        if cfg.channels != 3:
+            raise ValueError("source=stacked_digits stacks three digits as RGB: set channels=3")
+        return sources.stacked_digits_source(cfg.num_samples, cfg.seed, cfg.resolution)
     return sources.mixture_source(cfg.source, cfg.num_samples, cfg.seed)
 
 

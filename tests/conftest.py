@@ -16,6 +16,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+# Real-data features and the Inception file are cached per test session, not in the user's
+# home: set before any Ray or MLflow process starts, so they inherit it.
+os.environ["STABLEGAN_CACHE"] = tempfile.mkdtemp(prefix="stablegan-cache-")
 
 
 def free_port() -> int:

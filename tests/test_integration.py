@@ -174,7 +174,10 @@ def test_two_workers_grid25_r1_tracked_registered_and_sampled(env, ray_cluster, 
     proc = run_sample([f"model=models:/{name}/1", f"out={png}"], env)
     assert proc.returncode == 0 and png.read_bytes()[:4] == b"\x89PNG"
     bad = run_sample([f"model=models:/{name}@production", f"out={png}"], env)
-    assert bad.returncode == 2 and f"versions of '{name}': [1]; aliases: champion -> 1" in bad.stderr
+    assert (
+        bad.returncode == 2
+        and f"versions of '{name}': [1]; aliases: candidate -> 1, champion -> 1" in bad.stderr
+    )
 
 
 def test_stable_preset_experts_generator_trains_on_two_workers_and_samples(env, ray_cluster, tmp_path):
@@ -268,7 +271,8 @@ def test_ray_job_submit_two_nodes_exactly_once_per_epoch(env, ray_cluster, tmp_p
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "step 200/200" in proc.stdout, proc.stdout[-4000:]  # worker logs stream back to the submitter
-    assert "registered_model: models:/it-job/1 (also models:/it-job@champion" in proc.stdout
+    assert "registered_model: models:/it-job/1 (also models:/it-job@candidate" in proc.stdout
+    assert "promotion: made champion: it-job v1: no champion yet; mmd" in proc.stdout
     run_id = re.search(r"MLflow run (\w+)", proc.stdout).group(1)
 
     client = MlflowClient(ray_cluster["mlflow"])
@@ -353,6 +357,9 @@ def test_dcgan32_bf16_smoke_on_digits_with_embedded_ray(tmp_path):
             "data.loader_workers=1",
             f"trainer.storage_path={tmp_path}/runs",
             "tracking.registered_model=it-digits",
+            "eval.every=3",
+            "eval.during_num=200",
+            "eval.num=500",
         ],
         env,
         cwd=tmp_path,
@@ -367,12 +374,17 @@ def test_dcgan32_bf16_smoke_on_digits_with_embedded_ray(tmp_path):
     with Image.open(image) as img:
         assert img.mode == "L" and img.size[0] > 32 * 7
     assert "models:/it-digits/1" in proc.stdout
+    # Evaluated during training (EMA G, FD-digits) and at the end, before registering.
+    assert re.search(r"evaluation: fid [\d.]+, kid .* \(digits:\w+, 500 samples\)", proc.stdout)
+    assert "promotion: made champion: it-digits v1: no champion yet; fid" in proc.stdout
     # Credentials from the environment never reach the run's params, tags or config artifact.
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert runs
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "eval/fid")] == [3, 6]
+    assert client.get_model_version("it-digits", "1").tags["eval.num_fake"] == "500"
     for run in runs:
         recorded = json.dumps([run.data.params, run.data.tags])
         config = client.download_artifacts(run.info.run_id, "config", str(tmp_path / run.info.run_id))

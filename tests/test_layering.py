@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-ENTRY_POINTS = ("trainer.main", "trainer.sample", "trainer.register")
+ENTRY_POINTS = ("trainer.main", "trainer.sample", "trainer.register", "trainer.evaluate", "trainer.promote")
 # room -> imports (module prefixes) it must never make
 FORBIDDEN = {
     "trainer/gan": (
@@ -32,6 +32,16 @@ FORBIDDEN = {
         "trainer.train",
         "trainer.services",
     ),
+    "trainer/eval": (
+        "deepspeed",
+        "ray",
+        "mlflow",
+        "hydra",
+        "trainer.gan",
+        "trainer.train",
+        "trainer.services",
+        *ENTRY_POINTS,
+    ),
     "trainer/train": ("mlflow", "hydra", "trainer.services", *ENTRY_POINTS),
     "trainer/services": ENTRY_POINTS,
     "data_pipeline": ("trainer", "deepspeed", "ray", "mlflow", "hydra"),
@@ -41,6 +51,8 @@ ONLY_IN = {
     "deepspeed": {"trainer/train/engines.py"},
     "mlflow": {"trainer/services/tracking.py"},
     "hydra": {"trainer/main.py", "trainer/services/sweep_check.py"},
+    "torchmetrics": {"trainer/eval/metrics.py"},
+    "prdc": {"trainer/eval/metrics.py"},
 }
 
 

@@ -157,7 +157,7 @@ def test_no_partial_output_on_crash(tmp_path, monkeypatch):
 
 def test_cli_errors_and_success(tmp_path, capsys):
     assert main(["source=nope"]) == 2
-    assert "allowed: folder, npz, digits, ring8, grid25" in capsys.readouterr().err
+    assert "allowed: folder, npz, digits, stacked_digits, ring8, grid25" in capsys.readouterr().err
     assert main(["sorce=digits"]) == 2
     assert "unknown key 'sorce'" in capsys.readouterr().err
     assert main(["source=folder"]) == 2

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from data_pipeline.sources import grid25_modes, ring8_modes
+from trainer.eval.metrics import mode_metrics
 from trainer.gan import losses
 from trainer.gan.models import MinibatchStd, build_pair
 from trainer.train import plots
@@ -20,19 +21,21 @@ def test_mode_metrics_published_definitions():
     modes = grid25_modes()
     rng = np.random.default_rng(0)
     perfect = np.repeat(modes, 100, axis=0) + 0.01 * rng.standard_normal((2500, 2))
-    m = stability.mode_metrics(perfect, modes, 0.05)
-    assert m == {"modes_covered": 25.0, "high_quality": 1.0, "reverse_kl": pytest.approx(0.0, abs=1e-12)}
+    m = mode_metrics(perfect, modes, 0.05)
+    assert m["modes_covered"] == 25.0 and m["high_quality"] == 1.0
+    assert m["reverse_kl"] == pytest.approx(0.0, abs=1e-12)
+    assert m["spread"] == pytest.approx(0.2, rel=0.05)  # the samples' std 0.01 over sigma 0.05
     collapsed = np.tile(modes[:1], (2500, 1))
-    m = stability.mode_metrics(collapsed, modes, 0.05)
+    m = mode_metrics(collapsed, modes, 0.05)
     assert m["modes_covered"] == 1 and m["reverse_kl"] == pytest.approx(math.log(25))
     # Half the samples far from every mode: half high quality; a 3-sigma miss does not count.
     off = perfect.copy()
     off[::2] += 0.5
-    m = stability.mode_metrics(off, modes, 0.05)
+    m = mode_metrics(off, modes, 0.05)
     assert m["high_quality"] == pytest.approx(0.5) and m["modes_covered"] == 25
     two = np.concatenate([np.tile(ring8_modes()[:1], (300, 1)), np.tile(ring8_modes()[1:2], (100, 1))])
     kl = 0.75 * math.log(0.75 * 8) + 0.25 * math.log(0.25 * 8)
-    assert stability.mode_metrics(two, ring8_modes(), 0.01)["reverse_kl"] == pytest.approx(kl)
+    assert mode_metrics(two, ring8_modes(), 0.01)["reverse_kl"] == pytest.approx(kl)
 
 
 def test_diversity_and_near_duplicates():

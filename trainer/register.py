@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("run_id=... is required (printed as mlflow_run_id at the end of training)")
         cfg = from_dict(json.loads(config_file.read_text()))
         uri = tracking.resolve_uri(args.tracking_uri or cfg.tracking.uri)
-        print(register_saved(weights, cfg, args.run_id, uri, dataset=str(cfg.data.urls)))
+        version, decision = register_saved(weights, cfg, args.run_id, uri, dataset=str(cfg.data.urls))
+        print(version)
+        print(decision)
     except (ValueError, FileNotFoundError) as exc:
         print(f"register: error: {exc}", file=sys.stderr)
         return 2

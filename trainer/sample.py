@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.cli import parse_overrides
+from data_pipeline.cli import run_command
 from trainer.services import tracking
 from trainer.train import plots
 
@@ -57,20 +57,13 @@ def sample(
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    try:
-        cfg = parse_overrides(SampleConfig, argv)
+    def body(cfg: SampleConfig) -> None:
         if not cfg.model:
             raise ValueError("model=models:/NAME@ALIAS (or models:/NAME/VERSION) is required")
         samples = sample(cfg.model, cfg.num, cfg.seed, cfg.out, cfg.tracking_uri)
-    except (ValueError, LookupError) as exc:
-        print(f"sample: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(samples)} samples {tuple(samples.shape[1:])} from {cfg.model} to {cfg.out}")
-    return 0
+        print(f"wrote {len(samples)} samples {tuple(samples.shape[1:])} from {cfg.model} to {cfg.out}")
+
+    return run_command("sample", __doc__ or "", SampleConfig, argv, body)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,14 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "EvalConfig",
     "GuardConfig",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
     "ParallelConfig",
     "PenaltyConfig",
+    "RegistryConfig",
     "StabilityConfig",
     "TrackingConfig",
     "TrainerConfig",
@@ -219,7 +221,9 @@ class StabilityConfig:
 @dataclass
 class DataConfig:
     urls: Any = ""  # brace pattern, list, folder or manifest; "" = build `builtin` under the run
-    builtin: str = one_of("grid25", "grid25", "ring8", "digits")  # written on first use when urls is ""
+    builtin: str = one_of(
+        "grid25", "grid25", "ring8", "digits", "stacked_digits"
+    )  # written on first use when urls is ""
     batch_size: int = at_least(256, 1)  # per worker
     loader_workers: int = at_least(2, 0)  # DataLoader processes per training worker
     shuffle: bool = True
@@ -294,7 +298,7 @@ class TrackingConfig:
     experiment: str = "stablegan"
     registered_model: str = "stablegan-generator"
     register: bool = True
-    alias: str = "champion"  # moved to each newly registered version ("" = leave aliases alone)
+    alias: str = "champion"  # moved to a new version only if it is better (registry.*); "" = never
     sample_grid: int = at_least(64, 1)  # images in a logged grid (points in a scatter: x40)
     flush_timeout: float = at_least(60.0, 0.0)  # at the end, seconds to wait for an unreachable server
 
@@ -305,6 +309,49 @@ class TrackingConfig:
             raise ConfigError(
                 f"tracking.alias={a!r} is invalid: MLflow reserves 'latest' and 'v<N>'; use letters, "
                 "digits, '-' and '_' (e.g. champion), or '' for no alias"
+            )
+
+
+@dataclass
+class EvalConfig:
+    """Image-quality and mode metrics (trainer/eval/); `python -m trainer.evaluate` takes the
+    same keys."""
+
+    every: int = at_least(0, 0)  # evaluate the EMA generator every this many steps (0 = off)
+    at_end: bool = True  # evaluate the final generator before registering it (promotion needs it)
+    # digits | inception | a TorchScript path | pkg.module:factory; auto = digits for the digit
+    # datasets, inception otherwise
+    features: str = "auto"
+    inception_weights: str = ""  # the FID Inception TorchScript; "" = download once, cached
+    num: int = at_least(10_000, 16)  # generated samples per evaluation (and real ones, at most)
+    during_num: int = at_least(2_000, 16)  # samples per evaluation during training (eval.every)
+    mode_samples: int = at_least(26_000, 16)  # stacked digits: samples whose modes are counted
+    batch_size: int = at_least(250, 1)
+    nearest_k: int = at_least(5, 1)  # precision / recall / density / coverage neighbourhood
+    seed: int = 0  # latents of the generated samples
+    cache_dir: str = ""  # real-data features; "" = $STABLEGAN_CACHE/real or ~/.cache/stablegan/real
+
+    def check(self) -> None:
+        _check_fields(self, "eval")
+
+
+@dataclass
+class RegistryConfig:
+    """Promotion: a new version gets `candidate_alias`; `tracking.alias` (the champion) moves to
+    it only when it beats the champion on `primary` and no stability flag is raised."""
+
+    # fid (FID, or FD-digits with eval.features=digits) and kid for images; mmd or swd (the
+    # distances to fresh data draws) for 2-D; auto = fid for images, mmd for 2-D
+    primary: str = one_of("auto", "auto", "fid", "kid", "mmd", "swd")
+    min_improvement: float = at_least(0.0, 0.0)  # relative: 0.05 = must be 5 % lower
+    candidate_alias: str = "candidate"
+
+    def check(self) -> None:
+        _check_fields(self, "registry")
+        if not re.fullmatch(r"[\w-]+", self.candidate_alias) or self.candidate_alias == "latest":
+            raise ConfigError(
+                f"registry.candidate_alias={self.candidate_alias!r} is invalid; use letters, digits, "
+                "'-' and '_' (not 'latest')"
             )
 
 
@@ -329,6 +376,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def check(self) -> Config:
@@ -336,7 +385,7 @@ class Config:
         naming the first bad key."""
         for section in (self.parallel, self.model, self.loss, self.penalty, self.optim, self.data):
             section.check()
-        for section in (self.trainer, self.stability, self.tracking, self.cluster):
+        for section in (self.trainer, self.stability, self.tracking, self.eval, self.registry, self.cluster):
             section.check()
         self._check_compile()
         self._check_across()

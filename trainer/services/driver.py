@@ -23,7 +23,9 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from data_pipeline.make_shards import MakeShardsConfig, write_shards
 from data_pipeline.shards import MANIFEST, ShardSpecError, resolve
 from trainer.config import Config
-from trainer.services import tracking
+from trainer.eval import features
+from trainer.eval.evaluator import Evaluator, Result, feature_spec
+from trainer.services import promotion, tracking
 from trainer.train import checkpoint
 from trainer.train.worker import Worker, build_models, sample_picture
 
@@ -68,6 +70,12 @@ def builtin_shards(cfg: Config, root: Path) -> str:
         mcfg = MakeShardsConfig(
             source="digits", out=str(out), resolution=m.resolution, channels=m.channels, shard_size=shard_size
         )
+    elif d.builtin == "stacked_digits":
+        out = root / "datasets" / f"stacked_digits-{m.resolution}px"
+        mcfg = MakeShardsConfig(
+            source="stacked_digits", out=str(out), resolution=m.resolution, channels=3,
+            num_samples=50_000, shard_size=math.ceil(50_000 / max(16, readers)),
+        )  # fmt: skip
     else:
         out = root / "datasets" / d.builtin
         mcfg = MakeShardsConfig(source=d.builtin, out=str(out), num_samples=100_000, shard_size=10_000)
@@ -171,15 +179,65 @@ def build_generator(cfg: Config, state: dict | None = None) -> torch.nn.Module:
     return G
 
 
-def register_saved(weights: Path, cfg: Config, run_id: str, uri: str, dataset: str) -> str:
-    """Register EMA weights saved by a run as a new model version; returns its models:/ URI."""
+def register_saved(
+    weights: Path,
+    cfg: Config,
+    run_id: str,
+    uri: str,
+    dataset: str,
+    evaluation: Result | None = None,
+    flags: tuple[str, ...] = (),
+) -> tuple[str, str]:
+    """Register EMA weights saved by a run as a new version (alias `registry.candidate_alias`)
+    with its evaluation and stability flags, then let promotion decide whether it becomes
+    `tracking.alias`. Returns (its models:/ URI, the decision in one line)."""
     G = build_generator(cfg, torch.load(weights, weights_only=True))
-    name = cfg.tracking.registered_model
-    tags = {"run_id": run_id, "dataset": dataset, "steps": cfg.trainer.max_steps, "experiment": cfg.name}
-    alias = cfg.tracking.alias
-    version = tracking.register_generator(uri, run_id, G, cfg.model.latent_dim, name, tags, alias)
-    also = ", ".join(f"models:/{name}@{a}" for a in (alias, "latest") if a)
-    return f"models:/{name}/{version} (also {also})"
+    name, alias = cfg.tracking.registered_model, cfg.tracking.alias
+    tags = {
+        "run_id": run_id,
+        "dataset": dataset,
+        "steps": cfg.trainer.max_steps,
+        "experiment": cfg.name,
+        "stability.flags": ",".join(flags),
+    }
+    candidate = cfg.registry.candidate_alias
+    version = tracking.register_generator(uri, run_id, G, cfg.model.latent_dim, name, tags, (candidate,))
+    if evaluation is not None:
+        tracking.log_evaluation(uri, name, version, evaluation.metrics, evaluation.info)
+    decision = "no promotion (tracking.alias is empty)"
+    if alias:
+        decision = promotion.promote(uri, name, version, cfg.registry, alias).line(name, version, alias)
+    return f"models:/{name}/{version} (also models:/{name}@{candidate}, models:/{name}@latest)", decision
+
+
+def evaluate_final(cfg: Config, weights: Path, urls: str | list) -> Result | None:
+    """The final EMA generator's evaluation (`eval.at_end`), or None when off or failed:
+    a failed evaluation is logged and the generator still registered, unpromoted."""
+    if not cfg.eval.at_end:
+        return None
+    try:
+        G = build_generator(cfg, torch.load(weights, weights_only=True)).eval()
+        result = Evaluator(urls, cfg.eval, progress=False)(G, cfg.model.latent_dim)
+    except Exception:  # noqa: BLE001 - the weights are safe on disk; evaluate later by hand
+        log.exception("evaluating the final generator failed; run python -m trainer.promote later")
+        return None
+    print(
+        f"stablegan: final evaluation ({result.info['features']}, {result.info['num_fake']} samples): {result.line()}"
+    )
+    return result
+
+
+def check_eval(cfg: Config, urls: str | list) -> None:
+    """Load the feature network before training, so a missing one fails now, not at the end."""
+    if not (cfg.eval.at_end or cfg.eval.every):
+        return
+    shards = resolve(urls)
+    if shards.kind == "points":
+        return
+    try:
+        features.load(feature_spec(cfg.eval, shards.manifest), cfg.eval.inception_weights)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(f"{exc} (or turn evaluation off: eval.at_end=false eval.every=0)") from None
 
 
 def train_loop(config: dict) -> None:
@@ -227,18 +285,29 @@ def run(cfg: Config) -> dict[str, str]:
         "checkpoint": result.checkpoint.path,
     }
     out |= save_outputs(cfg, storage / run_name, result.checkpoint, config_dict)
+    tags: dict = {"stablegan.steps": cfg.trainer.max_steps}
+    flags: tuple[str, ...] = ()
+    if "stability" in (result.metrics or {}):
+        summary = json.loads(result.metrics["stability"])
+        stability_tags, out["stability"] = describe_stability(summary)
+        tags |= stability_tags
+        flags = stability_flags(summary)
+    weights = Path(out["generator_weights"])
+    evaluation = evaluate_final(cfg, weights, urls)
+    if evaluation is not None:
+        out["evaluation"] = (
+            f"{evaluation.line()} ({evaluation.info['features']}, {evaluation.info['num_fake']} samples)"
+        )
+        final = {f"eval/{k}": v for k, v in evaluation.metrics.items()}
+        tracking.log_metrics(uri, run_id, final, cfg.trainer.max_steps)
     if cfg.tracking.register:
         try:
-            out["registered_model"] = register_saved(
-                Path(out["generator_weights"]), cfg, run_id, uri, str(urls)
+            out["registered_model"], out["promotion"] = register_saved(
+                weights, cfg, run_id, uri, str(urls), evaluation, flags
             )
         except Exception as exc:  # noqa: BLE001 - the weights are safe on disk; say how to retry
             log.exception("registering the generator failed")
             out["registered_model"] = f"FAILED ({exc}); the weights are in {out['generator_weights']}"
-    tags = {"stablegan.steps": cfg.trainer.max_steps}
-    if "stability" in (result.metrics or {}):
-        stability_tags, out["stability"] = describe_stability(json.loads(result.metrics["stability"]))
-        tags |= stability_tags
     try:
         tracking.end_run(uri, run_id, tags=tags)
     except Exception as exc:  # noqa: BLE001 - the results are on disk; the run just stays RUNNING
@@ -260,6 +329,7 @@ def prepare_run(cfg: Config) -> tuple[str, Path, str | list]:
     if not isinstance(urls, str):
         urls = list(urls)
     check_data(cfg, urls)
+    check_eval(cfg, urls)
     previous = sorted((storage / run_name).glob("checkpoint_*/config.json"))
     if previous:  # resuming: the same model and data layout, or a clear error before any work
         try:
@@ -326,6 +396,16 @@ def save_outputs(cfg: Config, out_dir: Path, ckpt: ray.train.Checkpoint, config_
     png = sample_picture(build_generator(cfg, ema_state), cfg, cfg.trainer.max_steps)
     atomic_write(picture, lambda f: f.write(png))
     return {"generator_weights": str(weights), "sample_image": str(picture)}
+
+
+def stability_flags(summary: dict) -> tuple[str, ...]:
+    """What bars a version from promotion: divergence, non-finite values, a spent guard budget."""
+    flags = ["diverged"] if summary["diverged"] else []
+    if "nonfinite" in summary.get("reasons", []):
+        flags.append("nonfinite")
+    if summary.get("guard", {}).get("budget_spent"):
+        flags.append("guard_budget_spent")
+    return tuple(flags)
 
 
 def describe_stability(summary: dict) -> tuple[dict, str]:

@@ -221,11 +221,13 @@ def register_generator(
     latent_dim: int,
     model_name: str,
     tags: dict[str, Any],
-    alias: str = "",
+    aliases: tuple[str, ...] = (),
 ) -> str:
     """Log the EMA generator with signature and input example, register it as a new version
-    and point `alias` (e.g. champion) at it.
+    with `tags` and point each of `aliases` (e.g. candidate) at it; returns the version.
 
+    Saved in MLflow's `pt2` format, chosen explicitly: `torch.export` keeps the graph and
+    weights without pickled classes, so loading needs torch and mlflow, not stablegan.
     MLflow 3 reserves the alias `latest`: `models:/NAME@latest` always resolves to the newest
     version without being set.
     """
@@ -246,16 +248,84 @@ def register_generator(
             signature=signature,
             input_example=example,
             registered_model_name=model_name,
+            serialization_format="pt2",
             # Skip MLflow's slow requirement inference (it imports the model in a subprocess).
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
     client = _client(uri)
     version = str(info.registered_model_version)
+    # The version's own model_id is not returned by every store: keep the link as a tag.
+    tags = {**tags, "logged_model_id": info.model_id}
     for k, v in tags.items():
         client.set_model_version_tag(model_name, version, k, str(v))
-    if alias:
+    for alias in aliases:
         client.set_registered_model_alias(model_name, alias, version)
     return version
+
+
+def resolve_version(uri: str, model_uri: str) -> tuple[str, str]:
+    """(name, version) that `models:/NAME/VERSION` or `models:/NAME@ALIAS` names."""
+    body = model_uri.removeprefix("models:/")
+    if not model_uri.startswith("models:/") or not body:
+        raise ValueError(
+            f"model={model_uri!r} is not a model URI; use models:/NAME@ALIAS or models:/NAME/VERSION"
+        )
+    client = _client(uri)
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        try:
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        except Exception as exc:  # noqa: BLE001 - re-raised with what does exist
+            raise LookupError(f"cannot resolve {model_uri}: {describe_registered(uri, name)}") from exc
+    name, _, version = body.partition("/")
+    try:
+        client.get_model_version(name, version)
+    except Exception as exc:  # noqa: BLE001 - as above
+        raise LookupError(f"cannot resolve {model_uri}: {describe_registered(uri, name)}") from exc
+    return name, version
+
+
+def version_tags(uri: str, name: str, version: str) -> dict[str, str]:
+    return dict(_client(uri).get_model_version(name, version).tags)
+
+
+def alias_version(uri: str, name: str, alias: str) -> str | None:
+    """The version `alias` points at, or None."""
+    try:
+        return str(_client(uri).get_model_version_by_alias(name, alias).version)
+    except Exception:  # noqa: BLE001 - no such alias (or model)
+        return None
+
+
+def set_alias(uri: str, name: str, alias: str, version: str) -> None:
+    _client(uri).set_registered_model_alias(name, alias, version)
+
+
+def set_version_tags(uri: str, name: str, version: str, tags: dict[str, Any]) -> None:
+    client = _client(uri)
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, str(v))
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """A few metrics straight to a run (the driver's end-of-run values)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    _client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def log_evaluation(uri: str, name: str, version: str, values: dict[str, float], info: dict[str, str]) -> None:
+    """An evaluation as the version's tags (`eval.<metric>`, `eval.features`, ...) and as
+    metrics of its logged model (`eval/<metric>`, shown on the version's page)."""
+    client = _client(uri)
+    mv = client.get_model_version(name, version)
+    set_version_tags(uri, name, version, {f"eval.{k}": v for k, v in {**values, **info}.items()})
+    for k, v in values.items():
+        client.log_metric(
+            mv.run_id, f"eval/{k}", float(v), model_id=mv.model_id,
+            dataset_name=info.get("features", ""), dataset_digest=info.get("data_sha256", "")[:36],
+        )  # fmt: skip
 
 
 def describe_registered(uri: str, name: str) -> str:
@@ -280,10 +350,7 @@ def load_generator(uri: str, model_uri: str) -> tuple[Callable[[torch.Tensor], t
     """
     import mlflow
 
-    if not model_uri.startswith("models:/") or len(model_uri) <= len("models:/"):
-        raise ValueError(
-            f"model={model_uri!r} is not a model URI; use models:/NAME@ALIAS or models:/NAME/VERSION"
-        )
+    resolve_version(uri, model_uri)  # a clear error for a bad URI or a missing version
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     name = model_uri[len("models:/") :].split("@")[0].split("/")[0]

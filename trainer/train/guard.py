@@ -165,6 +165,7 @@ class Guard:
         return {
             "rollbacks": self.rollbacks,
             "lr_scale": self.lr_scale,
+            "budget_spent": any("budget" in e["action"] or e["action"] == "repeat" for e in self.events),
             "penalty_kind": self.penalty_kind,
             "penalty_weight": self.penalty_weight,
             "healthy": self.healthy,
@@ -188,6 +189,7 @@ class Guard:
             "events": len(self.events),
             "triggers": sorted({e["trigger"] for e in self.events}),
             "lr_scale": self.lr_scale,
+            "budget_spent": any("budget" in e["action"] or e["action"] == "repeat" for e in self.events),
             "penalty": f"{self.penalty_kind} {self.penalty_weight:g}",
         }
 

@@ -8,7 +8,8 @@ count) come from `GANStep`; this module adds the periodic probes, run every
   vectors, as BigGAN monitors to foresee collapse);
 - per-layer-group gradient norms of G and D (one extra forward/backward on a probe batch,
   through `torch.autograd.grad`, so optimizer state and `.grad` are untouched);
-- for 2-D data: modes covered, high-quality fraction and reverse KL (PacGAN's definitions);
+- for 2-D data: modes covered, high-quality fraction, reverse KL (PacGAN's definitions) and
+  spread (`trainer.eval.metrics.mode_metrics`);
   for images: a diversity score and a near-duplicate rate on a fixed latent batch;
 - loss moving mean and variance (exponentially weighted) and their z-score;
 - `summarize`: diverged or not, when, and which signal moved first.
@@ -23,27 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-# --- mode coverage on the 2-D benchmarks -----------------------------------------------------
-
-
-def mode_metrics(points: np.ndarray, modes: np.ndarray, sigma: float) -> dict[str, float]:
-    """PacGAN (Lin et al. 2018) definitions on generated 2-D points.
-
-    A sample is high quality when it lies within 3 sigma of its nearest mode; a mode is covered
-    when at least one high-quality sample is nearest to it; reverse KL is KL(p || uniform) of
-    the high-quality samples' distribution over modes (0 = perfectly balanced; when no
-    sample is high quality it is log(number of modes), the worst case).
-    """
-    dist = np.linalg.norm(points[:, None, :] - modes[None, :, :], axis=2)
-    nearest, good = dist.argmin(1), dist.min(1) < 3 * sigma
-    counts = np.bincount(nearest[good], minlength=len(modes)).astype(np.float64)
-    if counts.sum() == 0:
-        kl = math.log(len(modes))
-    else:
-        p = counts / counts.sum()
-        kl = float(np.sum(p[p > 0] * np.log(p[p > 0] * len(modes))))
-    return {"modes_covered": float((counts > 0).sum()), "high_quality": float(good.mean()), "reverse_kl": kl}
-
+from trainer.eval.metrics import mode_metrics
 
 # --- image diversity -------------------------------------------------------------------------
 

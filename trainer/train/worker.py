@@ -14,7 +14,7 @@ import logging
 import resource
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -24,6 +24,7 @@ import torch
 from data_pipeline.sources import MIXTURES
 from data_pipeline.stream import ShardLoader, StreamConfig
 from trainer.config import Config, from_dict
+from trainer.eval.evaluator import Evaluator
 from trainer.gan.ema import EMA
 from trainer.gan.models import build_pair
 from trainer.gan.step import GANStep
@@ -129,6 +130,11 @@ def make_probe(cfg: Config, G: Engine, D: Engine, ema: EMA, gan: GANStep) -> pro
     )
 
 
+def make_evaluator(cfg: Config, urls: str | list, device: torch.device) -> Evaluator:
+    """Rank 0's evaluator for `eval.every`: `eval.during_num` samples against the same shards."""
+    return Evaluator(urls, replace(cfg.eval, num=cfg.eval.during_num), str(device), progress=False)
+
+
 def broadcast_from_rank0(obj: object, world: int) -> object:
     """Rank 0's `obj` on every rank (collective when world > 1)."""
     if world == 1:
@@ -172,6 +178,8 @@ class Worker:
         torch.set_num_threads(t.torch_threads or t.cpus_per_worker)
         device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
         self.loader = make_loader(cfg, data_urls, self.rank, self.world)
+        self.data_urls, self.device = data_urls, device
+        self.evaluator: Evaluator | None = None  # rank 0, built at the first `eval.every` step
         self.G, self.D, self.ema = build_engines(cfg, device)
         self.guard = Guard(cfg.stability.guard, cfg.penalty.kind, cfg.penalty.weight)
         # Per-rank latents; a rollback may reseed them (guard.noise_seed counts rollbacks).
@@ -188,6 +196,7 @@ class Worker:
             "log": Every(t.log_every, last=True),
             "probe": Every(cfg.stability.every, last=True),
             "sample": Every(t.sample_every),
+            "eval": Every(cfg.eval.every if self.rank == 0 else 0),
             "checkpoint": Every(t.checkpoint_every, last=True),
         }
         self.history: dict[str, list[tuple[int, float]]] = {}  # rank 0: what was logged, for the summary
@@ -298,6 +307,8 @@ class Worker:
             checked = {**checked, **self.probe_step()}
         if self.cfg.stability.guard.enabled and (due["log"] or due["probe"]) and self.guard_step(checked):
             return
+        if due["eval"] and not (step == last and self.cfg.eval.at_end):  # the driver's, with eval.num
+            self.eval_step()
         if due["sample"] and self.logger is not None:
             self.logger.log_bytes(
                 sample_picture(self.ema.module, self.cfg, step), f"samples/step_{step:07d}.png"
@@ -345,6 +356,25 @@ class Worker:
         if self.logger is not None:
             self.logger.log_metrics(signals, self.step)
         return signals
+
+    def eval_step(self) -> None:
+        """Rank 0 scores the EMA generator (`eval.every`); the other ranks wait for it at their
+        next collective. A failure is logged and turns the evaluation off, never the training."""
+        start = time.perf_counter()
+        try:
+            if self.evaluator is None:
+                self.evaluator = make_evaluator(self.cfg, self.data_urls, self.device)
+            result = self.evaluator(self.ema.module, self.cfg.model.latent_dim)
+        except Exception:  # noqa: BLE001 - evaluation is an observer: training goes on
+            log.exception("evaluation at step %d failed; eval.every is off for this run", self.step)
+            self.schedule["eval"] = Every(0)
+            return
+        metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
+        metrics["eval_seconds"] = time.perf_counter() - start
+        self.record(metrics)
+        if self.logger is not None:
+            self.logger.log_metrics(metrics, self.step)
+        self.tick += metrics["eval_seconds"]  # images/s measures training, not evaluation
 
     def guard_step(self, checked: dict[str, float]) -> bool:
         """Rank 0 decides, every rank applies (collective); True if this step was rolled back."""

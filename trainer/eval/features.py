@@ -1,0 +1,138 @@
+"""Feature networks for image metrics, chosen with `eval.features=`.
+
+Every network here takes generated-style images, (N, C, H, W) floats in [-1, 1], and returns
+(N, F) features; `name` identifies it (weights included) for the real-data cache and for the
+registry, which never compares numbers measured with different networks.
+
+- `digits`: the shipped digits classifier (`trainer/eval/digits.py`), applied to each channel,
+  features concatenated (stacked digits: three digits, 3 x 128 features).
+- `inception`: the standard FID Inception-v3, as the TorchScript file StyleGAN2-ADA's and
+  clean-fid's metrics load (`inception-2015-12-05.pt`). Images are quantized to uint8 as those
+  implementations do, grey repeated to RGB; the network resizes to 299x299 itself.
+- a TorchScript path (`*.pt`), or `pkg.module:factory` returning an `nn.Module`: a user's
+  domain network, called on the [-1, 1] images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import urllib.request
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer.eval import digits
+
+INCEPTION_URL = (
+    "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+)
+INCEPTION_FILE = "inception-2015-12-05.pt"
+
+
+def cache_root() -> Path:
+    """$STABLEGAN_CACHE, else ~/.cache/stablegan."""
+    return Path(os.environ.get("STABLEGAN_CACHE") or Path.home() / ".cache" / "stablegan").expanduser()
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+class DigitsFeatures(nn.Module):
+    """The digits classifier's 128 penultimate features per channel, concatenated."""
+
+    def __init__(self, net: digits.DigitsNet | None = None) -> None:
+        super().__init__()
+        self.net = net or digits.load()
+        self.name = f"digits:{file_digest(digits.WEIGHTS)}" if net is None else "digits:custom"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        f = self.net.features(x.reshape(n * c, 1, *x.shape[2:]))
+        return f.reshape(n, c * digits.NUM_FEATURES)
+
+    @torch.no_grad()
+    def labels(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) predicted digit of every channel."""
+        n, c = x.shape[:2]
+        return self.net(x.reshape(n * c, 1, *x.shape[2:])).argmax(1).reshape(n, c)
+
+
+class InceptionFeatures(nn.Module):
+    """The FID Inception TorchScript's 2048 pool features, fed as StyleGAN2-ADA feeds it."""
+
+    num_features = 2048
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.net = torch.jit.load(str(path), map_location="cpu").eval()
+        self.name = f"inception:{file_digest(path)}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        img = (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+        if img.shape[1] == 1:
+            img = img.repeat(1, 3, 1, 1)
+        return self.net(img, return_features=True)
+
+
+class UserFeatures(nn.Module):
+    """A user's network (TorchScript file or factory), called on [-1, 1] images."""
+
+    def __init__(self, net: nn.Module, name: str) -> None:
+        super().__init__()
+        self.net, self.name = net, name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).flatten(1)
+
+
+def inception_path(weights: str) -> Path:
+    """`weights` if given, else the cached download, fetched once where a network exists."""
+    if weights:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"eval.inception_weights={weights!r} does not exist")
+        return path
+    path = cache_root() / INCEPTION_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part")
+        try:
+            urllib.request.urlretrieve(INCEPTION_URL, tmp)
+        except OSError as exc:
+            raise FileNotFoundError(
+                f"eval.features=inception needs {INCEPTION_FILE} and it cannot be downloaded here ({exc}). "
+                f"Fetch {INCEPTION_URL} on a machine with a network and pass eval.inception_weights=PATH "
+                "(or put it in $STABLEGAN_CACHE), or use eval.features=digits for digit data"
+            ) from None
+        tmp.replace(path)
+    return path
+
+
+def load(spec: str, inception_weights: str = "") -> nn.Module:
+    """The feature network `spec` names: digits, inception, a TorchScript path or pkg.mod:factory."""
+    if spec == "digits":
+        return DigitsFeatures()
+    if spec == "inception":
+        return InceptionFeatures(inception_path(inception_weights))
+    if spec.endswith((".pt", ".pth", ".ts")):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"eval.features={spec!r}: no such TorchScript file")
+        return UserFeatures(
+            torch.jit.load(str(path), map_location="cpu").eval(), f"script:{file_digest(path)}"
+        )
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not attr:
+        raise ValueError(
+            f"eval.features={spec!r} is unknown; use digits, inception, a TorchScript file (.pt) "
+            "or pkg.module:factory"
+        )
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"eval.features={spec!r}: cannot import {attr} from {module_name} ({exc})") from None
+    return UserFeatures(factory().eval(), f"module:{spec}")

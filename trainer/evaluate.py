@@ -1,0 +1,110 @@
+"""Evaluate a registered generator: FID, KID, precision/recall, density/coverage (images) or
+mode metrics, spread, sliced Wasserstein and MMD (2-D), logged to the model version in MLflow.
+
+    python -m trainer.evaluate model=models:/stablegan-generator@champion
+    python -m trainer.evaluate model=models:/NAME/3 data.urls=shards/stacked num=10000 eval.features=digits
+
+`data.urls` defaults to the shards the version was trained on; every `eval.*` key of the
+training config is accepted (eval.features, eval.inception_weights, eval.batch_size, ...).
+The real data's own row is printed beside the generator's. From Python: `evaluate(...)`.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from data_pipeline.cli import run_command
+from data_pipeline.shards import ShardSpecError
+from trainer.config import EvalConfig
+from trainer.eval.evaluator import Evaluator, Result
+from trainer.services import tracking
+
+ERRORS = (ValueError, LookupError, FileNotFoundError, ShardSpecError)
+
+
+@dataclass
+class DataKeys:
+    urls: str = ""  # "" = the shards the version was trained on (its `dataset` tag)
+
+
+@dataclass
+class EvaluateConfig:
+    model: str = ""  # models:/NAME@ALIAS or models:/NAME/VERSION
+    data: DataKeys = field(default_factory=DataKeys)
+    num: int = 0  # generated samples; 0 = eval.num
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    device: str = "auto"  # auto = cuda when available
+    log: bool = True  # write the result to the model version (tags and model metrics)
+    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
+
+
+def training_data(tags: dict[str, str]) -> str | list[str]:
+    """The shard spec a version was trained on, from its `dataset` tag."""
+    raw = tags.get("dataset", "")
+    if raw.startswith("["):
+        return list(ast.literal_eval(raw))
+    if not raw:
+        raise ValueError("the version has no dataset tag: pass data.urls=SHARDS")
+    return raw
+
+
+def evaluate(
+    model: str,
+    urls: str | list[str] = "",
+    opts: EvalConfig | None = None,
+    tracking_uri: str = "",
+    device: str = "auto",
+    log: bool = True,
+    progress: bool = True,
+) -> tuple[Result, Result]:
+    """(the generator's result, the real data's own row) for `model` on `urls`."""
+    opts = opts or EvalConfig()
+    uri = tracking.resolve_uri(tracking_uri)
+    name, version = tracking.resolve_version(uri, model)
+    urls = urls or training_data(tracking.version_tags(uri, name, version))
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    evaluator = Evaluator(urls, opts, device, progress)
+    generator, latent_dim = tracking.load_generator(uri, f"models:/{name}/{version}")
+    result = evaluator(generator.to(device), latent_dim)
+    if log:
+        tracking.log_evaluation(uri, name, version, result.metrics, result.info)
+    return result, evaluator.data_row()
+
+
+def table(rows: list[tuple[str, Result]]) -> str:
+    """A fixed-width table: one row per result, one column per metric."""
+    keys = list(rows[0][1].metrics)
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{'':{width}}  " + "  ".join(f"{k:>10}" for k in keys)]
+    for label, r in rows:
+        lines.append(
+            f"{label:{width}}  " + "  ".join(f"{r.metrics.get(k, float('nan')):>10.4g}" for k in keys)
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body(cfg: EvaluateConfig) -> None:
+        if not cfg.model:
+            raise ValueError("model=models:/NAME@ALIAS (or models:/NAME/VERSION) is required")
+        cfg.eval.check()
+        opts = replace(cfg.eval, num=cfg.num or cfg.eval.num)
+        result, data = evaluate(cfg.model, cfg.data.urls, opts, cfg.tracking_uri, cfg.device, cfg.log)
+        info = result.info
+        print(
+            f"features {info['features']}; data sha256 {info['data_sha256'][:12] or '(no manifest)'}; "
+            f"{info['num_fake']} generated vs {info['num_real']} real samples; latent seed {opts.seed}"
+        )
+        print(table([(cfg.model, result), (f"real data ({data.info.get('note', 'fresh draws')})", data)]))
+        if cfg.log:
+            print("logged to the model version (tags eval.*, model metrics eval/*)")
+
+    return run_command("evaluate", __doc__ or "", EvaluateConfig, argv, body, ERRORS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
