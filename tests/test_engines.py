@@ -150,6 +150,38 @@ def test_fused_step_takes_the_loss_gradient_from_the_penalty_pass(ds_dist, kind,
         torch.testing.assert_close(ours, plain, **tol)
 
 
+def test_fused_step_frees_what_it_recorded(ds_dist, monkeypatch):
+    """Every layer output the shared backward recorded is freed with the step: a record and
+    its output's autograd node point at each other, a cycle Python's collector cannot see
+    (it leaked a step's activations per R1 step, 9 GB over a 2,000-step stacked-digits run)."""
+    import contextlib
+    import gc
+    import weakref
+
+    cfg = Config()
+    cfg.penalty.kind, cfg.model.latent_dim = "r1", 8
+    torch.manual_seed(0)
+    G, D = build_pair("dcgan", 8, resolution=32, channels=3, g_width=8, d_width=8)
+    g = Engine(G, 1e-3, (0.5, 0.99), cfg.parallel, 8)
+    d = Engine(D, 1e-3, (0.5, 0.99), cfg.parallel, 8)
+    step = GANStep(g, d, cfg, torch.Generator().manual_seed(1))
+    outputs: list[weakref.ref] = []
+    real_record = ops.record_outputs
+
+    @contextlib.contextmanager
+    def spying(enabled: bool = True):
+        with real_record(enabled) as records:
+            yield records
+        outputs.extend(weakref.ref(r["out"]) for r in records)  # the forward has run
+
+    monkeypatch.setattr(ops, "record_outputs", spying)
+    for _ in range(3):
+        step.d_step(torch.randn(8, 3, 32, 32))
+    assert step.share_backward and len(outputs) == 12  # 3 steps x D's four recorded layers
+    gc.collect()
+    assert [ref() is None for ref in outputs] == [True] * 12
+
+
 def test_fused_step_falls_back_loudly_where_scores_mix_samples(ds_dist, caplog):
     """A D with minibatch stddev scores a sample with its group: the behavioural check sends the
     fused R1 step to the plain backward, with a warning, and training goes on."""

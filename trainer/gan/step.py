@@ -123,6 +123,11 @@ class GANStep:
             gain = self.cfg.penalty.weight / (2 if kind in ("r1", "r2") else 1)
             loss = loss + gain * self.reg_interval * penalty
         self.D.backward(loss)
+        for r in records:
+            # Each record holds its layer's output, whose autograd node holds the record: a
+            # cycle through C++ that Python's collector cannot see. Unbroken, it keeps every
+            # layer's output and delta alive, a step's worth of activations leaked per step.
+            r.clear()
         grad_norm = self.D.step()
         stats = _on(adversarial.device, adversarial, grad_norm, penalty)
         return {
