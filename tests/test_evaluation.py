@@ -16,6 +16,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from data_pipeline.make_shards import MakeShardsConfig, write_shards
 from data_pipeline.sources import grid25_modes, mixture_source
+from data_pipeline.stream import ShardLoader, StreamConfig
 from trainer.config import EvalConfig
 from trainer.eval import digits, features, metrics
 from trainer.eval.evaluator import Evaluator
@@ -62,11 +63,9 @@ class Copies(nn.Module):
 
 
 def real_images(urls: str, num: int) -> torch.Tensor:
-    ev = Evaluator.__new__(Evaluator)  # only the shard reader is needed here
-    from data_pipeline.shards import resolve
-
-    ev.shards, ev.opts = resolve(urls), EvalConfig(batch_size=500)
-    return torch.cat(list(ev._real_images(num)))
+    """The first `num` images of the shards, in the order the evaluator reads them."""
+    cfg = StreamConfig(urls, 500, num_workers=0, shuffle=False, infinite=False, drop_last=False)
+    return torch.cat([b["x"] for b in ShardLoader(cfg)])[:num]
 
 
 # --- the digits classifier -------------------------------------------------------------------
@@ -242,8 +241,6 @@ def test_stacked_digits_shards_are_deterministic_with_1000_labelled_classes(stac
 def test_stacked_scorer_reads_each_channel_and_counts_modes(stacked_shards):
     ev = Evaluator(stacked_shards, EvalConfig(num=1000, mode_samples=3000), progress=False)
     assert ev.net.name.startswith("digits:")  # auto picks the digits network for digit data
-    from data_pipeline.stream import ShardLoader, StreamConfig
-
     cfg = StreamConfig(stacked_shards, 500, num_workers=0, shuffle=False, infinite=False, drop_last=False)
     batch = next(iter(ShardLoader(cfg)))
     labels = ev.net.labels(batch["x"]).numpy()

@@ -115,7 +115,10 @@ def test_champion_moves_only_to_a_better_generator_on_a_real_server(mlflow_serve
     assert float(version.tags["eval.fid"]) > float(client.get_model_version(name, v2).tags["eval.fid"])
     assert version.tags["eval.num_fake"] == "500" and version.tags["eval.features"].startswith("digits:")
     # ... and as model metrics of the logged model behind the version
-    assert {m.key for m in client.get_logged_model(version.tags["logged_model_id"]).metrics} >= {"eval/fid", "eval/recall"}
+    assert {m.key for m in client.get_logged_model(version.tags["logged_model_id"]).metrics} >= {
+        "eval/fid",
+        "eval/recall",
+    }
 
     # A better generator that diverged is not promoted.
     v4 = register(uri, run_id, Copies(bank), name, ev, **{"stability.flags": "diverged"})

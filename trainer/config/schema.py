@@ -328,6 +328,7 @@ class EvalConfig:
     mode_samples: int = at_least(26_000, 16)  # stacked digits: samples whose modes are counted
     batch_size: int = at_least(250, 1)
     nearest_k: int = at_least(5, 1)  # precision / recall / density / coverage neighbourhood
+    kid_subsets: int = at_least(100, 1)  # KID's random subsets (of up to 1,000); 10 during training
     seed: int = 0  # latents of the generated samples
     cache_dir: str = ""  # real-data features; "" = $STABLEGAN_CACHE/real or ~/.cache/stablegan/real
 

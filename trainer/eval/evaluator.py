@@ -175,7 +175,7 @@ class Evaluator:
             pts = torch.cat(list(batches)).cpu().numpy()
             return Result(metrics.point_metrics(pts, self.modes, self.sigma, self.fresh), self.info(num))
         fake = self._features(batches, num, "generated features")
-        out = metrics.image_metrics(self.real, fake, self.opts.nearest_k, seed)
+        out = metrics.image_metrics(self.real, fake, self.opts.nearest_k, seed, self.opts.kid_subsets)
         if self.source == STACKED:
             m = self.opts.mode_samples
             out |= self._stacked(generate(G, latent_dim, m, self.opts.batch_size, seed + 1, self.device), m)
@@ -195,7 +195,8 @@ class Evaluator:
             out = metrics.point_metrics(self.fresh_twin, self.modes, self.sigma, self.fresh)
             return Result(out, self.info(len(self.fresh_twin)))
         half = len(self.real) // 2
-        out = metrics.image_metrics(self.real[:half], self.real[half:], self.opts.nearest_k, self.opts.seed)
+        k = self.opts
+        out = metrics.image_metrics(self.real[:half], self.real[half:], k.nearest_k, k.seed, k.kid_subsets)
         if self.source == STACKED:
             labels = [
                 self.net.labels(x.to(self.device)).cpu().numpy()

@@ -42,8 +42,8 @@ class _PassThrough(nn.Module):
         return x
 
 
-def fid_kid(real: np.ndarray, fake: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """FID and KID (mean, std over 100 subsets of up to 1,000) by torchmetrics."""
+def fid_kid(real: np.ndarray, fake: np.ndarray, seed: int = 0, kid_subsets: int = 100) -> dict[str, float]:
+    """FID and KID (mean, std over `kid_subsets` subsets of up to 1,000) by torchmetrics."""
     r, f = torch.from_numpy(real).double(), torch.from_numpy(fake).double()
     fid = FrechetInceptionDistance(feature=_PassThrough(r.shape[1]))
     fid.update(r, real=True)
@@ -51,7 +51,7 @@ def fid_kid(real: np.ndarray, fake: np.ndarray, seed: int = 0) -> dict[str, floa
     size = min(1000, len(r), len(f))
     with warnings.catch_warnings():  # "KID keeps every feature in memory": so do we, by design
         warnings.simplefilter("ignore", UserWarning)
-        kid = KernelInceptionDistance(feature=_PassThrough(r.shape[1]), subsets=100, subset_size=size)
+        kid = KernelInceptionDistance(feature=_PassThrough(r.shape[1]), subsets=kid_subsets, subset_size=size)
     kid.update(r, real=True)
     kid.update(f, real=False)
     with torch.random.fork_rng(devices=[]):  # KID's subsets come from torch's global RNG
@@ -79,9 +79,11 @@ def prdc_metrics(real: np.ndarray, fake: np.ndarray, nearest_k: int = 5) -> dict
     return {k: float(v) for k, v in out.items()}
 
 
-def image_metrics(real: np.ndarray, fake: np.ndarray, nearest_k: int = 5, seed: int = 0) -> dict[str, float]:
+def image_metrics(
+    real: np.ndarray, fake: np.ndarray, nearest_k: int = 5, seed: int = 0, kid_subsets: int = 100
+) -> dict[str, float]:
     """Every image metric on (N, F) real and fake features."""
-    return {**fid_kid(real, fake, seed), **prdc_metrics(real, fake, nearest_k)}
+    return {**fid_kid(real, fake, seed, kid_subsets), **prdc_metrics(real, fake, nearest_k)}
 
 
 # --- 2-D mixtures ------------------------------------------------------------------------------

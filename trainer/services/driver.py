@@ -221,9 +221,6 @@ def evaluate_final(cfg: Config, weights: Path, urls: str | list) -> Result | Non
     except Exception:  # noqa: BLE001 - the weights are safe on disk; evaluate later by hand
         log.exception("evaluating the final generator failed; run python -m trainer.promote later")
         return None
-    print(
-        f"stablegan: final evaluation ({result.info['features']}, {result.info['num_fake']} samples): {result.line()}"
-    )
     return result
 
 
@@ -285,21 +282,38 @@ def run(cfg: Config) -> dict[str, str]:
         "checkpoint": result.checkpoint.path,
     }
     out |= save_outputs(cfg, storage / run_name, result.checkpoint, config_dict)
+    tags = conclude(cfg, result.metrics or {}, out, uri, run_id, urls)
+    try:
+        tracking.end_run(uri, run_id, tags=tags)
+    except Exception as exc:  # noqa: BLE001 - the results are on disk; the run just stays RUNNING
+        log.warning("could not mark MLflow run %s finished (%s); it shows as RUNNING", run_id, exc)
+    if out.get("registered_model", "").startswith("FAILED"):
+        raise RegistryError(out)
+    return out
+
+
+def conclude(
+    cfg: Config, metrics: dict, out: dict[str, str], uri: str, run_id: str, urls: str | list
+) -> dict:
+    """After training: the stability summary, the final evaluation and registration with its
+    promotion decision, added to `out`; returns the run's end tags."""
     tags: dict = {"stablegan.steps": cfg.trainer.max_steps}
     flags: tuple[str, ...] = ()
-    if "stability" in (result.metrics or {}):
-        summary = json.loads(result.metrics["stability"])
+    if "stability" in metrics:
+        summary = json.loads(metrics["stability"])
         stability_tags, out["stability"] = describe_stability(summary)
         tags |= stability_tags
         flags = stability_flags(summary)
     weights = Path(out["generator_weights"])
     evaluation = evaluate_final(cfg, weights, urls)
     if evaluation is not None:
-        out["evaluation"] = (
-            f"{evaluation.line()} ({evaluation.info['features']}, {evaluation.info['num_fake']} samples)"
-        )
-        final = {f"eval/{k}": v for k, v in evaluation.metrics.items()}
-        tracking.log_metrics(uri, run_id, final, cfg.trainer.max_steps)
+        info = evaluation.info
+        out["evaluation"] = f"{evaluation.line()} ({info['features']}, {info['num_fake']} samples)"
+        try:
+            final = {f"eval/{k}": v for k, v in evaluation.metrics.items()}
+            tracking.log_metrics(uri, run_id, final, cfg.trainer.max_steps)
+        except Exception as exc:  # noqa: BLE001 - shown above and stored on the version below
+            log.warning("could not log the final evaluation to MLflow run %s (%s)", run_id, exc)
     if cfg.tracking.register:
         try:
             out["registered_model"], out["promotion"] = register_saved(
@@ -308,13 +322,7 @@ def run(cfg: Config) -> dict[str, str]:
         except Exception as exc:  # noqa: BLE001 - the weights are safe on disk; say how to retry
             log.exception("registering the generator failed")
             out["registered_model"] = f"FAILED ({exc}); the weights are in {out['generator_weights']}"
-    try:
-        tracking.end_run(uri, run_id, tags=tags)
-    except Exception as exc:  # noqa: BLE001 - the results are on disk; the run just stays RUNNING
-        log.warning("could not mark MLflow run %s finished (%s); it shows as RUNNING", run_id, exc)
-    if out.get("registered_model", "").startswith("FAILED"):
-        raise RegistryError(out)
-    return out
+    return tags
 
 
 def prepare_run(cfg: Config) -> tuple[str, Path, str | list]:

@@ -131,8 +131,12 @@ def make_probe(cfg: Config, G: Engine, D: Engine, ema: EMA, gan: GANStep) -> pro
 
 
 def make_evaluator(cfg: Config, urls: str | list, device: torch.device) -> Evaluator:
-    """Rank 0's evaluator for `eval.every`: `eval.during_num` samples against the same shards."""
-    return Evaluator(urls, replace(cfg.eval, num=cfg.eval.during_num), str(device), progress=False)
+    """Rank 0's evaluator for `eval.every`: `eval.during_num` samples against the same shards,
+    KID over 10 subsets (100 cost most of the time), stacked digits' modes counted on as many
+    samples: a trend to watch, not the end-of-run score."""
+    n = cfg.eval.during_num
+    opts = replace(cfg.eval, num=n, mode_samples=min(n, cfg.eval.mode_samples), kid_subsets=10)
+    return Evaluator(urls, opts, str(device), progress=False)
 
 
 def broadcast_from_rank0(obj: object, world: int) -> object:
