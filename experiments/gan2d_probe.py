@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.sources import MIXTURES
+from trainer.eval.metrics import mode_metrics
 from trainer.gan import losses
 from trainer.gan.ema import EMA
 from trainer.gan.models.mlp import MLPDiscriminator, MLPExpertsGenerator, MLPGenerator, expert_index
-from trainer.train.probe import mode_metrics
 
 
 class Scale(torch.nn.Module):

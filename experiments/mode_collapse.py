@@ -2,13 +2,19 @@
 
 Runs the sweeps as Hydra multiruns of the real trainer (`python -m trainer.main -m ...`), each
 into its own MLflow experiment, then builds the tables from the MLflow store (not from stdout):
-the final probe of each run measures 2,500 samples of the EMA generator with PacGAN's
-definitions (trainer/train/probe.py: `mode_metrics`). `--jobs 2` (the default) runs two at a time
+the trainer's end-of-run evaluation scores 10,000 samples of the final EMA generator with
+PacGAN's definitions (modes, high quality, reverse KL) plus two numbers that samples piled on
+the mode centres cannot fake: spread and the sliced Wasserstein distance to fresh data draws
+(trainer/eval/metrics.py). Every table prints the data's own row (fresh draws scored the same
+way), the seeds, and per row the resolved config's hash and its difference from the preset.
+
+Reporting seeds start at 1000 (`--first-seed`): seeds 0-9 (grid25), 0-4 (ring8) and 100-102
+(robustness) tuned the `stable` preset and are not reported as held-out results. `--jobs 2` (the default) runs two at a time
 with Hydra's joblib launcher over one Ray head that this script starts on loopback
 (launch/local_cluster.sh) and stops; each run trains on one worker with one CPU.
 
     python experiments/mode_collapse.py run [--sweeps main,robustness] [--store DIR] [--jobs 2] \
-        [--grid-seeds 10] [--ring-seeds 5] [--set trainer.max_steps=4000 ...]
+        [--grid-seeds 10] [--ring-seeds 5] [--first-seed 1000] [--set trainer.max_steps=4000 ...]
     python experiments/mode_collapse.py table [--store DIR]      # markdown to stdout + JSON
 
 Sweeps: `main`: vanilla (non-saturating, no penalty, no SN) vs the recommended `stable`
@@ -20,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import hashlib
 import json
 import math
 import os
@@ -57,14 +65,16 @@ def sweeps(
     grid_seeds: int = 10,
     ring_seeds: int = 5,
     robust_seeds: int = 3,
-    robust_first: int = 100,
+    robust_first: int = 1100,
     presets: str = "vanilla,stable",
+    first_seed: int = 1000,
 ) -> dict[str, list[list[str]]]:
     """Sweep name -> the multirun argument lists it consists of.
 
     `presets` and `robust_first` run part of a sweep, e.g. only the preset that changed, or one
     more robustness seed, into the same experiments as the runs already there."""
-    seeds10, seeds5 = ",".join(map(str, range(grid_seeds))), ",".join(map(str, range(ring_seeds)))
+    seeds10 = ",".join(str(first_seed + i) for i in range(grid_seeds))
+    seeds5 = ",".join(str(first_seed + i) for i in range(ring_seeds))
     return {
         "main": [
             [
@@ -192,8 +202,39 @@ def run(names: list[str], store: Path, extra: list[str], jobs: int = 2, **sweep_
                 print(f"  sweep part done in {time.time() - t0:.0f}s", flush=True)
 
 
+# Run-specific keys, not part of what a row's config hash describes.
+RUN_KEYS = ("trainer.seed", "trainer.storage_path", "trainer.run_name", "tracking.experiment", "tracking.uri")
+
+
+def config_hash(params: dict[str, str]) -> str:
+    """A short hash of a run's resolved config (its MLflow params), seed and paths left out."""
+    kept = {k: v for k, v in sorted(params.items()) if k not in RUN_KEYS}
+    return hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:10]
+
+
+@functools.cache
+def preset_params(preset: str, data: str) -> dict[str, str]:
+    from dataclasses import asdict
+
+    from trainer.main import compose
+    from trainer.services.tracking import flatten
+
+    return {
+        k: str(v)
+        for k, v in flatten(asdict(compose([f"experiment={preset}", f"data.builtin={data}"]))).items()
+    }
+
+
+def preset_diff(params: dict[str, str]) -> str:
+    """`key=value` for every resolved value that differs from the named preset's."""
+    base = preset_params(params["name"], params["data.builtin"])
+    diff = [f"{k}={v}" for k, v in sorted(params.items()) if k not in RUN_KEYS and base.get(k) != v]
+    return " ".join(diff) or "(the preset as is)"
+
+
 def collect(store: Path, name: str) -> list[dict]:
-    """One row per finished run of sweep `name`: its params and final mode metrics."""
+    """One row per finished run of sweep `name`: its params and final mode metrics (the
+    end-of-run evaluation's, on 10,000 samples; the last probe's, on 2,500, for older runs)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
@@ -202,9 +243,10 @@ def collect(store: Path, name: str) -> list[dict]:
         return []
     rows = []
     for r in client.search_runs([exp.experiment_id], max_results=5000):
-        if r.info.status != "FINISHED" or "modes_covered" not in r.data.metrics:
+        m, p = r.data.metrics, r.data.params
+        src = "eval/" if "eval/modes_covered" in m else ""
+        if r.info.status != "FINISHED" or f"{src}modes_covered" not in m:
             continue
-        p = r.data.params
         rows.append(
             {
                 "preset": p["name"],
@@ -212,11 +254,17 @@ def collect(store: Path, name: str) -> list[dict]:
                 "seed": int(p["trainer.seed"]),
                 "lr": float(p["optim.g_lr"]),
                 "steps": int(p["trainer.max_steps"]),
-                "modes": r.data.metrics["modes_covered"],
-                "hq": 100 * r.data.metrics["high_quality"],
-                "kl": r.data.metrics["reverse_kl"],
+                "scored_on": "eval, 10,000 samples" if src else "probe, 2,500 samples",
+                "modes": m[f"{src}modes_covered"],
+                "hq": 100 * m[f"{src}high_quality"],
+                "kl": m[f"{src}reverse_kl"],
+                "spread": m.get(f"{src}spread"),
+                "swd": m.get("eval/swd"),
+                "mmd": m.get("eval/mmd"),
+                "config_hash": config_hash(p),
+                "config_diff": preset_diff(p),
                 "seconds": (r.info.end_time - r.info.start_time) / 1000,
-                "cpu_seconds": r.data.metrics.get("train_cpu_seconds"),  # runs before 2026-11-27 lack it
+                "cpu_seconds": m.get("train_cpu_seconds"),  # runs before 2026-11-27 lack it
                 "guarded": p.get("stability.guard.enabled") == "True",
                 "nan_at": int(p.get("trainer.inject_nan_at", 0)),
                 "rollbacks": int(r.data.tags.get("stablegan.guard.rollbacks", 0)),
@@ -227,6 +275,19 @@ def collect(store: Path, name: str) -> list[dict]:
     return rows
 
 
+def data_rows(store: Path) -> dict[str, dict[str, float]]:
+    """Each dataset's own score: fresh draws scored exactly as a generator's samples are."""
+    from trainer.config import EvalConfig
+    from trainer.eval.evaluator import Evaluator
+
+    out = {}
+    for data in ("grid25", "ring8"):
+        shards = store / "runs" / "datasets" / data
+        if (shards / "manifest.json").is_file():
+            out[data] = Evaluator(str(shards), EvalConfig(), progress=False).data_row().metrics
+    return out
+
+
 def mean_se(values: list[float], digits: int | None = None) -> str:
     m = statistics.fmean(values)
     se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
@@ -234,31 +295,52 @@ def mean_se(values: list[float], digits: int | None = None) -> str:
     return f"{m:.{digits}f} ± {se:.{digits}f}"
 
 
-def table(store: Path) -> dict:
-    main_rows, robust_rows = collect(store, "main"), collect(store, "robustness")
-    out: dict = {"main": main_rows, "robustness": robust_rows}
+def main_table(rows: list[dict], data_scores: dict[str, dict[str, float]]) -> list[str]:
     lines = []
     for data, n_modes in (("grid25", 25), ("ring8", 8)):
+        seeds = sorted({r["seed"] for r in rows if r["data"] == data})
         lines += [
-            f"\n{data} (2,500 EMA samples, 3σ; mean ± standard error over seeds)\n",
-            "| method | runs | modes | high quality % | reverse KL | all modes in every run | wall s/run "
-            "| training CPU s/run |",
-            "|---|---|---|---|---|---|---|---|",
+            f"\n{data}: seeds {seeds}; mean ± standard error over seeds\n",
+            "| method | runs | modes | high quality % | reverse KL | spread | SWD to data | MMD to data "
+            "| all modes in every run | config | training CPU s/run |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for preset in ("vanilla", "stable"):
-            rows = [r for r in main_rows if r["data"] == data and r["preset"] == preset]
-            if not rows:
-                continue
-            full = sum(r["modes"] == n_modes for r in rows)
-            cpu = [r["cpu_seconds"] for r in rows if r.get("cpu_seconds") is not None]
+        if data in data_scores:
+            d = data_scores[data]
             lines.append(
-                f"| stablegan {preset} | {len(rows)} | {mean_se([r['modes'] for r in rows])} "
-                f"| {mean_se([r['hq'] for r in rows])} | {mean_se([r['kl'] for r in rows], 3)} "
-                f"| {full}/{len(rows)} | {statistics.fmean(r['seconds'] for r in rows):.0f} "
-                f"| {f'{statistics.fmean(cpu):.0f}' if cpu else '-'} |"
+                f"| the data itself (fresh draws) | | {d['modes_covered']:.0f} | {100 * d['high_quality']:.1f} "
+                f"| {d['reverse_kl']:.4f} | {d['spread']:.3f} | {d['swd']:.4f} | {d['mmd']:.4f} | | | |"
+            )
+        for preset in ("vanilla", "stable"):
+            sub = [r for r in rows if r["data"] == data and r["preset"] == preset]
+            if not sub:
+                continue
+            full = sum(r["modes"] == n_modes for r in sub)
+            cpu = [r["cpu_seconds"] for r in sub if r.get("cpu_seconds") is not None]
+            spread = [r["spread"] for r in sub if r["spread"] is not None]
+            swd = [r["swd"] for r in sub if r["swd"] is not None]
+            mmd = [r["mmd"] for r in sub if r.get("mmd") is not None]
+            hashes = ", ".join(sorted({r["config_hash"] for r in sub}))
+            lines.append(
+                f"| stablegan {preset} | {len(sub)} | {mean_se([r['modes'] for r in sub])} "
+                f"| {mean_se([r['hq'] for r in sub])} | {mean_se([r['kl'] for r in sub], 3)} "
+                f"| {mean_se(spread, 3) if spread else '-'} | {mean_se(swd, 4) if swd else '-'} "
+                f"| {mean_se(mmd, 4) if mmd else '-'} "
+                f"| {full}/{len(sub)} | {hashes} | {f'{statistics.fmean(cpu):.0f}' if cpu else '-'} |"
             )
         for method, modes, hq, kl in PUBLISHED[data]:
-            lines.append(f"| {method} (PacGAN paper) | | {modes} | {hq} | {kl} | | | |")
+            lines.append(f"| {method} (PacGAN paper) | | {modes} | {hq} | {kl} | | | | | | |")
+    configs = {(r["config_hash"], r["preset"], r["config_diff"]) for r in rows}
+    lines += ["", "Configs (resolved config hash: the preset and what differs from it):", ""]
+    lines += [f"- `{h}`: {preset} + {diff}" for h, preset, diff in sorted(configs)]
+    return lines
+
+
+def table(store: Path) -> dict:
+    main_rows, robust_rows = collect(store, "main"), collect(store, "robustness")
+    data_scores = data_rows(store)
+    out: dict = {"main": main_rows, "robustness": robust_rows, "data": data_scores}
+    lines = main_table(main_rows, data_scores) if main_rows else []
     if robust_rows:
         lines += [
             "\ngrid25 robustness: runs covering all 25 modes, per learning rate (G and D)\n",
@@ -300,7 +382,8 @@ def main() -> None:
     ap.add_argument("--grid-seeds", type=int, default=10)
     ap.add_argument("--ring-seeds", type=int, default=5)
     ap.add_argument("--robust-seeds", type=int, default=3)
-    ap.add_argument("--robust-first", type=int, default=100, help="first robustness seed")
+    ap.add_argument("--robust-first", type=int, default=1100, help="first robustness seed")
+    ap.add_argument("--first-seed", type=int, default=1000, help="first seed of the main sweep")
     ap.add_argument("--presets", default="vanilla,stable", help="presets of the main and robustness sweeps")
     ap.add_argument(
         "--set", nargs="*", default=[], help="extra overrides for every run (e.g. trainer.max_steps=300)"
@@ -322,6 +405,7 @@ def main() -> None:
             robust_seeds=args.robust_seeds,
             robust_first=args.robust_first,
             presets=args.presets,
+            first_seed=args.first_seed,
         )
     result = table(store)
     (store / "table.json").write_text(json.dumps(result, indent=2))
