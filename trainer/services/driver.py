@@ -309,11 +309,12 @@ def conclude(
     if evaluation is not None:
         info = evaluation.info
         out["evaluation"] = f"{evaluation.line()} ({info['features']}, {info['num_fake']} samples)"
-        try:
-            final = {f"eval/{k}": v for k, v in evaluation.metrics.items()}
-            tracking.log_metrics(uri, run_id, final, cfg.trainer.max_steps)
-        except Exception as exc:  # noqa: BLE001 - shown above and stored on the version below
-            log.warning("could not log the final evaluation to MLflow run %s (%s)", run_id, exc)
+        if not cfg.tracking.register:  # registering logs it to the run and to the version
+            try:
+                final = {f"eval/{k}": v for k, v in evaluation.metrics.items()}
+                tracking.log_metrics(uri, run_id, final, cfg.trainer.max_steps)
+            except Exception as exc:  # noqa: BLE001 - the line above shows it all the same
+                log.warning("could not log the final evaluation to MLflow run %s (%s)", run_id, exc)
     if cfg.tracking.register:
         try:
             out["registered_model"], out["promotion"] = register_saved(

@@ -317,13 +317,16 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> 
 
 def log_evaluation(uri: str, name: str, version: str, values: dict[str, float], info: dict[str, str]) -> None:
     """An evaluation as the version's tags (`eval.<metric>`, `eval.features`, ...) and as
-    metrics of its logged model (`eval/<metric>`, shown on the version's page)."""
+    metrics of its logged model (`eval/<metric>`, shown on the version's page; MLflow also adds
+    them to the run, at the run's last step, the version's `steps` tag)."""
     client = _client(uri)
     mv = client.get_model_version(name, version)
     set_version_tags(uri, name, version, {f"eval.{k}": v for k, v in {**values, **info}.items()})
+    model_id = mv.model_id or mv.tags.get("logged_model_id")
+    step = int(mv.tags.get("steps", 0))
     for k, v in values.items():
         client.log_metric(
-            mv.run_id, f"eval/{k}", float(v), model_id=mv.model_id,
+            mv.run_id, f"eval/{k}", float(v), step=step, model_id=model_id,
             dataset_name=info.get("features", ""), dataset_digest=info.get("data_sha256", "")[:36],
         )  # fmt: skip
 
