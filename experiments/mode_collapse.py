@@ -264,7 +264,7 @@ def collect(store: Path, name: str) -> list[dict]:
                 "config_hash": config_hash(p),
                 "config_diff": preset_diff(p),
                 "seconds": (r.info.end_time - r.info.start_time) / 1000,
-                "cpu_seconds": m.get("train_cpu_seconds"),  # runs before 2026-11-27 lack it
+                "cpu_seconds": m.get("train_cpu_seconds"),  # older runs did not log it
                 "guarded": p.get("stability.guard.enabled") == "True",
                 "nan_at": int(p.get("trainer.inject_nan_at", 0)),
                 "rollbacks": int(r.data.tags.get("stablegan.guard.rollbacks", 0)),
