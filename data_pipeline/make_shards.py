@@ -46,6 +46,7 @@ class MakeShardsConfig:
     points_per_record: int = 1000  # ring8/grid25: points stored together in one tar member
     seed: int = 0  # draws ring8/grid25 points, stacked digits' triples and the write order
     shuffle: bool = True  # write in a seeded random order so every shard mixes classes
+    fraction: float = 1.0  # keep this seeded share of the source (0.1: a small-data subset)
     key: str = ""  # npz: array name of the images (default: first uint8 (N,H,W[,C]) array)
     label_key: str = ""  # npz: array name of the labels (default: y, labels or y_train)
 
@@ -60,6 +61,8 @@ def validate(cfg: MakeShardsConfig) -> None:
         raise ValueError(f"resolution={cfg.resolution} must be within 4..1024")
     if cfg.channels not in (1, 3):
         raise ValueError(f"channels={cfg.channels} must be 1 or 3")
+    if not 0 < cfg.fraction <= 1:
+        raise ValueError(f"fraction={cfg.fraction} must be in (0, 1]: the share of the source to keep")
     if cfg.shard_size < 0 or cfg.num_samples <= 0 or cfg.points_per_record <= 0:
         raise ValueError("shard_size must be >= 0; num_samples and points_per_record must be > 0")
 
@@ -146,6 +149,9 @@ def write_shards(cfg: MakeShardsConfig, progress: bool = True) -> dict:
 
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(source)) if cfg.shuffle else np.arange(len(source))
+    if cfg.fraction < 1:  # a seeded subset, in the order asked for
+        keep = rng.permutation(len(source))[: max(1, round(len(source) * cfg.fraction))]
+        order = order[np.isin(order, keep)]
     staging = out / f".staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     sink = _ShardSink(staging, name, shard_size)

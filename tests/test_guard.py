@@ -22,8 +22,8 @@ def warm(guard: Guard, n: int = 10) -> None:
 def test_healthy_signals_do_not_trip():
     guard = Guard(GuardConfig(enabled=True), "r1", 0.1)
     warm(guard, 30)
-    assert guard.trigger({"sn/D/max": 3.0, "modes_covered": 20.0}) is None
-    assert guard.trigger({"sn/D/max": 3.5, "modes_covered": 21.0}) is None
+    assert guard.trigger({"sn/D/max": 3.0, "diversity": 0.9, "eval/fid": 40.0}) is None
+    assert guard.trigger({"sn/D/max": 3.5, "diversity": 0.95, "eval/fid": 30.0}) is None
     # g_loss never moved, so +6 % is a huge z-score; but it is drift, not a spike.
     assert guard.trigger({**HEALTHY, "g_loss": 0.85}) is None
 
@@ -53,15 +53,31 @@ def test_saturation_needs_consecutive_checks():
     assert guard.trigger(saturated)[0] == "d_saturated"
 
 
-def test_spectral_blowup_and_collapse_are_relative():
-    guard = Guard(GuardConfig(enabled=True, sn_growth=10.0, coverage_drop=0.5), "r1", 0.1)
-    assert guard.trigger({"sn/D/max": 2.0, "modes_covered": 24.0}) is None
-    assert guard.trigger({"sn/D/max": 19.0, "modes_covered": 13.0}) is None
+def test_spectral_blowup_collapse_and_quality_drop_are_relative():
+    guard = Guard(GuardConfig(enabled=True, sn_growth=10.0, coverage_drop=0.5, fid_rise=2.0), "r1", 0.1)
+    assert guard.trigger({"sn/D/max": 2.0, "diversity": 0.96, "eval/fid": 30.0}) is None
+    assert guard.trigger({"sn/D/max": 19.0, "diversity": 0.5, "eval/fid": 59.0}) is None
     assert guard.trigger({"sn/D/max": 21.0})[0] == "sn_blowup"
-    assert guard.trigger({"modes_covered": 11.0})[0] == "collapse"
-    off = Guard(GuardConfig(enabled=True, sn_growth=0, coverage_drop=0), "r1", 0.1)
-    assert off.trigger({"sn/D/max": 1.0, "modes_covered": 24.0}) is None
-    assert off.trigger({"sn/D/max": 100.0, "modes_covered": 1.0}) is None
+    assert guard.trigger({"diversity": 0.47})[0] == "collapse"
+    assert guard.trigger({"eval/fid": 61.0})[0] == "quality_drop"
+    off = Guard(GuardConfig(enabled=True, sn_growth=0, coverage_drop=0, fid_rise=0), "r1", 0.1)
+    assert off.trigger({"sn/D/max": 1.0, "diversity": 0.96, "eval/fid": 10.0}) is None
+    assert off.trigger({"sn/D/max": 100.0, "diversity": 0.01, "eval/fid": 1e4}) is None
+
+
+def test_ground_truth_modes_never_trip_the_guard():
+    """2-D benchmarks know their modes; a user's data does not. Coverage of the true modes is
+    monitoring: only signals computed from samples and real data trip the guard."""
+    guard = Guard(GuardConfig(enabled=True, coverage_drop=0.5), "r1", 0.1)
+    assert guard.trigger({"modes_covered": 25.0, "high_quality": 0.9, "diversity": 1.0}) is None
+    assert guard.trigger({"modes_covered": 1.0, "high_quality": 0.01, "diversity": 0.9}) is None
+
+
+def test_fid_rise_must_be_a_factor_above_one():
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="stability.guard.fid_rise=0.5 is invalid.*0 for off"):
+        GuardConfig(enabled=True, fid_rise=0.5).check()
 
 
 def test_rollback_interventions_and_target_choice():

@@ -193,3 +193,16 @@ def test_builtin_shards_written_once_by_runs_starting_together(tmp_path, monkeyp
     assert outs[0] == outs[1]
     assert len(calls) == 1, calls
     assert len(resolve(outs[0]).urls) == 10
+
+
+def test_fraction_keeps_a_seeded_subset_of_the_source(tmp_path):
+    """fraction=0.1: the small-data drills' subset: 10 % of the digits, the same ones for the
+    same seed, other ones for another seed; a bad fraction names the fix."""
+    subsets = []
+    for i, seed in enumerate((0, 0, 1)):
+        manifest, out = _write(tmp_path / str(i), source="digits", fraction=0.1, seed=seed)
+        assert manifest["num_samples"] == 180  # round(1,797 x 0.1)
+        subsets.append({x.tobytes() for x in _all(out)[0]})
+    assert subsets[0] == subsets[1] and len(subsets[0] & subsets[2]) < 60
+    with pytest.raises(ValueError, match="fraction=0 must be in \\(0, 1\\]"):
+        write_shards(MakeShardsConfig(out=str(tmp_path / "bad"), fraction=0), progress=False)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, NoReturn
 
 __all__ = [
+    "AUGMENT_POLICIES",
+    "AugmentConfig",
     "ClusterConfig",
     "Config",
     "ConfigError",
@@ -85,7 +87,7 @@ def _check_fields(section: Any, prefix: str) -> None:
 class ModelConfig:
     arch: str = one_of("mlp", "mlp", "dcgan", "resnet")  # mlp: 2-D points; dcgan, resnet: images
     latent_dim: int = at_least(16, 1)
-    resolution: int = 32  # dcgan / resnet: 32 or 64
+    resolution: int = 32  # dcgan: 32 or 64; resnet: 32, 64, 128 or 256
     channels: int = 1  # dcgan / resnet: 1 or 3, as the data has
     g_width: int = at_least(256, 8)  # mlp: hidden units; dcgan: channels of the last feature map
     d_width: int = at_least(256, 8)
@@ -98,11 +100,20 @@ class ModelConfig:
     # The experts' prior. Learned: G's loss also trains it (a score-function gradient), so the
     # mass per mode can balance when the experts do not divide evenly over the modes.
     g_expert_prior: str = one_of("uniform", "uniform", "learned")
+    # dcgan / resnet: G with class-conditional batch norm, D a projection discriminator; the
+    # labels come from the shards (their manifest's classes)
+    conditional: bool = False
+    num_classes: int = at_least(0, 0)  # conditional: 0 = as many as the shards' manifest lists
 
     def check(self) -> None:
+        if self.conditional and self.arch == "mlp":
+            raise ConfigError(
+                "model.conditional=true is for image models (model=dcgan32, resnet32, ...), not model.arch=mlp"
+            )
         if self.arch in ("dcgan", "resnet"):
+            sizes = (32, 64) if self.arch == "dcgan" else (32, 64, 128, 256)
             for key, value, allowed in [
-                ("resolution", self.resolution, (32, 64)),
+                ("resolution", self.resolution, sizes),
                 ("channels", self.channels, (1, 3)),
             ]:
                 if value not in allowed:
@@ -154,6 +165,38 @@ class PenaltyConfig:
         _check_fields(self, "penalty")
 
 
+AUGMENT_POLICIES = ("color", "translation", "cutout")  # trainer/gan/augment.py's transforms
+
+
+@dataclass
+class AugmentConfig:
+    """What D sees (trainer/gan/augment.py): real and fake images both augmented, in D's step and
+    G's step; samples never are."""
+
+    # none | diffaugment (each transform with probability p) | ada (p steered by D's overfitting)
+    kind: str = one_of("none", "none", "diffaugment", "ada")
+    policy: str = "color,translation,cutout"  # comma-separated, applied in this order
+    p: float = 1.0  # diffaugment: the probability; ada: where p starts (ADA starts at 0)
+    ada_target: float = 0.6  # ada: p rises while r_t = E[sign D(real)] is above this, falls below
+    ada_speed: float = at_least(100_000.0, 1.0)  # ada: images for p to move from 0 to 1
+
+    def check(self) -> None:
+        _check_fields(self, "augment")
+        unknown = [t for t in self.transforms() if t not in AUGMENT_POLICIES]
+        if unknown or not self.transforms():
+            raise ConfigError(
+                f"augment.policy={self.policy!r} is invalid; use a comma-separated list of "
+                f"{', '.join(AUGMENT_POLICIES)}"
+            )
+        if not 0 <= self.p <= 1:
+            raise ConfigError(f"augment.p={self.p} is invalid; a probability must be in [0, 1]")
+        if not 0 < self.ada_target < 1:
+            raise ConfigError(f"augment.ada_target={self.ada_target} is invalid; it must be in (0, 1)")
+
+    def transforms(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.policy.split(",") if t.strip())
+
+
 @dataclass
 class OptimConfig:
     g_lr: float = 2e-4
@@ -187,9 +230,8 @@ class GuardConfig:
     d_saturation: float = 0.99  # D accuracy on reals and on fakes both at least this ...
     saturated_checks: int = at_least(3, 0)  # ... for this many checks in a row (0 = off)
     sn_growth: float = at_least(10.0, 0.0)  # top singular value of D beyond this x its first probe (0 = off)
-    coverage_drop: float = at_least(
-        0.5, 0.0
-    )  # modes covered (2-D) or diversity below this x its best (0 = off)
+    coverage_drop: float = at_least(0.5, 0.0)  # diversity below this x its best (0 = off)
+    fid_rise: float = at_least(2.0, 0.0)  # in-training eval/fid above this x its best (0 = off)
     lr_factor: float = 0.5  # intervention: both learning rates times this per rollback
     penalty_factor: float = at_least(2.0, 1.0)  # intervention: the penalty weight times this per rollback
     add_r1: float = at_least(
@@ -201,6 +243,11 @@ class GuardConfig:
     def check(self) -> None:
         _check_fields(self, "stability.guard")
         _fail_range("stability.guard.lr_factor", self.lr_factor, 0, 1, high_open=False)
+        if 0 < self.fid_rise <= 1:
+            raise ConfigError(
+                f"stability.guard.fid_rise={self.fid_rise} is invalid: a rise is a factor above 1 "
+                "(e.g. 2: FID doubled from its best), or 0 for off"
+            )
         if self.enabled:
             _fail_range("stability.guard.d_saturation", self.d_saturation, 0, 1, high_open=False)
 
@@ -318,6 +365,9 @@ class EvalConfig:
     same keys."""
 
     every: int = at_least(0, 0)  # evaluate the EMA generator every this many steps (0 = off)
+    # the real data to score against (shards as data.urls takes them); "" = the training data.
+    # A held-out set here measures generalization, not memorization of a small training set.
+    urls: Any = ""
     at_end: bool = True  # evaluate the final generator before registering it (promotion needs it)
     # digits | inception | a TorchScript path | pkg.module:factory; auto = digits for the digit
     # datasets, inception otherwise
@@ -371,6 +421,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     penalty: PenaltyConfig = field(default_factory=PenaltyConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -384,7 +435,15 @@ class Config:
     def check(self) -> Config:
         """Every section's own checks, then the rules that span sections; raises `ConfigError`
         naming the first bad key."""
-        for section in (self.parallel, self.model, self.loss, self.penalty, self.optim, self.data):
+        for section in (
+            self.parallel,
+            self.model,
+            self.loss,
+            self.penalty,
+            self.augment,
+            self.optim,
+            self.data,
+        ):
             section.check()
         for section in (self.trainer, self.stability, self.tracking, self.eval, self.registry, self.cluster):
             section.check()

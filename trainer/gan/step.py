@@ -16,6 +16,7 @@ from torch import nn
 
 from trainer.config import Config
 from trainer.gan import losses, ops, penalties
+from trainer.gan.augment import Augment
 
 log = logging.getLogger("stablegan.step")
 
@@ -27,9 +28,11 @@ class Network(Protocol):
     device: torch.device
     dtype: torch.dtype
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
-    def eager(self, x: torch.Tensor) -> torch.Tensor: ...
-    def fp32_forward(self, x: torch.Tensor) -> torch.Tensor: ...
+    def __call__(
+        self, x: torch.Tensor, eager: bool = False, y: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+    def eager(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor: ...
+    def fp32_forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor: ...
     def backward(self, loss: torch.Tensor) -> None: ...
     def step(self) -> torch.Tensor: ...
     def set_hparams(self, lr: float, betas: tuple[float, float]) -> None: ...
@@ -63,6 +66,14 @@ class GANStep:
         self._scores_per_sample: bool | None = None
         self.lr_scale = 1.0
         self.set_penalty(cfg.penalty.kind, cfg.penalty.weight)
+        # What D sees, in both phases (augment.kind); ADA starts at augment.p and moves by
+        # `adapt`. It draws from the latents' generator, which checkpoints hold: a resumed run
+        # augments exactly as an unbroken one (and at p = 0 draws nothing).
+        a = cfg.augment
+        self.augment = Augment(a.transforms(), 0.0 if a.kind == "none" else a.p, noise)
+        # A conditional pair (model.conditional): D's calls carry this phase's labels `_y`.
+        self.num_classes = cfg.model.num_classes if cfg.model.conditional else 0
+        self._y: torch.Tensor | None = None
 
     def set_penalty(self, kind: str, weight: float) -> None:
         """Switch the penalty (the stability guard raises or adds one); the interval is kept."""
@@ -81,17 +92,55 @@ class GANStep:
         self.D.set_hparams(self._d_hparams[0] * scale, self._d_hparams[1])
         self.G.set_hparams(o.g_lr * scale, (o.beta1, o.beta2))
 
+    def adapt(self, r_t: float, images: int) -> float:
+        """ADA (augment.kind=ada): move p by D's overfitting signal `r_t` measured over
+        `images` images; every rank passes the same reduced values, so p stays equal."""
+        a = self.cfg.augment
+        if a.kind == "ada":
+            self.augment.adjust(r_t, a.ada_target, images, a.ada_speed)
+        return self.augment.p
+
     def latent(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.cfg.model.latent_dim, generator=self.noise).to(self.G.device)
 
-    def d_step(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
-        """D main phase, fused with the penalty when it is due."""
+    def labels(self, n: int, given: torch.Tensor | None = None) -> torch.Tensor | None:
+        """A conditional phase's labels: `given` (the reals'), or uniform draws; None when
+        unconditional."""
+        if not self.num_classes:
+            return None
+        if given is None:
+            return torch.randint(self.num_classes, (n,), generator=self.noise).to(self.G.device)
+        if given.min() < 0 or given.max() >= self.num_classes:
+            raise ValueError(
+                f"model.conditional=true but a batch has labels outside 0..{self.num_classes - 1} "
+                f"({given.min().item()}..{given.max().item()}; -1 is a sample without a label): "
+                "make the shards from a labelled source, or set model.conditional=false"
+            )
+        return given.to(self.G.device)
+
+    def _d(self, x: torch.Tensor, eager: bool = False, fp32: bool = False) -> torch.Tensor:
+        """D's logits at `x` with this phase's labels (repeated for a stack of reals and fakes)."""
+        y = None if self._y is None else self._y.repeat(len(x) // len(self._y))
+        return self.D.fp32_forward(x, y) if fp32 else self.D(x, eager=eager, y=y)
+
+    def _d_eager(self, x: torch.Tensor) -> torch.Tensor:
+        return self._d(x, eager=True)
+
+    def _d_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        return self._d(x, fp32=True)
+
+    def d_step(self, real: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """D main phase, fused with the penalty when it is due; a conditional pair's fakes take
+        the reals' `labels`, so every D call (and WGAN-GP's interpolates) has one class per row."""
         kind = self.cfg.penalty.kind
         reg_due = kind != "none" and self.d_iters % self.reg_interval == 0
         self.d_iters += 1
+        self._y = self.labels(len(real), labels)
         with torch.no_grad():
-            fake = self.G(self.latent(real.shape[0]))
+            fake = self.G(self.latent(real.shape[0]), y=self._y)
         real, fake = real.to(self.D.device), fake.to(real.dtype)
+        # The penalties see what D sees: R1 is taken at the augmented reals.
+        real, fake = self.augment(real), self.augment(fake)
         # Under fp16 the penalty gets its own fp32 forward; otherwise R1 / R2 reuse the main one.
         fp16 = self.cfg.parallel.precision == "fp16"
         fused = reg_due and kind in ("r1", "r2") and not fp16
@@ -108,7 +157,7 @@ class GANStep:
         else:
             # No per-sample penalty graph: one forward of real and fake together (D has no
             # batch statistics; minibatch-stddev groups never straddle the two halves).
-            real_logits, fake_logits = self.D(torch.cat([real, fake])).split(real.shape[0])
+            real_logits, fake_logits = self._d(torch.cat([real, fake])).split(real.shape[0])
             records = []
         penalty = torch.zeros((), device=real_logits.device)
         if reg_due:
@@ -137,6 +186,7 @@ class GANStep:
             "d_fake": fake_logits.detach().mean(),
             "d_acc_real": (real_logits.detach() > 0).float().mean(),
             "d_acc_fake": (fake_logits.detach() < 0).float().mean(),
+            "d_sign_real": real_logits.detach().sign().mean(),  # ADA's r_t: 1 when D overfits
             "d_grad_norm": grad_norm,
             "nonfinite": (~torch.isfinite(stats)).sum().float(),  # summed over steps by the loop
         }
@@ -163,14 +213,14 @@ class GANStep:
     def _d_forward(self, x: torch.Tensor, penalized: bool) -> torch.Tensor:
         """D's logits; a forward that a penalty differentiates twice runs eagerly (a compiled
         graph has no double backward) with D's layers recording it for that."""
-        return penalties.penalty_logits(self.D.eager, x) if penalized else self.D(x)
+        return penalties.penalty_logits(self._d_eager, x) if penalized else self._d(x)
 
     def _penalty(self, kind, real, fake, real_logits, fake_logits, fused: bool, fp16: bool) -> torch.Tensor:
         if fused:
             if kind == "r1":
                 return penalties.r1_from_logits(real_logits, real)
             return penalties.r2_from_logits(fake_logits, fake)
-        d_fn = self.D.fp32_forward if fp16 else self.D.eager
+        d_fn = self._d_fp32 if fp16 else self._d_eager
         if kind == "r1":
             return penalties.r1(d_fn, real)
         if kind == "r2":
@@ -184,7 +234,8 @@ class GANStep:
         self.D.requires_grad_(False)
         try:
             z = self.latent(batch_size)
-            logits = self.D(self.G(z))
+            self._y = self.labels(batch_size)
+            logits = self._d(self.augment(self.G(z, y=self._y)))
             if getattr(self.G.module, "prior_logits", None) is None:
                 loss = self.g_loss(logits)
             else:  # an experts G with a learned prior (model.g_expert_prior=learned)

@@ -90,6 +90,27 @@ def builtin_shards(cfg: Config, root: Path) -> str:
     return str(out)
 
 
+def check_classes(cfg: Config, manifest: dict | None) -> None:
+    """A conditional model's class count, from the shards' manifest when not set (cfg is
+    completed here, before it travels to the workers)."""
+    classes = (manifest or {}).get("classes") or []
+    m = cfg.model
+    if not classes and not m.num_classes:
+        raise UserError(
+            "model.conditional=true needs class labels: these shards list no classes in a manifest; "
+            "make them from a labelled source (make_shards source=digits, or npz with label_key=) "
+            "or set model.num_classes"
+        )
+    if classes and m.num_classes and m.num_classes != len(classes):
+        raise UserError(
+            f"model.num_classes={m.num_classes} but the shards have {len(classes)} classes: set "
+            f"model.num_classes={len(classes)} (or 0 to take it from the shards)"
+        )
+    m.num_classes = m.num_classes or len(classes)
+    if m.num_classes < 2:
+        raise UserError(f"model.conditional=true needs at least 2 classes; the shards have {m.num_classes}")
+
+
 def check_data(cfg: Config, urls: str | list) -> None:
     """Fail before Ray starts when the shards are missing or do not fit the model."""
     try:
@@ -97,6 +118,8 @@ def check_data(cfg: Config, urls: str | list) -> None:
     except ShardSpecError as exc:
         raise UserError(f"data.urls: {exc}") from None
     kind = shards.kind
+    if cfg.model.conditional:
+        check_classes(cfg, shards.manifest)
     if kind is None:
         return  # no manifest: shapes are checked per sample while streaming
     want = "points" if cfg.model.arch == "mlp" else "image"
@@ -201,7 +224,10 @@ def register_saved(
         "stability.flags": ",".join(flags),
     }
     candidate = cfg.registry.candidate_alias
-    version = tracking.register_generator(uri, run_id, G, cfg.model.latent_dim, name, tags, (candidate,))
+    classes = cfg.model.num_classes if cfg.model.conditional else 0
+    version = tracking.register_generator(
+        uri, run_id, G, cfg.model.latent_dim, name, tags, (candidate,), num_classes=classes
+    )
     if evaluation is not None:
         tracking.log_evaluation(uri, name, version, evaluation.metrics, evaluation.info)
     decision = "no promotion (tracking.alias is empty)"
@@ -228,7 +254,14 @@ def check_eval(cfg: Config, urls: str | list) -> None:
     """Load the feature network before training, so a missing one fails now, not at the end."""
     if not (cfg.eval.at_end or cfg.eval.every):
         return
-    shards = resolve(urls)
+    try:
+        shards = resolve(urls)
+    except ShardSpecError as exc:
+        raise UserError(f"{'eval.urls' if cfg.eval.urls else 'data.urls'}: {exc}") from None
+    if shards.kind is not None and (shards.kind == "points") != (cfg.model.arch == "mlp"):
+        raise UserError(
+            f"eval.urls={cfg.eval.urls!r} holds {shards.kind} samples, unlike model.arch={cfg.model.arch}"
+        )
     if shards.kind == "points":
         return
     try:
@@ -305,7 +338,7 @@ def conclude(
         tags |= stability_tags
         flags = stability_flags(summary)
     weights = Path(out["generator_weights"])
-    evaluation = evaluate_final(cfg, weights, urls)
+    evaluation = evaluate_final(cfg, weights, cfg.eval.urls or urls)
     if evaluation is not None:
         info = evaluation.info
         out["evaluation"] = f"{evaluation.line()} ({info['features']}, {info['num_fake']} samples)"
@@ -338,7 +371,7 @@ def prepare_run(cfg: Config) -> tuple[str, Path, str | list]:
     if not isinstance(urls, str):
         urls = list(urls)
     check_data(cfg, urls)
-    check_eval(cfg, urls)
+    check_eval(cfg, cfg.eval.urls or urls)
     previous = sorted((storage / run_name).glob("checkpoint_*/config.json"))
     if previous:  # resuming: the same model and data layout, or a clear error before any work
         try:

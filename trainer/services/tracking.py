@@ -214,6 +214,41 @@ class RunLogger:
         return left + self.dropped
 
 
+class LabelledInput(torch.nn.Module):
+    """A conditional generator as one-input model, the form MLflow's pytorch flavour serves:
+    each row is z followed by its class label (a float column, rounded)."""
+
+    def __init__(self, generator: torch.nn.Module):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.generator(x[:, :-1], x[:, -1].round().long())
+
+
+class Sampler:
+    """What `load_generator` returns: `(z)` or `(z, labels)` -> samples, for either kind of
+    registered generator (a conditional one without labels draws them from z, as in training)."""
+
+    def __init__(self, module: Callable[[torch.Tensor], torch.Tensor], num_classes: int):
+        self.module, self.num_classes = module, num_classes
+
+    def __call__(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.num_classes:
+            if y is not None:
+                raise ValueError("this generator is not conditional: sample it without labels")
+            return self.module(z)
+        if y is None:
+            from trainer.gan.models.blocks import labels_from_latent  # noqa: PLC0415 - conditional only
+
+            y = labels_from_latent(z, self.num_classes)
+        if y.min() < 0 or y.max() >= self.num_classes:
+            raise ValueError(
+                f"labels must be in 0..{self.num_classes - 1}, got {y.min().item()}..{y.max().item()}"
+            )
+        return self.module(torch.cat([z, y.to(z.dtype)[:, None]], dim=1))
+
+
 def register_generator(
     uri: str,
     run_id: str,
@@ -222,6 +257,7 @@ def register_generator(
     model_name: str,
     tags: dict[str, Any],
     aliases: tuple[str, ...] = (),
+    num_classes: int = 0,
 ) -> str:
     """Log the EMA generator with signature and input example, register it as a new version
     with `tags` and point each of `aliases` (e.g. candidate) at it; returns the version.
@@ -238,6 +274,10 @@ def register_generator(
     mlflow.set_registry_uri(uri)
     generator = generator.float().eval().cpu()
     example = np.random.default_rng(0).standard_normal((4, latent_dim)).astype(np.float32)
+    if num_classes:  # z then the class label: one input, as the pytorch flavour serves it
+        generator = LabelledInput(generator)
+        labels = (np.arange(4) % num_classes).astype(np.float32)[:, None]
+        example = np.concatenate([example, labels], axis=1)
     with torch.no_grad():
         output = generator(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, output)
@@ -249,6 +289,7 @@ def register_generator(
             input_example=example,
             registered_model_name=model_name,
             serialization_format="pt2",
+            metadata={"latent_dim": latent_dim, "num_classes": num_classes},
             # Skip MLflow's slow requirement inference (it imports the model in a subprocess).
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
@@ -344,8 +385,9 @@ def describe_registered(uri: str, name: str) -> str:
     return f"versions of {name!r}: {versions or 'none'}; aliases: {aliases}"
 
 
-def load_generator(uri: str, model_uri: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
-    """(generator, latent_dim) for `models:/NAME@ALIAS` or `models:/NAME/VERSION`.
+def load_generator(uri: str, model_uri: str) -> tuple[Sampler, int]:
+    """(generator, latent_dim) for `models:/NAME@ALIAS` or `models:/NAME/VERSION`; the generator
+    takes z, and labels too when conditional (`Sampler.num_classes` > 0).
 
     Generators are logged in MLflow's pt2 format (torch.export, no pickled classes), in eval
     mode with a dynamic batch dimension; the latent size comes from the model's signature.
@@ -362,8 +404,9 @@ def load_generator(uri: str, model_uri: str) -> tuple[Callable[[torch.Tensor], t
         loaded = mlflow.pytorch.load_model(model_uri, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - re-raised with what does exist
         raise LookupError(f"cannot load {model_uri} from {uri}: {describe_registered(uri, name)}") from exc
-    latent_dim = int(info.signature.inputs.inputs[0].shape[-1])
+    num_classes = int((info.metadata or {}).get("num_classes", 0))
+    latent_dim = int(info.signature.inputs.inputs[0].shape[-1]) - (1 if num_classes else 0)
     module = (
         loaded.module() if hasattr(loaded, "module") and not isinstance(loaded, torch.nn.Module) else loaded
     )
-    return module, latent_dim
+    return Sampler(module, num_classes), latent_dim

@@ -123,17 +123,19 @@ class Engine:
     def module(self) -> nn.Module:
         return self.ds.module
 
-    def __call__(self, x: torch.Tensor, eager: bool = False) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, eager: bool = False, y: torch.Tensor | None = None) -> torch.Tensor:
         """Forward through the bare module (compiled under `parallel.compile`, unless `eager`)
-        in the engine's dtype (under bf16 autocast for `bf16_autocast`); outputs come back in fp32."""
+        in the engine's dtype (under bf16 autocast for `bf16_autocast`), with class labels `y`
+        for a conditional model; outputs come back in fp32."""
+        args = (x.to(self.dtype),) if y is None else (x.to(self.dtype), y.to(x.device))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return (self.ds.module if eager else self._fast)(x.to(self.dtype)).float()
+            return (self.ds.module if eager else self._fast)(*args).float()
 
-    def eager(self, x: torch.Tensor) -> torch.Tensor:
+    def eager(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The forward a gradient penalty differentiates twice: never compiled."""
-        return self(x, eager=True)
+        return self(x, eager=True, y=y)
 
-    def fp32_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fp32_forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Forward with fp32 views of the weights: the penalty path under fp16.
 
         fp16 activations cannot hold the penalty's inner gradient (scaled by the loss scale it
@@ -144,7 +146,8 @@ class Engine:
         state.update(
             {n: t.float() if t.is_floating_point() else t for n, t in self.ds.module.named_buffers()}
         )
-        return torch.func.functional_call(self.ds.module, state, (x.float(),)).float()
+        args = (x.float(),) if y is None else (x.float(), y.to(x.device))
+        return torch.func.functional_call(self.ds.module, state, args).float()
 
     @property
     def loss_scale(self) -> float:

@@ -206,6 +206,7 @@ class Worker:
         self.history: dict[str, list[tuple[int, float]]] = {}  # rank 0: what was logged, for the summary
         self.audit: dict[int, list[str]] | None = {} if cfg.data.audit else None  # epoch -> keys read here
         self.last_metrics: dict[str, float] = {}
+        self.unchecked: dict[str, float] = {}  # rank 0: evaluation metrics the guard has not seen
         self.poisoned = False  # trainer.inject_nan_at fires once per process
         self.step = 0
         self.batches = None
@@ -227,6 +228,7 @@ class Worker:
             self.batches = None
         if with_guard_state and "guard" in extra:
             self.guard.load_state_dict(extra["guard"])
+        self.gan.augment.p = extra.get("augment_p", self.gan.augment.p)
         self.gan.d_iters = self.step * self.cfg.optim.d_steps  # as if never stopped
         self.gan.set_penalty(self.guard.penalty_kind, self.guard.penalty_weight)
         self.meter.clear()
@@ -280,7 +282,7 @@ class Worker:
             self.gan.set_lr_scale(scale)
         for _ in range(cfg.optim.d_steps):
             self.batch = self.next_batch()
-            self.meter.add(self.gan.d_step(self.batch["x"]))
+            self.meter.add(self.gan.d_step(self.batch["x"], self.batch.get("y")))
             self.images_done += len(self.batch["x"])
         self.meter.add(self.gan.g_step(cfg.data.batch_size))
         self.ema.update(self.G.module)
@@ -309,10 +311,12 @@ class Worker:
         checked = self.log_step() if due["log"] else {}
         if due["probe"] and self.probe is not None:
             checked = {**checked, **self.probe_step()}
-        if self.cfg.stability.guard.enabled and (due["log"] or due["probe"]) and self.guard_step(checked):
-            return
         if due["eval"] and not (step == last and self.cfg.eval.at_end):  # the driver's, with eval.num
-            self.eval_step()
+            self.unchecked |= self.eval_step()  # before the guard, which reads eval/fid
+        if self.cfg.stability.guard.enabled and (due["log"] or due["probe"]):
+            checked, self.unchecked = {**checked, **self.unchecked}, {}
+            if self.guard_step(checked):
+                return
         if due["sample"] and self.logger is not None:
             self.logger.log_bytes(
                 sample_picture(self.ema.module, self.cfg, step), f"samples/step_{step:07d}.png"
@@ -334,6 +338,8 @@ class Worker:
         metrics["data_unreadable_shards"] = float(self.loader.skipped.get("unreadable_shard", 0))
         if self.cfg.parallel.precision == "fp16":
             metrics["d_loss_scale"], metrics["g_loss_scale"] = self.D.loss_scale, self.G.loss_scale
+        if self.cfg.augment.kind == "ada" and "d_sign_real" in metrics:
+            metrics["augment_p"] = self.gan.adapt(metrics["d_sign_real"], self.images_done * self.world)
         steps_per_sec = (self.step - self.last_logged) / elapsed
         self._reset_counters()
         self.last_metrics = metrics
@@ -361,24 +367,25 @@ class Worker:
             self.logger.log_metrics(signals, self.step)
         return signals
 
-    def eval_step(self) -> None:
+    def eval_step(self) -> dict[str, float]:
         """Rank 0 scores the EMA generator (`eval.every`); the other ranks wait for it at their
         next collective. A failure is logged and turns the evaluation off, never the training."""
         start = time.perf_counter()
         try:
             if self.evaluator is None:
-                self.evaluator = make_evaluator(self.cfg, self.data_urls, self.device)
+                self.evaluator = make_evaluator(self.cfg, self.cfg.eval.urls or self.data_urls, self.device)
             result = self.evaluator(self.ema.module, self.cfg.model.latent_dim)
         except Exception:  # noqa: BLE001 - evaluation is an observer: training goes on
             log.exception("evaluation at step %d failed; eval.every is off for this run", self.step)
             self.schedule["eval"] = Every(0)
-            return
+            return {}
         metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
         metrics["eval_seconds"] = time.perf_counter() - start
         self.record(metrics)
         if self.logger is not None:
             self.logger.log_metrics(metrics, self.step)
         self.tick += metrics["eval_seconds"]  # images/s measures training, not evaluation
+        return metrics
 
     def guard_step(self, checked: dict[str, float]) -> bool:
         """Rank 0 decides, every rank applies (collective); True if this step was rolled back."""
@@ -420,7 +427,7 @@ class Worker:
         name = f"checkpoint_{self.step:08d}" + (f"-r{self.guard.rollbacks}" if self.guard.rollbacks else "")
         with tempfile.TemporaryDirectory() as tmp:
             state = (self.step, self.noise, self.loader.state_dict(), self.cfg_dict)
-            extra = {"guard": self.guard.state_dict()}
+            extra = {"guard": self.guard.state_dict(), "augment_p": self.gan.augment.p}
             checkpoint.save(Path(tmp), self.rank, self.G, self.D, self.ema, *state, extra=extra)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=name)
