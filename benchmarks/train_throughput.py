@@ -9,6 +9,8 @@ has its own benchmark.
     python -m benchmarks.train_throughput --device cuda --resolution 64 --channels 3 \
         --precision bf16 --steps 300                             # GPU: DCGAN-64 bf16
     (--precision bf16_autocast: stablegan's fp32 weights under torch.autocast)
+    python -m benchmarks.train_throughput --arch resnet --resolution 128 --channels 3 --width 64
+                                                                 # the 128/256 px ResNet pair
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from trainer.train.engines import Engine
 
 def make_cfg(args, penalty: str) -> Config:
     cfg = Config()
-    cfg.model.arch, cfg.model.latent_dim = "dcgan", 100
+    cfg.model.arch, cfg.model.latent_dim = args.arch, 100
     cfg.model.resolution, cfg.model.channels = args.resolution, args.channels
     cfg.model.g_width = cfg.model.d_width = args.width
     cfg.penalty.kind, cfg.penalty.weight, cfg.penalty.interval = penalty, 1.0, 1
@@ -39,10 +41,10 @@ def make_cfg(args, penalty: str) -> Config:
 
 
 def models(args) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The same freshly initialised DCGAN pair for both sides, on the benchmark's device."""
+    """The same freshly initialised pair for both sides, on the benchmark's device."""
     torch.manual_seed(0)
     G, D = build_pair(
-        "dcgan",
+        args.arch,
         100,
         resolution=args.resolution,
         channels=args.channels,
@@ -120,6 +122,7 @@ def timed(args, one) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--arch", default="dcgan", choices=["dcgan", "resnet"])
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--width", type=int, default=64)

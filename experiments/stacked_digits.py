@@ -14,8 +14,10 @@ from the MLflow store and prints the real data's own row (scored the same way) a
 
 Methods: `dcgan_vanilla` is the seed article's DCGAN with its bugs fixed (model=dcgan32,
 non-saturating loss, no penalty, Adam 1e-4, beta1 0.5, as the article sets it); `digits32` is
-the project's image preset as it stands (lazy R1 every 4 D steps, Adam 2e-4). No run of this
-benchmark tuned either: the seeds are held out (1000 and up).
+the digits preset (lazy R1 every 4 D steps, Adam 2e-4); `stable_images` the recommended image
+preset, chosen from the `t_*` candidates on tuning seed 0 (store stacked_digits-tuning). The
+reported seeds are held out (1000 and up). `--lrs 1e-4,3e-4,1e-3,3e-3` sweeps G's and D's
+learning rate together (use its own store, e.g. stacked_digits-lr).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.common import mean_sd
 from experiments.mode_collapse import ray_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +45,20 @@ METHODS = {
         "name=dcgan_vanilla",
     ],
     "digits32": ["experiment=digits32"],
+    "stable_images": ["experiment=stable_images"],
+}
+# Candidates for experiment=stable_images, run on tuning seeds (0-99) into their own store
+# (--store experiments/results/stacked_digits-tuning); the held-out table never includes them.
+TUNING = {
+    "t_sn_ttur": ["experiment=digits32", "model.spectral_norm=d", "optim.d_lr=4e-4", "optim.g_lr=1e-4"],
+    "t_mbstd": ["experiment=digits32", "model.mbstd_group=4"],
+    "t_lr_decay": [
+        "experiment=digits32",
+        "optim.g_lr=5e-4",
+        "optim.d_lr=5e-4",
+        "optim.beta2=0.99",
+        "optim.lr_schedule=linear",
+    ],
 }
 COMMON = [
     "data.builtin=stacked_digits",
@@ -62,7 +79,7 @@ PUBLISHED = [  # PacGAN Table 3 (Stacked-MNIST, 26,000 samples): modes, KL
 KEYS = ("fid", "kid", "precision", "recall", "density", "coverage", "modes", "mode_kl")
 
 
-def run(store: Path, seeds: str, steps: int, jobs: int, methods: list[str]) -> None:
+def run(store: Path, seeds: str, steps: int, jobs: int, methods: list[str], lrs: str = "") -> None:
     store.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{store / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
@@ -76,8 +93,11 @@ def run(store: Path, seeds: str, steps: int, jobs: int, methods: list[str]) -> N
         env.update(stack.enter_context(ray_cluster(store, jobs)))
         launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
         for method in methods:
-            args = METHODS[method]
+            args = {**METHODS, **TUNING}[method]
+            args = [*args, f"name={method}"] if method in TUNING else args
             cmd = [sys.executable, "-m", "trainer.main", "-m", f"trainer.seed={seeds}", *args, *COMMON]
+            if lrs:  # the learning-rate sweep: G's and D's lr together
+                cmd += [f"optim.g_lr={lrs}", "optim.d_lr=${optim.g_lr}"]
             cmd += [f"trainer.max_steps={steps}", "tracking.experiment=stacked-digits", *launcher]
             cmd += [
                 f"trainer.storage_path={store / 'runs'}",
@@ -102,8 +122,10 @@ def collect(store: Path) -> list[dict]:
         m = r.data.metrics
         if r.info.status != "FINISHED" or "eval/modes" not in m:
             continue
-        rows[(r.data.params["name"], int(r.data.params["trainer.seed"]))] = {
+        p = r.data.params
+        rows[(p["name"], int(p["trainer.seed"]), p["optim.g_lr"])] = {
             "method": r.data.params["name"],
+            "lr": float(p["optim.g_lr"]),
             "seed": int(r.data.params["trainer.seed"]),
             "steps": int(r.data.params["trainer.max_steps"]),
             "cpu_seconds": m.get("train_cpu_seconds"),
@@ -123,11 +145,6 @@ def data_row(store: Path) -> dict:
     return ev.data_row().metrics
 
 
-def mean_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3g} ± {sd:.2g}"
-
-
 def table(store: Path) -> dict:
     rows = collect(store)
     data = data_row(store)
@@ -143,7 +160,7 @@ def table(store: Path) -> dict:
         + " | ".join(f"{data[k]:.3g}" for k in KEYS)
         + " | |",
     ]
-    for method in METHODS:
+    for method in {**METHODS, **TUNING}:
         sub = [r for r in rows if r["method"] == method]
         if not sub:
             continue
@@ -152,8 +169,28 @@ def table(store: Path) -> dict:
         lines.append(f"| {method} | {len(sub)} | {cells} | {statistics.fmean(cpu):.0f} |")
     for name, modes, kl in PUBLISHED:
         lines.append(f"| {name} | | | | | | | | {modes:.0f} | {kl} | |")
+    lines += lr_table(rows)
     print("\n".join(lines))
     return {"rows": rows, "data": data, "seeds": seeds, "markdown": "\n".join(lines)}
+
+
+def lr_table(rows: list[dict]) -> list[str]:
+    """Runs reaching 990 modes per method and learning rate, when a method ran at several."""
+    lrs = {m: sorted({r["lr"] for r in rows if r["method"] == m}) for m in {r["method"] for r in rows}}
+    if all(len(v) < 2 for v in lrs.values()):
+        return []
+    out = [
+        "",
+        "| method | lr (G and D) | runs | runs with >= 990 modes | modes | KL | FD-digits |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, values in sorted(lrs.items()):
+        for lr in values:
+            sub = [r for r in rows if r["method"] == method and r["lr"] == lr]
+            hit = sum(r["modes"] >= 990 for r in sub)
+            cells = " | ".join(mean_sd([r[k] for r in sub]) for k in ("modes", "mode_kl", "fid"))
+            out.append(f"| {method} | {lr:g} | {len(sub)} | {hit} | {cells} |")
+    return out
 
 
 def main() -> None:
@@ -162,12 +199,13 @@ def main() -> None:
     ap.add_argument("--seeds", default="1000,1001,1002")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--methods", default=",".join(METHODS), help="which of the methods to run")
+    ap.add_argument("--lrs", default="", help="a learning-rate sweep for G and D, e.g. 1e-4,3e-4,1e-3,3e-3")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"of {', '.join({**METHODS, **TUNING})}")
     ap.add_argument("--store", default=str(ROOT / "experiments" / "results" / "stacked_digits"))
     args = ap.parse_args()
     store = Path(args.store).resolve()
     if args.command == "run":
-        run(store, args.seeds, args.steps, args.jobs, args.methods.split(","))
+        run(store, args.seeds, args.steps, args.jobs, args.methods.split(","), args.lrs)
     result = table(store)
     (store / "table.json").write_text(json.dumps(result, indent=2))
 

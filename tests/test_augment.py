@@ -81,6 +81,13 @@ def test_bad_augment_config_names_the_key_and_the_fix(key, value, fix):
         cfg.check()
 
 
+def test_augmenting_points_is_a_config_error():
+    cfg = Config()
+    cfg.augment.kind = "ada"
+    with pytest.raises(ConfigError, match="augment=ada transforms images.*use augment=none"):
+        cfg.check()
+
+
 class _Seen(torch.nn.Module):
     """Wraps D and keeps every batch it scored."""
 

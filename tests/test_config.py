@@ -10,7 +10,7 @@ import pytest
 from trainer.config import ConfigError
 from trainer.main import compose
 
-PRESETS = ["grid25", "ring8", "digits32", "dcgan64"]
+PRESETS = ["grid25", "ring8", "digits32", "dcgan64", "stable_images"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -18,6 +18,20 @@ def test_presets_compose_and_validate(preset):
     cfg = compose([f"experiment={preset}"])
     assert cfg.name == preset
     assert cfg.model.arch == ("mlp" if preset in ("grid25", "ring8") else "dcgan")
+
+
+@pytest.mark.parametrize("resolution,channels", [(32, 1), (64, 3)])
+def test_stable_images_takes_its_architecture_from_the_shards(tmp_path, resolution, channels):
+    from data_pipeline.make_shards import MakeShardsConfig, write_shards
+    from trainer.services.driver import check_data
+
+    out = tmp_path / "shards"
+    mcfg = MakeShardsConfig(source="digits", out=str(out), resolution=resolution, channels=channels, fraction=0.02)
+    write_shards(mcfg, progress=False)
+    cfg = compose(["experiment=stable_images", f"data.urls={out}"])
+    assert (cfg.model.resolution, cfg.model.channels) == (0, 0)  # not known until the data is
+    check_data(cfg, str(out))
+    assert (cfg.model.arch, cfg.model.resolution, cfg.model.channels) == ("dcgan", resolution, channels)
 
 
 def test_user_facing_keys_override():

@@ -87,8 +87,8 @@ def _check_fields(section: Any, prefix: str) -> None:
 class ModelConfig:
     arch: str = one_of("mlp", "mlp", "dcgan", "resnet")  # mlp: 2-D points; dcgan, resnet: images
     latent_dim: int = at_least(16, 1)
-    resolution: int = 32  # dcgan: 32 or 64; resnet: 32, 64, 128 or 256
-    channels: int = 1  # dcgan / resnet: 1 or 3, as the data has
+    resolution: int = 32  # dcgan: 32 or 64; resnet: 32, 64, 128 or 256; 0 = the shards'
+    channels: int = 1  # dcgan / resnet: 1 or 3, as the data has; 0 = the shards'
     g_width: int = at_least(256, 8)  # mlp: hidden units; dcgan: channels of the last feature map
     d_width: int = at_least(256, 8)
     depth: int = at_least(3, 1)  # mlp hidden layers
@@ -113,8 +113,8 @@ class ModelConfig:
         if self.arch in ("dcgan", "resnet"):
             sizes = (32, 64) if self.arch == "dcgan" else (32, 64, 128, 256)
             for key, value, allowed in [
-                ("resolution", self.resolution, sizes),
-                ("channels", self.channels, (1, 3)),
+                ("resolution", self.resolution, (0, *sizes)),
+                ("channels", self.channels, (0, 1, 3)),
             ]:
                 if value not in allowed:
                     raise ConfigError(
@@ -476,6 +476,11 @@ class Config:
                 f"stability.guard.enabled needs trainer.checkpoint_every={t.checkpoint_every} to be "
                 f"a multiple of trainer.log_every={t.log_every}: a checkpoint counts as healthy only "
                 "when the guard has checked the steps before it"
+            )
+        if self.augment.kind != "none" and self.model.arch == "mlp":
+            raise ConfigError(
+                f"augment={self.augment.kind} transforms images; model.arch=mlp trains on 2-D points: "
+                "use augment=none"
             )
         g = self.model.mbstd_group
         if g and self.data.batch_size % g:

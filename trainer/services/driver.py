@@ -22,7 +22,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from data_pipeline.make_shards import MakeShardsConfig, write_shards
 from data_pipeline.shards import MANIFEST, ShardSpecError, resolve
-from trainer.config import Config
+from trainer.config import Config, ConfigError
 from trainer.eval import features
 from trainer.eval.evaluator import Evaluator, Result, feature_spec
 from trainer.services import promotion, tracking
@@ -64,16 +64,16 @@ def builtin_shards(cfg: Config, root: Path) -> str:
     """Write the built-in dataset once under `root/datasets/` and return its folder."""
     d, m = cfg.data, cfg.model
     readers = cfg.trainer.num_workers * max(1, d.loader_workers)
+    res = m.resolution or 32  # 0: the model takes the shards' size, which defaults to 32 px
     if d.builtin == "digits":
-        out = root / "datasets" / f"digits-{m.resolution}px-{m.channels}ch"
+        ch = m.channels or 1
+        out = root / "datasets" / f"digits-{res}px-{ch}ch"
         shard_size = math.ceil(1797 / max(8, readers))
-        mcfg = MakeShardsConfig(
-            source="digits", out=str(out), resolution=m.resolution, channels=m.channels, shard_size=shard_size
-        )
+        mcfg = MakeShardsConfig(source="digits", out=str(out), resolution=res, channels=ch, shard_size=shard_size)
     elif d.builtin == "stacked_digits":
-        out = root / "datasets" / f"stacked_digits-{m.resolution}px"
+        out = root / "datasets" / f"stacked_digits-{res}px"
         mcfg = MakeShardsConfig(
-            source="stacked_digits", out=str(out), resolution=m.resolution, channels=3,
+            source="stacked_digits", out=str(out), resolution=res, channels=3,
             num_samples=50_000, shard_size=math.ceil(50_000 / max(16, readers)),
         )  # fmt: skip
     else:
@@ -121,6 +121,11 @@ def check_data(cfg: Config, urls: str | list) -> None:
     if cfg.model.conditional:
         check_classes(cfg, shards.manifest)
     if kind is None:
+        if cfg.model.arch != "mlp" and not (cfg.model.resolution and cfg.model.channels):
+            raise UserError(
+                "model.resolution=0 / model.channels=0 take the size from the shards' manifest, and "
+                "these shards have none: set model.resolution and model.channels"
+            )
         return  # no manifest: shapes are checked per sample while streaming
     want = "points" if cfg.model.arch == "mlp" else "image"
     if kind != want:
@@ -130,6 +135,14 @@ def check_data(cfg: Config, urls: str | list) -> None:
         )
     if want == "image":
         shape = tuple(shards.sample_shape or ())
+        if len(shape) == 3 and not (cfg.model.channels and cfg.model.resolution):
+            # 0 = the shards' (cfg is completed here, before it travels to the workers)
+            cfg.model.channels = cfg.model.channels or shape[0]
+            cfg.model.resolution = cfg.model.resolution or shape[-1]
+            try:
+                cfg.model.check()
+            except ConfigError as exc:
+                raise UserError(f"{exc} (taken from the shards, which hold {shape} images)") from None
         expected = (cfg.model.channels, cfg.model.resolution, cfg.model.resolution)
         if shape != expected:
             raise UserError(
