@@ -25,7 +25,11 @@ from experiments.common import cli, finished_runs, mean_sd, train_each
 METHODS = {
     "dcgan_vanilla": ["experiment=digits32", "penalty=none", "optim.g_lr=1e-4", "optim.d_lr=1e-4"],
     "stable_images": ["experiment=stable_images", "data.builtin=digits"],
-    "stable_images_conditional": ["experiment=stable_images", "data.builtin=digits", "model.conditional=true"],
+    "stable_images_conditional": [
+        "experiment=stable_images",
+        "data.builtin=digits",
+        "model.conditional=true",
+    ],
 }
 KEYS = ("fid", "precision", "recall", "coverage")
 PER_CLASS = 1000

@@ -26,7 +26,9 @@ def test_stable_images_takes_its_architecture_from_the_shards(tmp_path, resoluti
     from trainer.services.driver import check_data
 
     out = tmp_path / "shards"
-    mcfg = MakeShardsConfig(source="digits", out=str(out), resolution=resolution, channels=channels, fraction=0.02)
+    mcfg = MakeShardsConfig(
+        source="digits", out=str(out), resolution=resolution, channels=channels, fraction=0.02
+    )
     write_shards(mcfg, progress=False)
     cfg = compose(["experiment=stable_images", f"data.urls={out}"])
     assert (cfg.model.resolution, cfg.model.channels) == (0, 0)  # not known until the data is

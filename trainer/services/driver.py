@@ -69,7 +69,9 @@ def builtin_shards(cfg: Config, root: Path) -> str:
         ch = m.channels or 1
         out = root / "datasets" / f"digits-{res}px-{ch}ch"
         shard_size = math.ceil(1797 / max(8, readers))
-        mcfg = MakeShardsConfig(source="digits", out=str(out), resolution=res, channels=ch, shard_size=shard_size)
+        mcfg = MakeShardsConfig(
+            source="digits", out=str(out), resolution=res, channels=ch, shard_size=shard_size
+        )
     elif d.builtin == "stacked_digits":
         out = root / "datasets" / f"stacked_digits-{res}px"
         mcfg = MakeShardsConfig(
