@@ -2,7 +2,7 @@
 ways on the same held-out seeds and steps: a fault-free control, the fault unguarded, the fault
 guarded (`stability=guarded`). Every run starts from `experiment=stable_images` as it ships.
 
-    python -m experiments.guard_drills run [--seeds 1000] [--steps 2000] [--jobs 2] [--store DIR]
+    python -m experiments.guard_drills run [--seeds 1000] [--steps 1500] [--jobs 2] [--store DIR]
     python -m experiments.guard_drills table [--store DIR]
 
 Drills:
@@ -140,7 +140,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["run", "table"])
     ap.add_argument("--seeds", default="1000")
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--store", default=str(ROOT / "experiments" / "results" / "guard_drills"))
     args = ap.parse_args()

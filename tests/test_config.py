@@ -36,6 +36,21 @@ def test_stable_images_takes_its_architecture_from_the_shards(tmp_path, resoluti
     assert (cfg.model.arch, cfg.model.resolution, cfg.model.channels) == ("dcgan", resolution, channels)
 
 
+def test_a_shard_size_the_model_cannot_take_names_both(tmp_path):
+    from data_pipeline.make_shards import MakeShardsConfig, write_shards
+    from trainer.services.driver import UserError, check_data
+
+    out = tmp_path / "shards"
+    write_shards(
+        MakeShardsConfig(source="digits", out=str(out), resolution=48, fraction=0.02), progress=False
+    )
+    cfg = compose(["experiment=stable_images", f"data.urls={out}"])
+    with pytest.raises(
+        UserError, match=r"model.resolution=48 is invalid; allowed values: 0, 32, 64 .*\(1, 48, 48\)"
+    ):
+        check_data(cfg, str(out))
+
+
 def test_user_facing_keys_override():
     cfg = compose(
         [

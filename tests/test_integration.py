@@ -463,6 +463,47 @@ def test_guard_rolls_every_worker_back_after_a_nan_batch(env, ray_cluster, tmp_p
     assert all(torch.isfinite(v).all() for v in ema.values())
 
 
+def test_guard_on_images_with_the_shipped_image_preset(env, ray_cluster, tmp_path):
+    """experiment=stable_images as it ships, guarded, on digits with in-training evaluation (so
+    the quality trigger is armed too) and a NaN batch at step 30: exactly one rollback, for the
+    NaN, none for anything else, and a finite generator at the end."""
+    from mlflow.tracking import MlflowClient
+
+    proc = run_main(
+        [
+            f"cluster.address={ray_cluster['address']}",
+            "experiment=stable_images",
+            "stability=guarded",
+            "trainer.max_steps=60",
+            "trainer.log_every=10",
+            "trainer.checkpoint_every=20",
+            "trainer.keep_checkpoints=3",
+            "trainer.sample_every=0",
+            "trainer.inject_nan_at=30",
+            "stability.every=10",
+            "eval.every=20",
+            "eval.during_num=200",
+            "eval.num=300",
+            "data.loader_workers=1",
+            "tracking.register=false",
+            "trainer.run_name=guarded-images",
+            f"trainer.storage_path={tmp_path}/runs",
+        ],
+        env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = MlflowClient(ray_cluster["mlflow"]).get_run(re.search(r"MLflow run (\w+)", proc.stdout).group(1))
+    guard_lines = "\n".join(line for line in proc.stdout.splitlines() if "guard" in line)
+    assert run.data.tags["stablegan.guard.rollbacks"] == "1", guard_lines
+    assert run.data.tags["stablegan.guard.triggers"] == "nonfinite", guard_lines
+    assert run.data.tags["stablegan.diverged"] == "false", guard_lines
+    assert (run.data.params["model.resolution"], run.data.params["model.channels"]) == ("32", "1")
+    fids = MlflowClient(ray_cluster["mlflow"]).get_metric_history(run.info.run_id, "eval/fid")
+    assert fids and math.isfinite(fids[-1].value)  # evaluated on the branch that survived
+    ema = torch.load(tmp_path / "runs" / "guarded-images" / "generator_ema.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ema.values())
+
+
 def _worker_pids(lines: list[str]) -> set[int]:
     return {int(p) for line in lines for p in re.findall(r"RayTrainWorker pid=(\d+)", line)}
 

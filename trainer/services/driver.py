@@ -113,6 +113,19 @@ def check_classes(cfg: Config, manifest: dict | None) -> None:
         raise UserError(f"model.conditional=true needs at least 2 classes; the shards have {m.num_classes}")
 
 
+def take_shape(cfg: Config, shape: tuple) -> None:
+    """model.channels / model.resolution = 0: the shards' (cfg is completed here, before it
+    travels to the workers), then checked as if the user had set them."""
+    m = cfg.model
+    if len(shape) != 3 or (m.channels and m.resolution):
+        return
+    m.channels, m.resolution = m.channels or shape[0], m.resolution or shape[-1]
+    try:
+        m.check()
+    except ConfigError as exc:
+        raise UserError(f"{exc} (taken from the shards, which hold {shape} images)") from None
+
+
 def check_data(cfg: Config, urls: str | list) -> None:
     """Fail before Ray starts when the shards are missing or do not fit the model."""
     try:
@@ -137,14 +150,7 @@ def check_data(cfg: Config, urls: str | list) -> None:
         )
     if want == "image":
         shape = tuple(shards.sample_shape or ())
-        if len(shape) == 3 and not (cfg.model.channels and cfg.model.resolution):
-            # 0 = the shards' (cfg is completed here, before it travels to the workers)
-            cfg.model.channels = cfg.model.channels or shape[0]
-            cfg.model.resolution = cfg.model.resolution or shape[-1]
-            try:
-                cfg.model.check()
-            except ConfigError as exc:
-                raise UserError(f"{exc} (taken from the shards, which hold {shape} images)") from None
+        take_shape(cfg, shape)
         expected = (cfg.model.channels, cfg.model.resolution, cfg.model.resolution)
         if shape != expected:
             raise UserError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import math
 import resource
 import tempfile
 import time
@@ -311,7 +312,8 @@ class Worker:
         checked = self.log_step() if due["log"] else {}
         if due["probe"] and self.probe is not None:
             checked = {**checked, **self.probe_step()}
-        if due["eval"] and not (step == last and self.cfg.eval.at_end):  # the driver's, with eval.num
+        finite = all(math.isfinite(v) for v in checked.values()) and not checked.get("nonfinite")
+        if due["eval"] and finite and not (step == last and self.cfg.eval.at_end):  # at_end: the driver's
             self.unchecked |= self.eval_step()  # before the guard, which reads eval/fid
         if self.cfg.stability.guard.enabled and (due["log"] or due["probe"]):
             checked, self.unchecked = {**checked, **self.unchecked}, {}
