@@ -1,8 +1,9 @@
-"""The stability guard on images: two drills on stacked digits (1,000 modes), each run three
-ways on the same held-out seeds and steps: a fault-free control, the fault unguarded, the fault
-guarded (`stability=guarded`). Every run starts from `experiment=stable_images` as it ships.
+"""The stability guard on images: two drills on stacked digits (1,000 modes) on the same
+held-out seeds and steps: the fault unguarded, the fault guarded (`stability=guarded`), beside
+one fault-free control (the preset as it ships, shared by both drills). Every run starts from
+`experiment=stable_images` as it ships.
 
-    python -m experiments.guard_drills run [--seeds 1000] [--steps 1500] [--jobs 2] [--store DIR]
+    python -m experiments.guard_drills run [--seeds 1000] [--steps 1200] [--jobs 2] [--store DIR]
     python -m experiments.guard_drills table [--store DIR]
 
 Drills:
@@ -37,7 +38,7 @@ DRILLS = {
     "lr_blowup": ["optim.g_lr=1e-2", "optim.d_lr=1e-2", "penalty=none"],
     "nan_batch": ["trainer.inject_nan_at=600"],
 }
-VARIANTS = {"control": None, "unguarded": [], "guarded": ["stability=guarded"]}
+GUARD = {"unguarded": [], "guarded": ["stability=guarded"]}
 COMMON = [
     "tracking.register=false",
     "trainer.sample_every=0",
@@ -53,19 +54,22 @@ KEYS = ("fid", "modes", "mode_kl", "recall")
 
 
 def commands(store: Path, seeds: list[int], steps: int) -> list[list[str]]:
+    """One fault-free control per seed (both drills' control: the preset as it ships), then
+    each drill unguarded and guarded."""
+    variants = [("control", [])]
+    variants += [(f"{drill}-{v}", [*fault, *extra]) for drill, fault in DRILLS.items() for v, extra in GUARD.items()]
     out = []
-    for drill, fault in DRILLS.items():
-        for variant, extra in VARIANTS.items():
-            for seed in seeds:
-                args = [*PRESET, *COMMON, *(fault if extra is not None else []), *(extra or [])]
-                args += [
-                    f"trainer.seed={seed}",
-                    f"trainer.max_steps={steps}",
-                    f"name={drill}-{variant}",
-                    f"trainer.run_name={drill}-{variant}-s{seed}-{steps}",
-                    f"trainer.storage_path={store / 'runs'}",
-                ]
-                out.append([sys.executable, "-m", "trainer.main", *args])
+    for name, extra in variants:
+        for seed in seeds:
+            args = [*PRESET, *COMMON, *extra]
+            args += [
+                f"trainer.seed={seed}",
+                f"trainer.max_steps={steps}",
+                f"name={name}",
+                f"trainer.run_name={name}-s{seed}-{steps}",
+                f"trainer.storage_path={store / 'runs'}",
+            ]
+            out.append([sys.executable, "-m", "trainer.main", *args])
     return out
 
 
@@ -140,7 +144,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["run", "table"])
     ap.add_argument("--seeds", default="1000")
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--store", default=str(ROOT / "experiments" / "results" / "guard_drills"))
     args = ap.parse_args()
