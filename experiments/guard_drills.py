@@ -57,7 +57,9 @@ def commands(store: Path, seeds: list[int], steps: int) -> list[list[str]]:
     """One fault-free control per seed (both drills' control: the preset as it ships), then
     each drill unguarded and guarded."""
     variants = [("control", [])]
-    variants += [(f"{drill}-{v}", [*fault, *extra]) for drill, fault in DRILLS.items() for v, extra in GUARD.items()]
+    variants += [
+        (f"{drill}-{v}", [*fault, *extra]) for drill, fault in DRILLS.items() for v, extra in GUARD.items()
+    ]
     out = []
     for name, extra in variants:
         for seed in seeds:
