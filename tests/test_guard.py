@@ -8,7 +8,7 @@ import math
 import pytest
 
 from trainer.config import GuardConfig
-from trainer.train.guard import EVENT_COLUMNS, Guard
+from trainer.train.guard import EVENT_COLUMNS, WARMUP_CHECKS, Guard
 
 HEALTHY = {"d_loss": 1.3, "g_loss": 0.8, "d_acc_real": 0.6, "d_acc_fake": 0.55, "nonfinite": 0.0}
 
@@ -44,9 +44,11 @@ def test_each_trigger(signals, trigger):
     assert tripped is not None and tripped[0] == trigger
 
 
-def test_saturation_needs_consecutive_checks():
+def test_saturation_needs_consecutive_checks_after_the_warm_up():
     guard = Guard(GuardConfig(enabled=True, saturated_checks=3, loss_z=0), "none", 0.0)
     saturated = {**HEALTHY, "d_acc_real": 0.999, "d_acc_fake": 0.995}
+    # While G draws noise D is right about everything: no trip in the first WARMUP_CHECKS checks.
+    assert [guard.trigger(saturated) for _ in range(WARMUP_CHECKS)] == [None] * WARMUP_CHECKS
     assert guard.trigger(saturated) is None and guard.trigger(saturated) is None
     assert guard.trigger(HEALTHY) is None  # the run of saturated checks is broken
     assert guard.trigger(saturated) is None and guard.trigger(saturated) is None

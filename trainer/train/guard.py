@@ -12,7 +12,7 @@ Triggers (`stability.guard` in the config; 0 turns one off):
 - non-finite loss, gradient norm or metric;
 - a loss spike: d_loss or g_loss beyond `loss_z` exponentially weighted standard deviations;
 - D saturated: accuracy on reals and on fakes both at least `d_saturation` for
-  `saturated_checks` checks in a row;
+  `saturated_checks` checks in a row, after the first `WARMUP_CHECKS` checks;
 - spectral blow-up: the top singular value of D beyond `sn_growth` x its first probe;
 - collapse: diversity of a fixed latent batch below `coverage_drop` x its best;
 - quality drop: the in-training FID (or FD with other features, `eval.every`) beyond
@@ -31,7 +31,11 @@ from pathlib import Path
 from trainer.config import GuardConfig
 from trainer.train.probe import EWStats
 
-LOSS_WARMUP = 10  # checks before the loss statistics are trusted (again, after a rollback)
+# Checks (of the step metrics) before the loss statistics are trusted and before a saturated D
+# counts, at the start and again after a rollback: while G still draws noise, D classifying
+# everything right is the expected state, not a failure (a DCGAN on digits sits at accuracy 1.0
+# for its first ~50 steps).
+WARMUP_CHECKS = 10
 EVENT_COLUMNS = ["step", "trigger", "detail", "action", "rolled_back_to", "lr_scale", "penalty", "repeats"]
 
 
@@ -52,6 +56,7 @@ class Guard:
         """Forget the running statistics (after a rollback they describe an abandoned branch)."""
         self.loss_stats = {"d_loss": EWStats(), "g_loss": EWStats()}
         self.saturated = 0
+        self.checks = 0  # checks of the step metrics since the start or the last rollback
         self.best: dict[str, float] = {}
         self.sn_base: float | None = None
 
@@ -75,13 +80,15 @@ class Guard:
                     # A spike is far out in both senses: the EW variance of interval means can
                     # be tiny, so a z-score alone trips on ordinary drift.
                     far = abs(metrics[key] - mean) > c.loss_rel * abs(mean)
-                    if n >= LOSS_WARMUP and abs(z) > c.loss_z and far:
+                    if n >= WARMUP_CHECKS and abs(z) > c.loss_z and far:
                         return (
                             "loss_spike",
                             f"{key}={metrics[key]:.4g} is {z:+.1f} EW std from its mean {mean:.4g}",
                         )
         if c.saturated_checks and "d_acc_real" in metrics and "d_acc_fake" in metrics:
+            self.checks += 1
             saturated = min(metrics["d_acc_real"], metrics["d_acc_fake"]) >= c.d_saturation
+            saturated = saturated and self.checks > WARMUP_CHECKS
             self.saturated = self.saturated + 1 if saturated else 0
             if self.saturated >= c.saturated_checks:
                 return "d_saturated", (
