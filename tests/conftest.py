@@ -21,6 +21,21 @@ BIN = Path(sys.executable).parent
 os.environ["STABLEGAN_CACHE"] = tempfile.mkdtemp(prefix="stablegan-cache-")
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_globals_per_test(monkeypatch):
+    """MLflow's set_tracking_uri / set_registry_uri (our registry code calls them in-process)
+    write module globals and MLFLOW_*_URI into os.environ, where every later test's
+    subprocesses would inherit them: a model registered in one test's store would land in an
+    earlier test's. Each test starts without them and leaves none behind."""
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as tracking
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(registry, "_registry_uri", None)
+    monkeypatch.setattr(tracking, "_tracking_uri", None)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
