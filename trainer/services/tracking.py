@@ -14,7 +14,6 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -226,14 +225,16 @@ class LabelledInput(torch.nn.Module):
         return self.generator(x[:, :-1], x[:, -1].round().long())
 
 
-class Sampler:
+class Sampler(torch.nn.Module):
     """What `load_generator` returns: `(z)` or `(z, labels)` -> samples, for either kind of
-    registered generator (a conditional one without labels draws them from z, as in training)."""
+    registered generator (a conditional one without labels draws them from z, as in training).
+    A module, so callers move it (`.to(device)`) and switch modes as they would the generator."""
 
-    def __init__(self, module: Callable[[torch.Tensor], torch.Tensor], num_classes: int):
+    def __init__(self, module: torch.nn.Module, num_classes: int):
+        super().__init__()
         self.module, self.num_classes = module, num_classes
 
-    def __call__(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if not self.num_classes:
             if y is not None:
                 raise ValueError("this generator is not conditional: sample it without labels")
