@@ -70,7 +70,7 @@ def sample(
     total = num * max(1, len(classes))
     z = torch.randn(total, latent_dim, generator=torch.Generator().manual_seed(seed))
     y = torch.tensor(classes).repeat_interleave(num) if classes else None
-    samples = generator(z, y).float().numpy() if y is not None else generator(z).float().numpy()
+    samples = generator(z, y).float().numpy()  # y None: the generator's own classes, if any
     if out is not None:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
