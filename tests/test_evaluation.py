@@ -19,7 +19,7 @@ from data_pipeline.sources import grid25_modes, mixture_source
 from data_pipeline.stream import ShardLoader, StreamConfig
 from trainer.config import EvalConfig
 from trainer.eval import digits, features, metrics
-from trainer.eval.evaluator import Evaluator
+from trainer.eval.evaluator import Evaluator, NonFiniteSamples
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +110,20 @@ def test_our_numbers_are_the_libraries_numbers_on_the_same_features(digit_shards
     for key in ("precision", "recall", "density", "coverage"):
         assert ours[key] == pytest.approx(float(expected[key]), abs=1e-6)
     assert ours["fid"] > 50 * ev.data_row().metrics["fid"]  # blobs are far from digits
+
+
+def test_a_diverged_generator_is_refused_before_fid(digit_shards):
+    """NaN features would reach FID's matrix square root, where LAPACK segfaults (seen in a
+    drill): the evaluator refuses them with a clear error instead."""
+    ev = Evaluator(digit_shards, EvalConfig(features="digits", num=300), progress=False)
+
+    def half_nan(z: torch.Tensor) -> torch.Tensor:
+        x = Noise()(z)
+        x[::2] = float("nan")
+        return x
+
+    with pytest.raises(NonFiniteSamples, match="150 of 300 samples are not finite: the generator diverged"):
+        ev(half_nan, 8)
 
 
 def test_a_memorizer_scores_near_the_data_and_a_collapsed_generator_does_not(digit_shards):
@@ -291,6 +305,8 @@ def test_evaluator_on_2d_shards_prints_the_datas_own_row(tmp_path):
     ev = Evaluator(str(tmp_path), EvalConfig(num=5000), progress=False)
     data = ev.data_row()
     assert data.metrics["modes_covered"] == 8 and 0.95 < data.metrics["spread"] < 1.0
+    with pytest.raises(NonFiniteSamples, match="5000 of 5000 samples are not finite"):
+        ev(lambda z: torch.full((len(z), 2), float("nan")), 4)
     centre = ev(lambda z: torch.zeros(len(z), 2), 4).metrics  # everything at the origin
     assert centre["modes_covered"] == 0 and centre["swd"] > 10 * data.metrics["swd"]
     assert centre["mmd"] > 10 * data.metrics["mmd"]

@@ -76,6 +76,19 @@ def generate(
         yield G(z.to(device)).float()
 
 
+class NonFiniteSamples(ValueError):
+    """The generator produced NaN or infinite values: it diverged, and there is nothing to score."""
+
+
+def require_finite(values: np.ndarray) -> np.ndarray:
+    """`values`, or `NonFiniteSamples`: FID's matrix square root on NaN features crashes LAPACK
+    (a segfault, not an exception), so they must never reach it."""
+    bad = int((~np.isfinite(values)).reshape(len(values), -1).any(axis=1).sum())
+    if bad:
+        raise NonFiniteSamples(f"{bad} of {len(values)} samples are not finite: the generator diverged")
+    return values
+
+
 class Evaluator:
     """Scores generators against one shard set; see the module docstring."""
 
@@ -172,9 +185,9 @@ class Evaluator:
         seed = self.opts.seed if seed is None else seed
         batches = generate(G, latent_dim, num, self.opts.batch_size, seed, self.device)
         if self.kind == "points":
-            pts = torch.cat(list(batches)).cpu().numpy()
+            pts = require_finite(torch.cat(list(batches)).cpu().numpy())
             return Result(metrics.point_metrics(pts, self.modes, self.sigma, self.fresh), self.info(num))
-        fake = self._features(batches, num, "generated features")
+        fake = require_finite(self._features(batches, num, "generated features"))
         out = metrics.image_metrics(self.real, fake, self.opts.nearest_k, seed, self.opts.kid_subsets)
         if self.source == STACKED:
             m = self.opts.mode_samples
