@@ -10,11 +10,15 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 T = TypeVar("T")
+# Keys renamed so that every command names the same thing alike (as `trainer.main` does); the old
+# spelling still works, with a note.
+RENAMED = {"tracking_uri": "tracking.uri"}
 
 
 def parse_overrides(schema: type[T], argv: list[str]) -> T:
     """Merge `key=value` items (dotted for nested sections) onto the dataclass `schema`;
     unknown keys and bad types raise."""
+    argv = [renamed(a) for a in argv]
     bad = [a for a in argv if "=" not in a or a.startswith("=")]
     if bad:
         raise ValueError(f"arguments must be key=value, got {bad}")
@@ -33,6 +37,15 @@ def parse_overrides(schema: type[T], argv: list[str]) -> T:
     except (ValidationError, ConfigKeyError) as exc:
         raise ValueError(f"invalid value: {exc.msg.splitlines()[0]} (key {exc.full_key})") from None
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def renamed(item: str) -> str:
+    key, sep, value = item.partition("=")
+    if sep and key.lstrip("+") in RENAMED:
+        new = RENAMED[key.lstrip("+")]
+        print(f"note: {key}= is now {new}=", file=sys.stderr)
+        return f"{new}={value}"
+    return item
 
 
 def run_command(

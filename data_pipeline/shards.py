@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -45,6 +47,16 @@ def local_path(url: str) -> Path | None:
     if parsed.scheme == "" or (len(parsed.scheme) == 1 and url[1:3] == ":\\"):
         return Path(url).expanduser()
     return None
+
+
+def absolute(spec: Any) -> Any:
+    """A shard spec (str or list) with its relative local paths made absolute against this
+    process's folder: the processes that read the shards (Ray workers) run in other folders."""
+    if isinstance(spec, (list, tuple)):
+        return [absolute(item) for item in spec]
+    if not isinstance(spec, str) or not spec.strip() or local_path(spec) is None or spec.startswith("file:"):
+        return spec
+    return os.path.abspath(os.path.expanduser(spec))
 
 
 def _expand(pattern: str) -> list[str]:

@@ -10,7 +10,7 @@ import pytest
 from trainer.config import ConfigError
 from trainer.main import compose
 
-PRESETS = ["grid25", "ring8", "digits32", "dcgan64", "stable_images"]
+PRESETS = ["grid25", "ring8", "digits32", "dcgan64_gpu", "stable_images", "images"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -65,6 +65,38 @@ def test_scripts_have_help_and_reject_unknown_arguments(script):
     assert bad.returncode != 0 and "unknown" in bad.stderr and "'--bogus'" in bad.stderr
 
 
+def test_install_chooses_the_torch_build_for_the_machine(tmp_path):
+    """GPU: PyPI's (CUDA) wheel. No GPU: PyTorch's CPU index where it answers (a local HTTP
+    server stands in for it), else PyPI's wheel after a one-line warning about its size."""
+    import functools
+    import http.server
+    import threading
+
+    def choice(index: str, gpu: bool) -> subprocess.CompletedProcess:
+        path = f"{tmp_path / 'gpu'}:{os.environ['PATH']}" if gpu else os.environ["PATH"]
+        env = {**os.environ, "PATH": path, "STABLEGAN_PRINT_TORCH": "1", "STABLEGAN_TORCH_CPU_INDEX": index}
+        return subprocess.run(["bash", str(SCRIPTS[2])], env=env, capture_output=True, text=True, timeout=60)
+
+    (tmp_path / "gpu").mkdir()
+    fake = tmp_path / "gpu" / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-0)'\n")
+    fake.chmod(0o755)
+    (tmp_path / "index" / "cpu" / "torch").mkdir(parents=True)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "index"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        live = f"http://127.0.0.1:{server.server_address[1]}/cpu"
+        assert choice(live, gpu=False).stdout.split() == ["torch==2.13.0", "--index-url", live]
+        gpu = choice(live, gpu=True)
+        assert gpu.stdout.split() == ["torch==2.13.0"] and not gpu.stderr
+    finally:
+        server.shutdown()
+    dead = choice(f"http://127.0.0.1:{free_port()}/cpu", gpu=False)
+    assert dead.stdout.split() == ["torch==2.13.0"]
+    assert "unreachable" in dead.stderr and "several GB" in dead.stderr and len(dead.stderr.splitlines()) == 1
+
+
 def test_local_cluster_errors_name_the_problem(tmp_path):
     port = str(free_port())
     env = script_env(STABLEGAN_RAY_PORT=port, STABLEGAN_STATE_DIR=str(tmp_path))

@@ -10,7 +10,14 @@ import pytest
 
 from tests.conftest import ROOT
 
-ENTRY_POINTS = ("trainer.main", "trainer.sample", "trainer.register", "trainer.evaluate", "trainer.promote")
+ENTRY_POINTS = (
+    "trainer.main",
+    "trainer.sample",
+    "trainer.register",
+    "trainer.evaluate",
+    "trainer.promote",
+    "trainer.cli",
+)
 # room -> imports (module prefixes) it must never make
 FORBIDDEN = {
     "trainer/gan": (

@@ -130,7 +130,7 @@ def test_champion_moves_only_to_a_better_generator_on_a_real_server(mlflow_serve
     assert tracking.alias_version(uri, name, "champion") == v2
 
     # By hand: trainer.promote re-evaluates both on one dataset, then decides; force overrides.
-    base = [f"tracking_uri={uri}", f"data.urls={data}", "eval.num=500", "eval.features=digits"]
+    base = [f"tracking.uri={uri}", f"data.urls={data}", "eval.num=500", "eval.features=digits"]
     assert promote.main([f"model=models:/{name}/{v5}", *base]) == 0
     out = capsys.readouterr().out
     assert f"evaluated v{v5}" in out  # its stored evaluation was on the other data

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data_pipeline.make_shards import MakeShardsConfig, write_shards
-from data_pipeline.shards import ShardSpecError, resolve
+from data_pipeline.shards import ShardSpecError, absolute, resolve
 from data_pipeline.stream import ShardLoader, StreamConfig
 
 
@@ -288,6 +288,16 @@ def test_spec_errors_name_the_problem(digits, tmp_path):
     assert len(resolve([str(digits / "digits-000000.tar"), str(digits / "digits-000001.tar")]).urls) == 2
     assert len(resolve(str(digits / "manifest.json")).urls) == 18
     assert len(resolve(f"file://{digits}/digits-000000.tar").urls) == 1
+
+
+def test_relative_paths_become_absolute_and_urls_stay(monkeypatch, tmp_path):
+    """Ray's workers run in other folders: the driver hands them absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert absolute("shards/faces") == str(tmp_path / "shards" / "faces")
+    assert absolute("~/x-{0..3}.tar") == str(tmp_path / "home" / "x-{0..3}.tar")
+    kept = ["pipe:aws s3 cp s3://b/x.tar -", "s3://b/x.tar", "file:///data/x.tar", "/data/x.tar", ""]
+    assert absolute(kept) == kept and absolute("") == ""
 
 
 def test_manifest_checksum_mismatch(tmp_path):

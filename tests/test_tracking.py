@@ -94,7 +94,7 @@ def test_register_saved_weights_later(tmp_path, capsys):
     weights.parent.mkdir()
     torch.save(build_generator(cfg).state_dict(), weights)
     (weights.parent / "config.json").write_text(json.dumps(asdict(cfg)))
-    assert register.main([f"weights={weights}", f"run_id={run_id}", f"tracking_uri={uri}"]) == 0
+    assert register.main([f"weights={weights}", f"run_id={run_id}", f"tracking.uri={uri}"]) == 0
     assert "models:/later/1" in capsys.readouterr().out
     version = MlflowClient(uri).get_model_version("later", "1")
     assert version.run_id == run_id and version.tags["steps"] == str(cfg.trainer.max_steps)

@@ -19,7 +19,7 @@ import torch
 
 from data_pipeline.cli import run_command
 from data_pipeline.shards import ShardSpecError
-from trainer.config import EvalConfig
+from trainer.config import EvalConfig, TrackingKeys
 from trainer.eval.evaluator import Evaluator, Result
 from trainer.services import tracking
 
@@ -39,7 +39,7 @@ class EvaluateConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"  # auto = cuda when available
     log: bool = True  # write the result to the model version (tags and model metrics)
-    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
+    tracking: TrackingKeys = field(default_factory=TrackingKeys)  # tracking.uri
 
 
 def training_data(tags: dict[str, str]) -> str | list[str]:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("model=models:/NAME@ALIAS (or models:/NAME/VERSION) is required")
         cfg.eval.check()
         opts = replace(cfg.eval, num=cfg.num or cfg.eval.num)
-        result, data = evaluate(cfg.model, cfg.data.urls, opts, cfg.tracking_uri, cfg.device, cfg.log)
+        result, data = evaluate(cfg.model, cfg.data.urls, opts, cfg.tracking.uri, cfg.device, cfg.log)
         info = result.info
         print(
             f"features {info['features']}; data sha256 {info['data_sha256'][:12] or '(no manifest)'}; "

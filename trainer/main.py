@@ -2,7 +2,7 @@
 
     python -m trainer.main                                  # grid25 on a local Ray, local MLflow
     python -m trainer.main experiment=digits32 trainer.num_workers=2 trainer.max_steps=500
-    ray job submit --working-dir . -- python -m trainer.main experiment=dcgan64 data.urls=...
+    ray job submit --working-dir . -- python -m trainer.main experiment=dcgan64_gpu data.urls=...
 
 The only module that talks to Hydra (besides its sweep callback); the work happens in
 `trainer.services.driver.run`.
@@ -24,7 +24,9 @@ from trainer.config import Config, ConfigError, exit_on_config_error, from_dict,
 from trainer.config.overrides import check_overrides, prepare_overrides
 from trainer.services.driver import RegistryError, UserError, run
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# A wheel ships the config tree inside the package (setup.py); a checkout has it at the top level.
+_PACKAGED = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "configs"
 ConfigStore.instance().store(name="stablegan_schema", node=Config)
 
 

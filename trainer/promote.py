@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 
 from data_pipeline.cli import run_command
-from trainer.config import EvalConfig, RegistryConfig
+from trainer.config import EvalConfig, RegistryConfig, TrackingKeys
 from trainer.eval.evaluator import Evaluator
 from trainer.evaluate import ERRORS, DataKeys, training_data
 from trainer.services import promotion, tracking
@@ -30,7 +30,7 @@ class PromoteConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     force: bool = False
     reason: str = ""  # required with force=true
-    tracking_uri: str = ""
+    tracking: TrackingKeys = field(default_factory=TrackingKeys)  # tracking.uri
 
 
 def ensure_evaluated(uri: str, name: str, version: str, evaluator: Evaluator) -> None:
@@ -46,7 +46,7 @@ def ensure_evaluated(uri: str, name: str, version: str, evaluator: Evaluator) ->
 
 
 def run(cfg: PromoteConfig) -> promotion.Decision:
-    uri = tracking.resolve_uri(cfg.tracking_uri)
+    uri = tracking.resolve_uri(cfg.tracking.uri)
     name, version = tracking.resolve_version(uri, cfg.model)
     urls = cfg.data.urls or training_data(tracking.version_tags(uri, name, version))
     evaluator = Evaluator(urls, cfg.eval)

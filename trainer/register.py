@@ -1,6 +1,6 @@
 """Register a finished run's saved generator when registering at the end of training failed.
 
-    python -m trainer.register weights=runs/NAME/generator_ema.pt run_id=RUN_ID [tracking_uri=...]
+    python -m trainer.register weights=runs/NAME/generator_ema.pt run_id=RUN_ID [tracking.uri=...]
 
 The run folder holds `generator_ema.pt` (a state dict) and `config.json` (the resolved config).
 """
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_pipeline.cli import parse_overrides
-from trainer.config import from_dict
-from trainer.services import tracking
+from trainer.config import TrackingKeys, from_dict
+from trainer.services import finetune, tracking
 from trainer.services.driver import register_saved
 
 
@@ -22,7 +22,7 @@ from trainer.services.driver import register_saved
 class RegisterConfig:
     weights: str = ""
     run_id: str = ""
-    tracking_uri: str = ""
+    tracking: TrackingKeys = field(default_factory=TrackingKeys)  # tracking.uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.run_id:
             raise ValueError("run_id=... is required (printed as mlflow_run_id at the end of training)")
         cfg = from_dict(json.loads(config_file.read_text()))
-        uri = tracking.resolve_uri(args.tracking_uri or cfg.tracking.uri)
+        uri = tracking.resolve_uri(args.tracking.uri or cfg.tracking.uri)
+        finetune.log_weights(uri, args.run_id, weights.parent)  # so the version can be fine-tuned from
         version, decision = register_saved(weights, cfg, args.run_id, uri, dataset=str(cfg.data.urls))
         print(version)
         print(decision)

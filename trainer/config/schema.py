@@ -29,6 +29,7 @@ __all__ = [
     "GuardConfig",
     "LossConfig",
     "ModelConfig",
+    "TrackingKeys",
     "OptimConfig",
     "ParallelConfig",
     "PenaltyConfig",
@@ -313,14 +314,25 @@ class TrainerConfig:
     keep_checkpoints: int = at_least(2, 1)
     max_failures: int = at_least(2, 0)  # worker-group restarts from the last checkpoint before giving up
     run_name: str = ""  # same name + storage_path again = resume; "" = a new timestamped name
+    # fine-tuning: models:/NAME@ALIAS (or /VERSION) starts G, and D when that run logged it, from
+    # a registered version (same model.* settings); recorded as the run's lineage tags
+    init_from: str = ""
     storage_path: str = "runs"  # a filesystem path every node sees (NFS/EFS on a cluster)
     torch_threads: int = at_least(0, 0)  # intra-op threads per worker; 0 = cpus_per_worker
+    # console: a live bar with rate and ETA (auto: when the driver's stdout is a terminal) or a
+    # line every log_every steps
+    progress: str = one_of("auto", "auto", "bar", "lines")
     inject_nan_at: int = at_least(
         0, 0
     )  # fault drill: poison one batch with NaN at this step, once (0 = never)
 
     def check(self) -> None:
         _check_fields(self, "trainer")
+        if self.init_from and not self.init_from.startswith("models:/"):
+            raise ConfigError(
+                f"trainer.init_from={self.init_from!r} is not a registered model: use models:/NAME@ALIAS "
+                "or models:/NAME/VERSION"
+            )
         if "://" in self.storage_path:
             raise ConfigError(
                 f"trainer.storage_path={self.storage_path!r} is invalid: checkpoints, datasets and "
@@ -337,6 +349,13 @@ class TrainerConfig:
             raise ConfigError(
                 f"trainer.run_name={self.run_name!r} is invalid; use letters, digits, '-', '_' and '.'"
             )
+
+
+@dataclass
+class TrackingKeys:
+    """The `tracking.*` key of the commands besides training (sample, evaluate, promote, register)."""
+
+    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory
 
 
 @dataclass
@@ -408,7 +427,7 @@ class RegistryConfig:
 
 @dataclass
 class ClusterConfig:
-    address: str = ""  # "" = start a local Ray on 127.0.0.100; "auto" or ray://HOST:PORT = connect
+    address: str = ""  # "" = start a local Ray on 127.0.0.1; "auto" or ray://HOST:PORT = connect
     num_cpus: int = 0  # local Ray only; 0 = all cores
 
     def check(self) -> None:

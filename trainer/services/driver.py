@@ -9,6 +9,7 @@ import math
 import os
 import secrets
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -21,11 +22,11 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from data_pipeline.make_shards import MakeShardsConfig, write_shards
-from data_pipeline.shards import MANIFEST, ShardSpecError, resolve
+from data_pipeline.shards import MANIFEST, ShardSpecError, absolute, resolve
 from trainer.config import Config, ConfigError
 from trainer.eval import features
-from trainer.eval.evaluator import Evaluator, Result, feature_spec
-from trainer.services import promotion, tracking
+from trainer.eval.evaluator import Evaluator, NonFiniteSamples, Result, feature_spec
+from trainer.services import finetune, local_ray, promotion, tracking
 from trainer.train import checkpoint
 from trainer.train.worker import Worker, build_models, sample_picture
 
@@ -126,12 +127,32 @@ def take_shape(cfg: Config, shape: tuple) -> None:
         raise UserError(f"{exc} (taken from the shards, which hold {shape} images)") from None
 
 
+def fit_readers(cfg: Config, num_shards: int) -> None:
+    """Every reader (rank x loader worker) needs shards of its own to read each sample once per
+    epoch: with too few shards, fewer loader workers per rank (said), or a clear error."""
+    d, ranks = cfg.data, cfg.trainer.num_workers
+    if d.resample or num_shards >= ranks * max(1, d.loader_workers):
+        return
+    if num_shards < ranks:
+        raise UserError(
+            f"{num_shards} shard(s) cannot be split over trainer.num_workers={ranks} ranks without "
+            "repeating data: write more, smaller shards (make_shards shard_size=...), use fewer "
+            "workers, or set data.resample=true"
+        )
+    print(
+        f"stablegan: {num_shards} shard(s) over {ranks} rank(s): data.loader_workers "
+        f"{d.loader_workers} -> {num_shards // ranks}, so that each reader has shards of its own"
+    )
+    d.loader_workers = num_shards // ranks
+
+
 def check_data(cfg: Config, urls: str | list) -> None:
     """Fail before Ray starts when the shards are missing or do not fit the model."""
     try:
         shards = resolve(urls)
     except ShardSpecError as exc:
         raise UserError(f"data.urls: {exc}") from None
+    fit_readers(cfg, len(shards.urls))
     kind = shards.kind
     if cfg.model.conditional:
         check_classes(cfg, shards.manifest)
@@ -178,7 +199,7 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def init_ray(cfg: Config) -> None:
-    """Connect to `cluster.address` / $RAY_ADDRESS, or start a local Ray on loopback (127.0.0.100)."""
+    """Connect to `cluster.address` / $RAY_ADDRESS, or start a local Ray on loopback."""
     if ray.is_initialized():
         return
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
@@ -187,27 +208,7 @@ def init_ray(cfg: Config) -> None:
             check_reachable(address)
             ray.init(address=address, log_to_driver=True)
         else:
-            # Ray rewrites a literal 127.0.0.1 (and "localhost") to the host's outward address;
-            # any other loopback address is kept. 127.0.0.100 keeps the embedded Ray on loopback,
-            # apart from launch/local_cluster.sh's 127.0.0.2, 127.0.0.3, ...
-            ip = os.environ.get("STABLEGAN_LOCAL_IP", "127.0.0.100")
-            with socket.socket() as s:
-                s.bind((ip, 0))
-                dashboard_port = s.getsockname()[1]
-            ray.init(
-                # "local": a new Ray of our own, never one a past `ray start` left recorded.
-                address="local",
-                _node_ip_address=ip,
-                include_dashboard=True,
-                dashboard_host=ip,
-                dashboard_port=dashboard_port,
-                # Ray Train's placement-group cleaner asks the state API whether the controller
-                # lives; unpointed, it finds *another* Ray on the machine, sees no controller
-                # there and kills our workers (seen here beside launch/local_cluster.sh).
-                runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://{ip}:{dashboard_port}"}},
-                num_cpus=cfg.cluster.num_cpus or None,
-                log_to_driver=True,
-            )
+            local_ray.start(cfg.cluster.num_cpus or None)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UserError(
             f"cannot reach the Ray cluster at {address!r}: {exc}. Start one (launch/local_cluster.sh up) "
@@ -244,6 +245,8 @@ def register_saved(
         "experiment": cfg.name,
         "stability.flags": ",".join(flags),
     }
+    if cfg.trainer.init_from:
+        tags["init_from"] = cfg.trainer.init_from
     candidate = cfg.registry.candidate_alias
     classes = cfg.model.num_classes if cfg.model.conditional else 0
     version = tracking.register_generator(
@@ -265,6 +268,9 @@ def evaluate_final(cfg: Config, weights: Path, urls: str | list) -> Result | Non
     try:
         G = build_generator(cfg, torch.load(weights, weights_only=True)).eval()
         result = Evaluator(urls, cfg.eval, progress=False)(G, cfg.model.latent_dim)
+    except NonFiniteSamples as exc:
+        log.warning("the final generator is not evaluated: %s", exc)
+        return None
     except Exception:  # noqa: BLE001 - the weights are safe on disk; evaluate later by hand
         log.exception("evaluating the final generator failed; run python -m trainer.promote later")
         return None
@@ -298,7 +304,14 @@ def train_loop(config: dict) -> None:
     if ray.train.get_context().get_world_rank() == 0:
         logger = tracking.RunLogger(config["tracking_uri"], config["run_id"])
     try:
-        worker = Worker(config["cfg"], config["data_urls"], config["run_dir"], logger)
+        worker = Worker(
+            config["cfg"],
+            config["data_urls"],
+            config["run_dir"],
+            logger,
+            config["progress_bar"],
+            config["init"],
+        )
         handed = ray.train.get_checkpoint()
         if handed is not None:  # storage_path is a shared filesystem: the path is a local folder
             worker.resume(Path(handed.path))
@@ -313,14 +326,20 @@ def run(cfg: Config) -> dict[str, str]:
     """Train `cfg` end to end; return where the results are."""
     run_name, storage, urls = prepare_run(cfg)
     config_dict = asdict(cfg)
+    init = fetch_init(cfg, storage / run_name)
     init_ray(cfg)  # before the MLflow run: an unreachable cluster leaves no run behind
     uri, run_id = open_tracking(cfg, run_name, config_dict)
+    if init is not None:
+        tracking.set_run_tags(uri, run_id, init.tags())
     loop_config = {
         "cfg": config_dict,
         "data_urls": urls,
         "tracking_uri": uri,
         "run_id": run_id,
         "run_dir": str(storage / run_name),  # where Ray Train puts the checkpoints
+        "init": {"G": init.generator, "D": init.discriminator} if init else None,
+        "progress_bar": cfg.trainer.progress == "bar"
+        or (cfg.trainer.progress == "auto" and sys.stdout.isatty()),
     }
     try:
         result = make_trainer(cfg, run_name, storage, loop_config).fit()
@@ -336,6 +355,10 @@ def run(cfg: Config) -> dict[str, str]:
         "checkpoint": result.checkpoint.path,
     }
     out |= save_outputs(cfg, storage / run_name, result.checkpoint, config_dict)
+    try:
+        finetune.log_weights(uri, run_id, storage / run_name)
+    except Exception as exc:  # noqa: BLE001 - the weights stay on disk; only fine-tuning from the registry misses them
+        log.warning("could not log the weights for fine-tuning to MLflow run %s (%s)", run_id, exc)
     tags = conclude(cfg, result.metrics or {}, out, uri, run_id, urls)
     try:
         tracking.end_run(uri, run_id, tags=tags)
@@ -388,6 +411,7 @@ def prepare_run(cfg: Config) -> tuple[str, Path, str | list]:
     run_name = t.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     storage = Path(t.storage_path).expanduser().resolve()
     storage.mkdir(parents=True, exist_ok=True)
+    cfg.data.urls, cfg.eval.urls = absolute(cfg.data.urls), absolute(cfg.eval.urls)
     urls = cfg.data.urls or builtin_shards(cfg, storage)
     if not isinstance(urls, str):
         urls = list(urls)
@@ -400,6 +424,19 @@ def prepare_run(cfg: Config) -> tuple[str, Path, str | list]:
         except checkpoint.CheckpointError as exc:
             raise UserError(f"trainer.run_name={run_name}: {exc}") from None
     return run_name, storage, urls
+
+
+def fetch_init(cfg: Config, run_dir: Path) -> finetune.Init | None:
+    """`trainer.init_from`'s weights, downloaded and checked before Ray starts (None without it)."""
+    if not cfg.trainer.init_from:
+        return None
+    try:
+        init = finetune.fetch(cfg, tracking.resolve_uri(cfg.tracking.uri), run_dir / "init")
+    except (LookupError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    parts = "G and D" if init.discriminator else "G (its run logged no discriminator: D starts fresh)"
+    print(f"stablegan: fine-tuning from {init.version}: {parts}")
+    return init
 
 
 def open_tracking(cfg: Config, run_name: str, config_dict: dict) -> tuple[str, str]:
@@ -425,7 +462,10 @@ def make_trainer(cfg: Config, run_name: str, storage: Path, loop_config: dict) -
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        # One machine: a file rendezvous, so no torch.distributed port listens beyond loopback.
+        torch_config=(local_ray.LocalTorchConfig if local_ray.is_local() else TorchConfig)(
+            backend="nccl" if t.use_gpu else "gloo"
+        ),
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,
@@ -451,8 +491,10 @@ def save_outputs(cfg: Config, out_dir: Path, ckpt: ray.train.Checkpoint, config_
         os.chdir(out_dir)
     with ckpt.as_directory() as ckpt_dir:
         ema_state = checkpoint.load_ema_weights(Path(ckpt_dir))
-    weights = out_dir / "generator_ema.pt"
+        d_state = checkpoint.load_module_weights(Path(ckpt_dir), "D")
+    weights = out_dir / finetune.G_FILE
     atomic_write(weights, lambda f: torch.save(ema_state, f))  # kept whatever the registry does
+    atomic_write(out_dir / finetune.D_FILE, lambda f: torch.save(d_state, f))  # for fine-tuning
     config_json = json.dumps(config_dict, indent=2, sort_keys=True).encode()
     atomic_write(out_dir / "config.json", lambda f: f.write(config_json))
     picture = out_dir / "samples.png"

@@ -327,6 +327,32 @@ def resolve_version(uri: str, model_uri: str) -> tuple[str, str]:
     return name, version
 
 
+def version_run(uri: str, name: str, version: str) -> str:
+    """The id of the run that registered `version`."""
+    return str(_client(uri).get_model_version(name, version).run_id)
+
+
+def log_files(uri: str, run_id: str, paths: list[Path], artifact_path: str) -> None:
+    client = _client(uri)
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
+def download_file(uri: str, run_id: str, artifact: str, dest: Path) -> Path | None:
+    """A run's artifact file downloaded under `dest`; None when the run has no such file."""
+    folder, _, name = artifact.rpartition("/")
+    if name not in {Path(f.path).name for f in _client(uri).list_artifacts(run_id, folder or None)}:
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    return Path(_client(uri).download_artifacts(run_id, artifact, str(dest)))
+
+
+def set_run_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    client = _client(uri)
+    for k, v in tags.items():
+        client.set_tag(run_id, k, str(v))
+
+
 def version_tags(uri: str, name: str, version: str) -> dict[str, str]:
     return dict(_client(uri).get_model_version(name, version).tags)
 

@@ -216,11 +216,17 @@ def load_ema_weights(directory: Path) -> dict:
     return torch.load(directory / "ema.pt", weights_only=True)["module"]
 
 
+def load_module_weights(directory: Path, net: str) -> dict[str, torch.Tensor]:
+    """Rank 0's state dict of `net` ("G" or "D") in a checkpoint (replicas are identical)."""
+    return torch.load(next((directory / net).rglob("mp_rank_00_model_states.pt")), weights_only=True)[
+        "module"
+    ]
+
+
 def load_parameters(directory: Path) -> dict[str, torch.Tensor]:
     """Rank 0's G and D module states and the EMA generator of a checkpoint, as one flat dict
     ('G.<name>', 'D.<name>', 'ema.<name>'), for comparing checkpoints."""
     out = {f"ema.{k}": v for k, v in torch.load(directory / "ema.pt", weights_only=True)["module"].items()}
     for net in ("G", "D"):
-        sd = torch.load(next((directory / net).rglob("mp_rank_00_model_states.pt")), weights_only=True)
-        out |= {f"{net}.{k}": v for k, v in sd["module"].items()}
+        out |= {f"{net}.{k}": v for k, v in load_module_weights(directory, net).items()}
     return out

@@ -11,12 +11,16 @@ import torch
 from trainer.train.probe import WATCH
 
 
-def grid_png(images: torch.Tensor, nrow: int | None = None) -> bytes:
-    """Images (N,C,H,W) in [-1,1] -> one PNG grid (PIL only; torchvision is not a dependency)."""
-    from PIL import Image
-
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images (N,C,H,W) in [-1,1] -> uint8 (N,H,W,C)."""
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-    n, c, h, w = x.shape
+    return x.transpose(0, 2, 3, 1)
+
+
+def grid_array(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
+    """Images (N,C,H,W) in [-1,1] -> one uint8 grid (H',W',C), `nrow` images a row."""
+    x = to_uint8(images)
+    n, h, w, c = x.shape
     nrow = nrow or int(np.ceil(np.sqrt(n)))
     ncol = int(np.ceil(n / nrow))
     pad = 2
@@ -24,11 +28,22 @@ def grid_png(images: torch.Tensor, nrow: int | None = None) -> bytes:
     for i in range(n):
         r, q = divmod(i, nrow)
         y0, x0 = pad + r * (h + pad), pad + q * (w + pad)
-        canvas[y0 : y0 + h, x0 : x0 + w] = x[i].transpose(1, 2, 0)
-    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+        canvas[y0 : y0 + h, x0 : x0 + w] = x[i]
+    return canvas
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """uint8 (H,W,C) with C 1 or 3 -> PNG bytes."""
+    from PIL import Image
+
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def grid_png(images: torch.Tensor, nrow: int | None = None) -> bytes:
+    """Images (N,C,H,W) in [-1,1] -> one PNG grid (PIL only; torchvision is not a dependency)."""
+    return png_bytes(grid_array(images, nrow))
 
 
 def scatter_png(points: np.ndarray, modes: np.ndarray | None = None, title: str = "") -> bytes:

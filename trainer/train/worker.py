@@ -21,6 +21,7 @@ from typing import Protocol
 
 import ray.train
 import torch
+from ray.experimental import tqdm_ray
 
 from data_pipeline.sources import MIXTURES
 from data_pipeline.stream import ShardLoader, StreamConfig
@@ -65,10 +66,17 @@ def build_models(cfg: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
     return build_pair(**asdict(cfg.model))
 
 
-def build_engines(cfg: Config, device: torch.device) -> tuple[Engine, Engine, EMA]:
-    """G and D with identical initialisation on every rank, each in its own DeepSpeed engine."""
+def build_engines(
+    cfg: Config, device: torch.device, init: dict[str, str | None] | None = None
+) -> tuple[Engine, Engine, EMA]:
+    """G and D with identical initialisation on every rank, each in its own DeepSpeed engine;
+    `init` (fine-tuning) names weight files to start G (and its EMA) and D from, loaded
+    before the engines exist so their optimizers' master copies start from them too."""
     torch.manual_seed(cfg.trainer.seed)
     G, D = build_models(cfg)
+    for net, key in ((G, "G"), (D, "D")):
+        if init and init.get(key):
+            net.load_state_dict(torch.load(init[key], weights_only=True))
     o, p, b = cfg.optim, cfg.parallel, cfg.data.batch_size
     g_engine = Engine(G.to(device), o.g_lr, (o.beta1, o.beta2), p, b, o.grad_clip)
     d_engine = Engine(D.to(device), o.d_lr, (o.beta1, o.beta2), p, b, o.grad_clip)
@@ -174,7 +182,15 @@ def cpu_seconds() -> float:
 class Worker:
     """One rank's training: its engines, data position, guard, probe and periodic tasks."""
 
-    def __init__(self, cfg_dict: dict, data_urls: str | list, run_dir: str, logger: RunLog | None) -> None:
+    def __init__(
+        self,
+        cfg_dict: dict,
+        data_urls: str | list,
+        run_dir: str,
+        logger: RunLog | None,
+        progress_bar: bool = False,
+        init: dict[str, str | None] | None = None,  # fine-tuning: weight files for G and D
+    ) -> None:
         self.cpu_start = cpu_seconds()
         self.cfg_dict, self.cfg, self.run_dir = cfg_dict, from_dict(cfg_dict), run_dir
         cfg, t = self.cfg, self.cfg.trainer
@@ -185,12 +201,14 @@ class Worker:
         self.loader = make_loader(cfg, data_urls, self.rank, self.world)
         self.data_urls, self.device = data_urls, device
         self.evaluator: Evaluator | None = None  # rank 0, built at the first `eval.every` step
-        self.G, self.D, self.ema = build_engines(cfg, device)
+        self.G, self.D, self.ema = build_engines(cfg, device, init)
         self.guard = Guard(cfg.stability.guard, cfg.penalty.kind, cfg.penalty.weight)
         # Per-rank latents; a rollback may reseed them (guard.noise_seed counts rollbacks).
         self.noise = torch.Generator().manual_seed(self.guard.noise_seed(t.seed, self.rank))
         self.gan = GANStep(self.G, self.D, cfg, self.noise)
         self.logger = logger
+        self.bar = None  # rank 0 with progress_bar: a live bar rendered by the driver (Ray's tqdm)
+        self.progress_bar = progress_bar and logger is not None
         self.meter = Meter()
         self.probe = (
             make_probe(cfg, self.G, self.D, self.ema, self.gan)
@@ -258,6 +276,8 @@ class Worker:
         if self.probe is not None:
             self.probe.reset()
         self.history = {k: [(s, v) for s, v in vs if s <= self.step] for k, vs in self.history.items()}
+        if self.bar is not None:
+            self.bar.n = self.step
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -266,11 +286,16 @@ class Worker:
         try:
             if self.cfg.stability.guard.enabled and self.step == 0:
                 self.save_checkpoint({"step": 0})  # a healthy point to roll back to before the first check
+            if self.progress_bar:
+                self.bar = tqdm_ray.tqdm(desc=self.cfg.name, total=t.max_steps, unit="step")
+                self.bar.n = self.step
             while self.step < t.max_steps:
                 self.train_step()
                 self.after_step()
             self.finish()
         finally:
+            if self.bar is not None:
+                self.bar.close()
             if self.logger is not None:
                 self.logger.close(timeout=self.cfg.tracking.flush_timeout)
 
@@ -288,6 +313,8 @@ class Worker:
         self.meter.add(self.gan.g_step(cfg.data.batch_size))
         self.ema.update(self.G.module)
         self.step += 1
+        if self.bar is not None:
+            self.bar.update(1)
 
     def next_batch(self) -> dict:
         """The next batch, recorded for the data audit; NaN once under `trainer.inject_nan_at`."""
@@ -349,17 +376,21 @@ class Worker:
             metrics["tracking_dropped"] = float(self.logger.dropped)
             self.logger.log_metrics(metrics, self.step)
             self.record(metrics)
-            t = self.cfg.trainer
-            log.warning(
-                "step %d/%d  d_loss %.3f  g_loss %.3f  %.0f img/s  eta %.0fs",
-                self.step,
-                t.max_steps,
-                metrics.get("d_loss", float("nan")),
-                metrics.get("g_loss", float("nan")),
-                metrics["images_per_sec"],
-                (t.max_steps - self.step) / max(steps_per_sec, 1e-9),
-            )
+            self.show_progress(metrics, steps_per_sec)
         return metrics
+
+    def show_progress(self, metrics: dict[str, float], steps_per_sec: float) -> None:
+        """The losses on the live bar, or a line with the rate and ETA."""
+        d, g = metrics.get("d_loss", float("nan")), metrics.get("g_loss", float("nan"))
+        if self.bar is not None:
+            self.bar.set_description(f"{self.cfg.name}  d_loss {d:.3f}  g_loss {g:.3f}")
+            return
+        t = self.cfg.trainer
+        eta = (t.max_steps - self.step) / max(steps_per_sec, 1e-9)
+        log.warning(
+            "step %d/%d  d_loss %.3f  g_loss %.3f  %.0f img/s  eta %.0fs",
+            *(self.step, t.max_steps, d, g, metrics["images_per_sec"], eta),
+        )
 
     def probe_step(self) -> dict[str, float]:
         """Rank 0's stability probe on the last batch."""
