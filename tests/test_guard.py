@@ -44,6 +44,22 @@ def test_each_trigger(signals, trigger):
     assert tripped is not None and tripped[0] == trigger
 
 
+def test_a_loss_explosion_trips_from_the_first_check():
+    """A run that blows up in its first steps (lr 1e-2 on stacked digits: d_loss 28 at step 50,
+    1,083 at step 250) would teach the relative triggers that this is normal."""
+    guard = Guard(GuardConfig(enabled=True), "none", 0.0)
+    assert guard.trigger({**HEALTHY, "d_loss": 28.2}) == ("loss_explosion", "d_loss=28.2 beyond max_loss 20")
+    assert (
+        Guard(GuardConfig(enabled=True), "none", 0.0).trigger({**HEALTHY, "g_loss": -25.0})[0]
+        == "loss_explosion"
+    )
+    assert Guard(GuardConfig(enabled=True), "none", 0.0).trigger({**HEALTHY, "g_loss": 12.0}) is None
+    assert (
+        Guard(GuardConfig(enabled=True, max_loss=0), "none", 0.0).trigger({**HEALTHY, "d_loss": 500.0})
+        is None
+    )
+
+
 def test_saturation_needs_consecutive_checks_after_the_warm_up():
     guard = Guard(GuardConfig(enabled=True, saturated_checks=3, loss_z=0), "none", 0.0)
     saturated = {**HEALTHY, "d_acc_real": 0.999, "d_acc_fake": 0.995}

@@ -226,6 +226,10 @@ class GuardConfig:
     """The stability guard (trainer/train/guard.py): triggers, interventions and their budget."""
 
     enabled: bool = False
+    # |d_loss| or |g_loss| beyond this at any check, warm-up included (0 = off; not applied to
+    # loss=wasserstein, whose critic values are unbounded): healthy runs of the bounded losses
+    # stay within a few units
+    max_loss: float = at_least(20.0, 0.0)
     loss_z: float = at_least(8.0, 0.0)  # d_loss or g_loss beyond this many EW std devs (0 = off) ...
     loss_rel: float = at_least(0.5, 0.0)  # ... and beyond this fraction of its EW mean
     d_saturation: float = 0.99  # D accuracy on reals and on fakes both at least this ...

@@ -10,6 +10,9 @@ back instead of saving when a trigger fires, so every checkpoint it saves is hea
 
 Triggers (`stability.guard` in the config; 0 turns one off):
 - non-finite loss, gradient norm or metric;
+- a loss explosion: |d_loss| or |g_loss| beyond `max_loss` at any check, the first included
+  (the relative triggers below learn their baselines from the run itself, so a run that blows
+  up in its first steps would teach them that this is normal);
 - a loss spike: d_loss or g_loss beyond `loss_z` exponentially weighted standard deviations;
 - D saturated: accuracy on reals and on fakes both at least `d_saturation` for
   `saturated_checks` checks in a row, after the first `WARMUP_CHECKS` checks;
@@ -72,6 +75,10 @@ class Guard:
         bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
         if metrics.get("nonfinite", 0) > 0 or bad:
             return "nonfinite", f"{metrics.get('nonfinite', 0):.0f} non-finite values; {', '.join(bad[:4])}"
+        if c.max_loss:
+            for key in ("d_loss", "g_loss"):
+                if abs(metrics.get(key, 0.0)) > c.max_loss:
+                    return "loss_explosion", f"{key}={metrics[key]:.4g} beyond max_loss {c.max_loss:g}"
         if c.loss_z:
             for key, stats in self.loss_stats.items():
                 if key in metrics:

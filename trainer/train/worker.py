@@ -202,7 +202,10 @@ class Worker:
         self.data_urls, self.device = data_urls, device
         self.evaluator: Evaluator | None = None  # rank 0, built at the first `eval.every` step
         self.G, self.D, self.ema = build_engines(cfg, device, init)
-        self.guard = Guard(cfg.stability.guard, cfg.penalty.kind, cfg.penalty.weight)
+        guard = cfg.stability.guard
+        if cfg.loss.kind == "wasserstein":  # a critic's values are unbounded: no absolute bound
+            guard = replace(guard, max_loss=0.0)
+        self.guard = Guard(guard, cfg.penalty.kind, cfg.penalty.weight)
         # Per-rank latents; a rollback may reseed them (guard.noise_seed counts rollbacks).
         self.noise = torch.Generator().manual_seed(self.guard.noise_seed(t.seed, self.rank))
         self.gan = GANStep(self.G, self.D, cfg, self.noise)
