@@ -104,7 +104,7 @@ def test_rollback_interventions_and_target_choice():
         guard.saved(step, f"/runs/x/checkpoint_{step:08d}")
     usable = list(guard.healthy)
 
-    first = guard.plan(640, "nonfinite", "NaN", usable)
+    first = guard.plan(640, "loss_spike", "z", usable)
     assert first["action"] == "rollback" and first["rolled_back_to"] == 500
     guard.apply(first)
     assert (guard.rollbacks, guard.lr_scale, guard.penalty_kind, guard.penalty_weight) == (1, 0.5, "r1", 0.1)
@@ -132,7 +132,22 @@ def test_rollback_interventions_and_target_choice():
     table = json.loads(guard.table())
     assert table["columns"] == EVENT_COLUMNS and len(table["data"]) == 4
     assert [row[4] for row in table["data"]] == [500, 250, 500, None]
-    assert guard.summary()["triggers"] == ["collapse", "loss_spike", "nonfinite"]
+    assert guard.summary()["triggers"] == ["collapse", "loss_spike"]
+
+
+def test_a_first_nan_is_a_transient_fault_and_a_second_an_instability():
+    """The first non-finite trip rolls back with new latents only (a bad batch should not cost
+    the rest of the run a halved lr); another one after it intervenes as any trigger does."""
+    guard = Guard(GuardConfig(enabled=True, lr_factor=0.5), "r1", 1.0)
+    guard.saved(500, "/c500")
+    seed = guard.noise_seed(0, 0)
+    guard.apply(guard.plan(600, "nonfinite", "NaN", guard.healthy))
+    assert (guard.rollbacks, guard.lr_scale, guard.penalty_weight) == (1, 1.0, 1.0)
+    assert guard.noise_seed(0, 0) != seed  # new latents all the same
+    guard.saved(750, "/c750")
+    guard.apply(guard.plan(800, "nonfinite", "NaN", guard.healthy))
+    assert (guard.rollbacks, guard.lr_scale, guard.penalty_weight) == (2, 0.5, 2.0)
+    assert [e["lr_scale"] for e in guard.events] == [1.0, 0.5]
 
 
 def test_nothing_to_roll_back_to_is_recorded_not_crashed():
@@ -145,7 +160,7 @@ def test_nothing_to_roll_back_to_is_recorded_not_crashed():
 def test_state_round_trip_keeps_interventions():
     guard = Guard(GuardConfig(enabled=True), "r1", 1.0)
     guard.saved(100, "/c100")
-    guard.apply(guard.plan(150, "nonfinite", "NaN", guard.healthy))
+    guard.apply(guard.plan(150, "loss_spike", "z", guard.healthy))
     state = json.loads(json.dumps(guard.state_dict()))  # what a checkpoint stores
     again = Guard(GuardConfig(enabled=True), "r1", 1.0)
     again.load_state_dict(state)

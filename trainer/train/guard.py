@@ -1,6 +1,7 @@
 """The stability guard: watch the stability signals, and when one trips, roll every worker back
 to the last healthy checkpoint and intervene (lower the learning rates, raise or add the
-penalty, draw new latents), within a budget of rollbacks.
+penalty, draw new latents), within a budget of rollbacks. A run's first non-finite trip is
+taken for a transient fault: rolled back with new latents, without the other interventions.
 
 Every rank holds a `Guard`. Rank 0 sees all signals (reduced step metrics and its probe) and
 decides; the decision is broadcast, and every rank applies it, so ranks stay identical. A
@@ -159,11 +160,8 @@ class Guard:
             self.rollbacks += 1
             self._last_target = event["target"]
             self.healthy = [(s, p) for s, p in self.healthy if s <= event["rolled_back_to"]]
-            self.lr_scale *= self.cfg.lr_factor
-            if self.penalty_kind == "none" and self.cfg.add_r1 > 0:
-                self.penalty_kind, self.penalty_weight = "r1", self.cfg.add_r1
-            elif self.penalty_kind != "none":
-                self.penalty_weight *= self.cfg.penalty_factor
+            if not self.transient(event):
+                self.intervene()
             self._reset_watch()
         if event["action"] == "repeat":
             self.events[-1]["repeats"] = self.events[-1].get("repeats", 0) + 1
@@ -172,6 +170,22 @@ class Guard:
         event["lr_scale"] = self.lr_scale
         event["penalty"] = f"{self.penalty_kind} {self.penalty_weight:g}"
         self.events.append(event)
+
+    def transient(self, event: dict) -> bool:
+        """A first non-finite trip is taken for a transient fault (a bad batch, a numeric
+        accident): the rollback and new latents suffice, and lowering the learning rate would
+        cost the rest of the run (the image drill's NaN batch: FD-digits 418 against the
+        control's 68). Once one has been rolled back, the next is an instability."""
+        earlier = any(e["trigger"] == "nonfinite" and e["action"] == "rollback" for e in self.events)
+        return event["trigger"] == "nonfinite" and not earlier
+
+    def intervene(self) -> None:
+        """Lower both learning rates; raise the penalty, or add R1 to a run without one."""
+        self.lr_scale *= self.cfg.lr_factor
+        if self.penalty_kind == "none" and self.cfg.add_r1 > 0:
+            self.penalty_kind, self.penalty_weight = "r1", self.cfg.add_r1
+        elif self.penalty_kind != "none":
+            self.penalty_weight *= self.cfg.penalty_factor
 
     def saved(self, step: int, path: str) -> None:
         """A checkpoint was saved with no trigger since the one before: it is healthy."""
