@@ -120,9 +120,19 @@ def collect(store: Path) -> list[dict]:
             "rollbacks": t.get("stablegan.guard.rollbacks", ""),
             "triggers": t.get("stablegan.guard.triggers", ""),
             "cpu_seconds": m.get("train_cpu_seconds"),
-            **{k: m.get(f"eval/{k}", float("nan")) for k in KEYS},
+            **final_scores(client, r.info.run_id, int(p["trainer.max_steps"])),
         }
     return sorted(rows.values(), key=lambda r: (r["run"], r["seed"]))
+
+
+def final_scores(client, run_id: str, steps: int) -> dict[str, float]:
+    """The end-of-run evaluation's scores (logged at the last step), NaN where there is none:
+    the latest eval/* value may be an in-training one from before the run diverged."""
+    out = {}
+    for k in KEYS:
+        at_end = [m.value for m in client.get_metric_history(run_id, f"eval/{k}") if m.step == steps]
+        out[k] = at_end[-1] if at_end else float("nan")
+    return out
 
 
 def table(store: Path) -> dict:
