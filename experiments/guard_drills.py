@@ -145,7 +145,7 @@ def table(store: Path) -> dict:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        cells = " | ".join(f"{r[k]:.3g}" for k in KEYS)
+        cells = " | ".join(f"{r[k]:.0f}" if k == "modes" and r[k] == r[k] else f"{r[k]:.3g}" for k in KEYS)
         lines.append(
             f"| {r['run']} | {r['seed']} | {r['steps']} | {cells} | {r['diverged']} | {r['rollbacks']} | {r['triggers']} |"
         )
