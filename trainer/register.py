@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("run_id=... is required (printed as mlflow_run_id at the end of training)")
         cfg = from_dict(json.loads(config_file.read_text()))
         uri = tracking.resolve_uri(args.tracking.uri or cfg.tracking.uri)
-        finetune.log_weights(uri, args.run_id, weights.parent)  # so the version can be fine-tuned from
+        try:  # so the version can be fine-tuned from; registering does not depend on it
+            finetune.log_weights(uri, args.run_id, weights.parent)
+        except Exception as exc:  # noqa: BLE001 - the registration below is what was asked for
+            print(f"register: note: weights not logged for fine-tuning ({exc})", file=sys.stderr)
         version, decision = register_saved(weights, cfg, args.run_id, uri, dataset=str(cfg.data.urls))
         print(version)
         print(decision)
