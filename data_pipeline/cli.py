@@ -15,10 +15,11 @@ T = TypeVar("T")
 RENAMED = {"tracking_uri": "tracking.uri"}
 
 
-def parse_overrides(schema: type[T], argv: list[str]) -> T:
+def parse_overrides(schema: type[T], argv: list[str], aliases: dict[str, str] | None = None) -> T:
     """Merge `key=value` items (dotted for nested sections) onto the dataclass `schema`;
-    unknown keys and bad types raise."""
-    argv = [renamed(a) for a in argv]
+    unknown keys and bad types raise. `aliases` maps another accepted spelling of a key (training's
+    name for the same thing, e.g. `data.urls` for make_shards' `out`) onto the schema's key."""
+    argv = [aliased(renamed(a), aliases or {}) for a in argv]
     bad = [a for a in argv if "=" not in a or a.startswith("=")]
     if bad:
         raise ValueError(f"arguments must be key=value, got {bad}")
@@ -37,6 +38,11 @@ def parse_overrides(schema: type[T], argv: list[str]) -> T:
     except (ValidationError, ConfigKeyError) as exc:
         raise ValueError(f"invalid value: {exc.msg.splitlines()[0]} (key {exc.full_key})") from None
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def aliased(item: str, aliases: dict[str, str]) -> str:
+    key, sep, value = item.partition("=")
+    return f"{aliases[key.lstrip('+')]}={value}" if sep and key.lstrip("+") in aliases else item
 
 
 def renamed(item: str) -> str:

@@ -2,6 +2,11 @@
 
     python -m data_pipeline.make_shards source=digits out=shards/digits resolution=32
     python -m data_pipeline.make_shards source=stacked_digits out=shards/stacked num_samples=50000
+    python -m data_pipeline.make_shards source=folder src=~/faces data.urls=shards/faces \
+        model.resolution=64 model.channels=3
+
+Training's names for the same things work too (`data.urls` for `out`, `model.resolution`,
+`model.channels`), so one set of keys can go to both commands.
 
 Shards are byte-identical for the same inputs (seeded order, fixed tar metadata) and appear
 only when complete: everything is written under a staging folder and renamed at the end, the
@@ -29,6 +34,8 @@ from data_pipeline.shards import MANIFEST, sha256_file
 
 FORMAT = "stablegan-shards/1"
 SOURCES = ("folder", "npz", "digits", "stacked_digits", "ring8", "grid25")
+# Training's key for the same thing -> make_shards' own key.
+TRAINING_KEYS = {"data.urls": "out", "model.resolution": "resolution", "model.channels": "channels"}
 
 
 @dataclass
@@ -231,9 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         print("keys:", ", ".join(MakeShardsConfig.__dataclass_fields__))
+        print("also, as training names them:", ", ".join(f"{k} (= {v})" for k, v in TRAINING_KEYS.items()))
         return 0
     try:
-        cfg = parse_overrides(MakeShardsConfig, argv)
+        cfg = parse_overrides(MakeShardsConfig, argv, TRAINING_KEYS)
         manifest = write_shards(cfg)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"make_shards: error: {exc}", file=sys.stderr)

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from data_pipeline.cli import parse_overrides
+from data_pipeline.make_shards import TRAINING_KEYS, MakeShardsConfig
 from tests.conftest import BIN
 from trainer.evaluate import EvaluateConfig
 from trainer.main import compose
@@ -33,6 +34,19 @@ def test_shared_data_and_eval_keys():
             cfg.eval.features,
             cfg.eval.num,
         )
+
+
+def test_make_shards_takes_trainings_names_for_the_output_and_image_shape():
+    keys = ["data.urls=shards/faces", "model.resolution=64", "model.channels=3"]
+    cfg = compose(["experiment=images", *keys])
+    shards = parse_overrides(MakeShardsConfig, keys, TRAINING_KEYS)
+    assert (shards.out, shards.resolution, shards.channels) == (
+        cfg.data.urls,
+        cfg.model.resolution,
+        cfg.model.channels,
+    )
+    with pytest.raises(ValueError, match="unknown key 'data.url'"):
+        parse_overrides(MakeShardsConfig, ["data.url=x"], TRAINING_KEYS)
 
 
 def test_the_old_key_still_works_with_a_note(capsys):
