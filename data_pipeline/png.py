@@ -80,8 +80,11 @@ def decode(raw: bytes) -> np.ndarray:
     """Image bytes -> uint8 (C, H, W) with C = 1 (gray) or 3 (RGB). Raises OSError/ValueError
     on undecodable data (as PIL does)."""
     fast = _fast(raw)
-    if fast is not None:
-        return fast
+    return fast if fast is not None else decode_pil(raw)
+
+
+def decode_pil(raw: bytes) -> np.ndarray:
+    """`decode` through PIL only: any format PIL reads, gray kept, everything else as RGB."""
     with Image.open(io.BytesIO(raw)) as img:
         if img.mode not in ("L", "RGB"):
             img = img.convert("RGB")

@@ -13,6 +13,8 @@ from urllib.request import url2pathname
 
 import braceexpand
 
+from data_pipeline import objstore
+
 MANIFEST = "manifest.json"
 
 
@@ -69,20 +71,44 @@ def _expand(pattern: str) -> list[str]:
         ) from None
 
 
-def _from_manifest(path: Path) -> ShardList:
+def _from_manifest(path: Path | str) -> ShardList:
+    """The shards a manifest lists, as URLs beside it (a local path or an s3:// object)."""
     try:
-        manifest = json.loads(path.read_text())
+        text = objstore.read_bytes(path) if objstore.is_s3(path) else Path(path).read_text()
+        manifest = json.loads(text)
     except (OSError, json.JSONDecodeError) as exc:
+        raise ShardSpecError(f"cannot read manifest {path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - boto3's errors: missing object, credentials, endpoint
         raise ShardSpecError(f"cannot read manifest {path}: {exc}") from None
     if not manifest.get("shards"):
         raise ShardSpecError(f"manifest {path} lists no shards; rebuild it with data_pipeline.make_shards")
-    urls = [str(path.parent / s["name"]) for s in manifest["shards"]]
+    if objstore.is_s3(path):
+        urls = [str(path).rsplit("/", 1)[0] + "/" + s["name"] for s in manifest["shards"]]
+    else:
+        urls = [str(Path(path).parent / s["name"]) for s in manifest["shards"]]
     return ShardList(
         urls,
         manifest,
         {u: s["sha256"] for u, s in zip(urls, manifest["shards"]) if "sha256" in s},
         {u: s["bytes"] for u, s in zip(urls, manifest["shards"]) if "bytes" in s},
     )
+
+
+def _from_s3(spec: str) -> ShardList:
+    """s3://BUCKET/PREFIX/manifest.json, or a prefix holding one (else its .tar objects)."""
+    if spec.endswith(".json") or spec.endswith(".tar"):
+        return _from_manifest(spec) if spec.endswith(".json") else ShardList([spec])
+    prefix = spec.rstrip("/") + "/"
+    try:
+        objects = objstore.list_keys(prefix)
+    except Exception as exc:  # noqa: BLE001 - boto3's errors: no bucket, credentials, endpoint
+        raise ShardSpecError(f"cannot list {prefix}: {exc}") from None
+    if prefix + MANIFEST in objects:
+        return _from_manifest(prefix + MANIFEST)
+    tars = [u for u in objects if u.endswith(".tar")]
+    if not tars:
+        raise ShardSpecError(f"{prefix} holds no .tar shards and no {MANIFEST}")
+    return ShardList(tars)
 
 
 def resolve(spec: str | list[str] | tuple[str, ...]) -> ShardList:
@@ -103,7 +129,9 @@ def resolve(spec: str | list[str] | tuple[str, ...]) -> ShardList:
                 "no shards given: set data.urls to a brace pattern, list, folder or manifest"
             )
         path = local_path(spec) if "{" not in spec else None
-        if path is not None and path.is_dir():
+        if objstore.is_s3(spec) and "{" not in spec:
+            result = _from_s3(spec)
+        elif path is not None and path.is_dir():
             if (path / MANIFEST).is_file():
                 result = _from_manifest(path / MANIFEST)
             else:

@@ -97,6 +97,46 @@ def mlflow_server(tmp_path_factory):
         stop_group(proc)
 
 
+S3_ENV = {  # what a user exports for an S3-compatible server; nothing else carries credentials
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A local S3-compatible server (moto's server mode) on 127.0.0.1, in its own process group;
+    yields the environment that points boto3, pyarrow and MLflow at it."""
+    pytest.importorskip("moto", reason="the S3 tests need moto[server] (pip install -e '.[dev]')")
+    port = free_port()
+    root = tmp_path_factory.mktemp("s3")
+    with open(root / "server.log", "ab") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/moto-api/")
+        yield {**S3_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    finally:
+        stop_group(proc)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """This test's process (and its children) pointed at the local S3 server, a fresh boto3 client."""
+    from data_pipeline import objstore
+
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    objstore.client.cache_clear()
+    yield s3_server
+    objstore.client.cache_clear()
+
+
 def postgres_bindir() -> Path | None:
     """Where Debian's PostgreSQL server binaries are (None when it is not installed)."""
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))

@@ -315,34 +315,42 @@ def test_manifest_checksum_mismatch(tmp_path):
         ShardLoader(StreamConfig(urls=str(tmp_path), batch_size=8, num_workers=0))
 
 
+def _fast_members(data: bytes) -> tuple[list[tuple[str, bytes]], list[Exception]]:
+    from data_pipeline.stream import _guarded, fast_tar_files
+
+    errors: list[Exception] = []
+    files = _guarded(fast_tar_files(io.BufferedReader(io.BytesIO(data)), "u", errors.append), errors.append)
+    return [(f["fname"], f["data"]) for f in files], errors
+
+
 def test_fast_tar_reader_agrees_with_tarfile_and_falls_back(digits, tmp_path):
     import gzip
 
     from webdataset.tariterators import tar_file_iterator
 
-    from data_pipeline.stream import _plain_tar_members, _read_shard
+    from data_pipeline.stream import shard_samples
 
     shard = sorted(digits.glob("*.tar"))[0]
     data = shard.read_bytes()
-    members, error = _plain_tar_members(data)
+    members, errors = _fast_members(data)
     reference = [(m["fname"], m["data"]) for m in tar_file_iterator(io.BytesIO(data))]
-    assert error is None and members == reference and len(members) == 200  # png + cls per image
+    assert not errors and members == reference and len(members) == 200  # png + cls per image
 
-    # PAX records (long names) and gzip are left to tarfile, and still read.
+    # PAX records (long names) and gzip go on to webdataset's tarfile iterator, and still read.
     pax = tmp_path / "pax.tar"
     with tarfile.open(pax, "w", format=tarfile.PAX_FORMAT) as tar:
         for name, payload in [("d" * 120 + "/0001.cls", b"3"), ("plain.cls", b"4")]:
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    assert _plain_tar_members(pax.read_bytes()) is None
     gz = tmp_path / "x.tar.gz"
     gz.write_bytes(gzip.compress(data))
-    assert _plain_tar_members(gz.read_bytes()) is None
     for url in (pax, gz):
-        samples, err = _read_shard(str(url))
-        assert err is None and samples
-    assert {s["__key__"] for s in _read_shard(str(pax))[0]} == {"d" * 120 + "/0001", "plain"}
+        errors = []
+        samples = list(shard_samples(str(url), errors.append))
+        assert not errors and samples
+    assert {s["__key__"] for s in shard_samples(str(pax), print)} == {"d" * 120 + "/0001", "plain"}
+    assert len(list(shard_samples(str(gz), print))) == 100
 
     # A damaged header after the 10th member: the first 10 are kept, the damage reported.
     offsets = [0]
@@ -350,8 +358,73 @@ def test_fast_tar_reader_agrees_with_tarfile_and_falls_back(digits, tmp_path):
         offsets.append(offsets[-1] + 512 + (len(payload) + 511) // 512 * 512)
     broken = bytearray(data)
     broken[offsets[10] + 3] ^= 0x55  # inside the 11th member's name: its checksum fails
-    kept, err = _plain_tar_members(bytes(broken))
-    assert kept == members[:10] and "checksum" in str(err)
+    kept, errors = _fast_members(bytes(broken))
+    assert kept == members[:10] and len(errors) == 1
     # Cut at a member boundary (no end-of-archive blocks): reported as truncated.
-    kept, err = _plain_tar_members(data[: offsets[10]])
-    assert kept == members[:10] and "truncated" in str(err)
+    kept, errors = _fast_members(data[: offsets[10]])
+    assert kept == members[:10] and "truncated" in str(errors[0])
+
+
+# User stages for the tests below, importable as 'tests.test_stream:NAME' (as the config names them).
+def invert(sample: dict) -> dict:
+    sample["png"] = 255 - sample["png"]
+    return sample
+
+
+def drop_class_1(sample: dict) -> dict | None:
+    return None if sample.get("cls") == 1 else sample
+
+
+def blank_png(key: str, data: bytes) -> np.ndarray | None:
+    return np.zeros((1, 8, 8), np.uint8) if key == ".png" else None
+
+
+def test_user_stages_and_decoders_run_in_the_pipeline(digits):
+    plain, _ = _epoch(digits, 0, 1, 0, shuffle=False)
+    inverted, _ = _epoch(digits, 0, 1, 2, shuffle=False, stages=["tests.test_stream:invert"])
+    assert sorted(inverted) == sorted(bytes(255 - b for b in k) for k in plain)  # names, in workers
+    kept, loader = _epoch(digits, 0, 1, 0, stages=[drop_class_1])  # a callable, from Python
+    assert len(kept) == 1797 - 182 and loader.skipped["filtered"] == 182  # digits has 182 ones
+    blank, _ = _epoch(digits, 0, 1, 0, decoders=["tests.test_stream:blank_png"])
+    assert set(blank) == {bytes(64)}  # the user's decoder is tried before ours
+    with pytest.raises(ShardSpecError, match="cannot be imported"):
+        _epoch(digits, 0, 1, 0, stages=["tests.test_stream:nope"])
+
+
+@pytest.mark.slow
+def test_a_large_shard_streams_in_bounded_memory(tmp_path):
+    """A ~400 MB shard (30,000 64-px images) read with the default 1,000-sample shuffle buffer:
+    the reader's resident memory grows by less than 0.3x the shard (the issue's bound, 300 MB
+    for 1 GB, in proportion). The old reader held the whole shard."""
+    import subprocess
+    import sys
+
+    from data_pipeline import png
+
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    one = png.encode(noise, level=0)  # ~12 KB, stored
+    shard = tmp_path / "big.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(30_000):
+            info = tarfile.TarInfo(f"{i:06d}.png")
+            info.size = len(one)
+            tar.addfile(info, io.BytesIO(one))
+    size = shard.stat().st_size
+    code = f"""
+import os
+from data_pipeline.stream import ShardLoader, StreamConfig
+loader = ShardLoader(StreamConfig(urls={str(shard)!r}, batch_size=64, num_workers=0, infinite=False,
+                                  verify=False, expected_shape=(3, 64, 64)))
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before, n, peak = resident(), 0, 0
+for b in loader:  # resident memory after every batch: the reader's buffer and what it decoded
+    n, peak = n + len(b["x"]), max(peak, resident())
+print(n, peak - before)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    n, grown = map(int, out.stdout.split())
+    assert n == 30_000 // 64 * 64  # full batches
+    assert grown < 0.3 * size, f"peak memory grew by {grown / 1e6:.0f} MB reading a {size / 1e6:.0f} MB shard"

@@ -283,9 +283,20 @@ class DataConfig:
     hflip: bool = False
     verify: bool = True  # sha256 of every shard against its manifest before training
     audit: bool = False  # log which samples each rank read, per epoch (data_audit.json.gz in MLflow)
+    shuffle_buffer: int = at_least(1000, 1)  # samples a reader holds to shuffle within a shard
+    tar_reader: str = one_of("fast", "fast", "webdataset")  # fast: our plain-ustar header reader
+    # Your own webdataset stages, as 'package.module:function': `decoders` are decode handlers
+    # f(".ext", bytes) -> value | None tried before ours; `stages` map each decoded sample (a
+    # dict with the image as uint8 (C, H, W) under its extension) and may return None to drop it.
+    decoders: list[str] = field(default_factory=list)
+    stages: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         _check_fields(self, "data")
+        for spec in (*self.decoders, *self.stages):
+            module, _, name = spec.partition(":")
+            if not module or not name:
+                raise ConfigError(f"data stage {spec!r}: write it as 'package.module:function'")
 
 
 @dataclass
@@ -337,11 +348,11 @@ class TrainerConfig:
                 f"trainer.init_from={self.init_from!r} is not a registered model: use models:/NAME@ALIAS "
                 "or models:/NAME/VERSION"
             )
-        if "://" in self.storage_path:
+        if "://" in self.storage_path and not self.storage_path.startswith("s3://"):
             raise ConfigError(
-                f"trainer.storage_path={self.storage_path!r} is invalid: checkpoints, datasets and "
-                "weights need a filesystem path that every node sees (local disk on one machine, an NFS/EFS "
-                "mount on a cluster); object-store URLs are not supported yet"
+                f"trainer.storage_path={self.storage_path!r} is invalid: give a filesystem path that every "
+                "node sees (local disk on one machine, an NFS/EFS mount on a cluster) or s3://BUCKET/PREFIX "
+                "(S3 or an S3-compatible server, credentials and AWS_ENDPOINT_URL from the environment)"
             )
         for key, amount in self.worker_resources.items():
             if key in ("CPU", "GPU") or amount <= 0:
@@ -366,6 +377,9 @@ class TrackingKeys:
 class TrackingConfig:
     uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory
     experiment: str = "stablegan"
+    # Where a new experiment keeps its artifacts, e.g. s3://BUCKET/mlflow ("" = MLflow's default;
+    # a server's --default-artifact-root or --artifacts-destination decides for its experiments)
+    artifact_location: str = ""
     registered_model: str = "stablegan-generator"
     register: bool = True
     alias: str = "champion"  # moved to a new version only if it is better (registry.*); "" = never

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import secrets
+import shutil
 import socket
 import sys
 import time
@@ -21,8 +22,10 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from data_pipeline import objstore
 from data_pipeline.make_shards import MakeShardsConfig, write_shards
 from data_pipeline.shards import MANIFEST, ShardSpecError, absolute, resolve
+from data_pipeline.stream import load_callable
 from trainer.config import Config, ConfigError
 from trainer.eval import features
 from trainer.eval.evaluator import Evaluator, NonFiniteSamples, Result, feature_spec
@@ -153,6 +156,11 @@ def check_data(cfg: Config, urls: str | list) -> None:
     except ShardSpecError as exc:
         raise UserError(f"data.urls: {exc}") from None
     fit_readers(cfg, len(shards.urls))
+    for spec in (*cfg.data.decoders, *cfg.data.stages):
+        try:
+            load_callable(spec)
+        except ShardSpecError as exc:
+            raise UserError(f"data.stages / data.decoders: {exc}") from None
     kind = shards.kind
     if cfg.model.conditional:
         check_classes(cfg, shards.manifest)
@@ -297,6 +305,23 @@ def check_eval(cfg: Config, urls: str | list) -> None:
         raise UserError(f"{exc} (or turn evaluation off: eval.at_end=false eval.every=0)") from None
 
 
+def local_checkpoint(handed: ray.train.Checkpoint, run_dir: Path) -> Path:
+    """The checkpoint Ray hands over, as a local folder: itself on a shared filesystem, else
+    downloaded from object storage into the run's local folder (renamed into place whole, so
+    ranks on one machine never see a half-written copy)."""
+    if handed.filesystem.type_name == "local":
+        return Path(handed.path)
+    target = run_dir / Path(handed.path).name
+    if not target.is_dir():
+        tmp = run_dir / f".{target.name}.{secrets.token_hex(4)}"
+        handed.to_directory(str(tmp))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another rank got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def train_loop(config: dict) -> None:
     """Ray Train's per-rank entry: `config` holds the resolved config, shard URLs and MLflow run.
     Rank 0 logs through a buffered `RunLogger`; the worker itself knows nothing of MLflow."""
@@ -313,8 +338,8 @@ def train_loop(config: dict) -> None:
             config["init"],
         )
         handed = ray.train.get_checkpoint()
-        if handed is not None:  # storage_path is a shared filesystem: the path is a local folder
-            worker.resume(Path(handed.path))
+        if handed is not None:
+            worker.resume(local_checkpoint(handed, Path(config["run_dir"])))
     except BaseException:
         if logger is not None:
             logger.close(timeout=0)
@@ -324,6 +349,7 @@ def train_loop(config: dict) -> None:
 
 def run(cfg: Config) -> dict[str, str]:
     """Train `cfg` end to end; return where the results are."""
+    os.environ.update(objstore.endpoint_env())  # MLflow's S3 store on boto3's endpoint (Ray inherits it)
     run_name, storage, urls = prepare_run(cfg)
     config_dict = asdict(cfg)
     init = fetch_init(cfg, storage / run_name)
@@ -355,6 +381,10 @@ def run(cfg: Config) -> dict[str, str]:
         "checkpoint": result.checkpoint.path,
     }
     out |= save_outputs(cfg, storage / run_name, result.checkpoint, config_dict)
+    if objstore.is_s3(cfg.trainer.storage_path):
+        remote = f"{cfg.trainer.storage_path.rstrip('/')}/{run_name}"
+        upload_outputs(storage / run_name, remote)
+        out["checkpoint"] = f"{objstore.S3}{result.checkpoint.path}"
     try:
         finetune.log_weights(uri, run_id, storage / run_name)
     except Exception as exc:  # noqa: BLE001 - the weights stay on disk; only fine-tuning from the registry misses them
@@ -403,13 +433,35 @@ def conclude(
     return tags
 
 
+def local_storage(storage_path: str) -> Path:
+    """The run files' local folder: `storage_path` itself, or for s3:// a mirror under the cache
+    (built-in datasets, the final weights and picture before upload, rollback checkpoints)."""
+    if objstore.is_s3(storage_path):
+        bucket, prefix = objstore.split(storage_path)
+        return features.cache_root() / "storage" / bucket / prefix
+    return Path(storage_path).expanduser().resolve()
+
+
+def previous_config(cfg: Config, run_name: str) -> dict | None:
+    """The config of this run's newest checkpoint, if the run has one (a resume)."""
+    storage = cfg.trainer.storage_path
+    if objstore.is_s3(storage):
+        try:
+            found = objstore.list_keys(f"{storage.rstrip('/')}/{run_name}/checkpoint_", "/config.json")
+        except Exception as exc:  # noqa: BLE001 - boto3: no bucket, no credentials, no endpoint
+            raise UserError(f"trainer.storage_path={storage}: cannot list it ({exc})") from None
+        return json.loads(objstore.read_bytes(found[-1])) if found else None
+    previous = sorted((local_storage(storage) / run_name).glob("checkpoint_*/config.json"))
+    return checkpoint.load_config(previous[-1].parent) if previous else None
+
+
 def prepare_run(cfg: Config) -> tuple[str, Path, str | list]:
-    """The run's name, its storage folder and checked shard URLs (built-in data written on
-    first use); a resume is refused here if it changes the model or data layout."""
+    """The run's name, its local storage folder and checked shard URLs (built-in data written
+    on first use); a resume is refused here if it changes the model or data layout."""
     t = cfg.trainer
     # The random tail keeps apart runs of a parallel sweep that start in the same second.
     run_name = t.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    storage = Path(t.storage_path).expanduser().resolve()
+    storage = local_storage(t.storage_path)
     storage.mkdir(parents=True, exist_ok=True)
     cfg.data.urls, cfg.eval.urls = absolute(cfg.data.urls), absolute(cfg.eval.urls)
     urls = cfg.data.urls or builtin_shards(cfg, storage)
@@ -417,10 +469,10 @@ def prepare_run(cfg: Config) -> tuple[str, Path, str | list]:
         urls = list(urls)
     check_data(cfg, urls)
     check_eval(cfg, cfg.eval.urls or urls)
-    previous = sorted((storage / run_name).glob("checkpoint_*/config.json"))
-    if previous:  # resuming: the same model and data layout, or a clear error before any work
+    previous = previous_config(cfg, run_name)
+    if previous is not None:  # resuming: the same model and data layout, or a clear error before any work
         try:
-            checkpoint.check_compatible(checkpoint.load_config(previous[-1].parent), asdict(cfg))
+            checkpoint.check_compatible(previous, asdict(cfg))
         except checkpoint.CheckpointError as exc:
             raise UserError(f"trainer.run_name={run_name}: {exc}") from None
     return run_name, storage, urls
@@ -444,7 +496,9 @@ def open_tracking(cfg: Config, run_name: str, config_dict: dict) -> tuple[str, s
     uri = tracking.resolve_uri(cfg.tracking.uri)
     try:
         tracking.check_server(uri)
-        run_id, resumed = tracking.start_run(uri, cfg.tracking.experiment, run_name, config_dict)
+        run_id, resumed = tracking.start_run(
+            uri, cfg.tracking.experiment, run_name, config_dict, cfg.tracking.artifact_location
+        )
     except Exception as exc:  # noqa: BLE001 - any failure here means: no usable tracking server
         raise UserError(
             f"cannot open the MLflow run at {uri}: {str(exc).splitlines()[0][:300]}. Start the server "
@@ -453,6 +507,17 @@ def open_tracking(cfg: Config, run_name: str, config_dict: dict) -> tuple[str, s
         ) from None
     print(f"stablegan: run {run_name} ({'resumed' if resumed else 'new'}), MLflow run {run_id} at {uri}")
     return uri, run_id
+
+
+def ray_storage(storage_path: str, local: Path) -> dict:
+    """Ray Train's storage arguments: the local folder, or the S3 prefix through pyarrow's S3
+    filesystem on the environment's endpoint (Ray wants the path without its scheme then)."""
+    if objstore.is_s3(storage_path):
+        return {
+            "storage_path": storage_path[len(objstore.S3) :].rstrip("/"),
+            "storage_filesystem": objstore.pyarrow_fs(),
+        }
+    return {"storage_path": str(local)}
 
 
 def make_trainer(cfg: Config, run_name: str, storage: Path, loop_config: dict) -> TorchTrainer:
@@ -473,7 +538,7 @@ def make_trainer(cfg: Config, run_name: str, storage: Path, loop_config: dict) -
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(storage),
+            **ray_storage(t.storage_path, storage),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
         ),
@@ -501,6 +566,14 @@ def save_outputs(cfg: Config, out_dir: Path, ckpt: ray.train.Checkpoint, config_
     png = sample_picture(build_generator(cfg, ema_state), cfg, cfg.trainer.max_steps)
     atomic_write(picture, lambda f: f.write(png))
     return {"generator_weights": str(weights), "sample_image": str(picture)}
+
+
+def upload_outputs(run_dir: Path, remote: str) -> None:
+    """The final weights, config and picture beside the run's checkpoints in object storage
+    (checkpoint mirrors stay local: Ray Train uploaded those)."""
+    for name in (finetune.G_FILE, finetune.D_FILE, "config.json", "samples.png"):
+        bucket, key = objstore.split(f"{remote}/{name}")
+        objstore.client().upload_file(str(run_dir / name), bucket, key)
 
 
 def stability_flags(summary: dict) -> tuple[str, ...]:

@@ -67,7 +67,9 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def start_run(uri: str, experiment: str, run_name: str, config: dict) -> tuple[str, bool]:
+def start_run(
+    uri: str, experiment: str, run_name: str, config: dict, artifact_location: str = ""
+) -> tuple[str, bool]:
     """Create the run for `run_name`, or find it again when a run of that name is resumed.
 
     Returns (run_id, resumed). Params (the flattened config) and the config artifact are
@@ -78,8 +80,8 @@ def start_run(uri: str, experiment: str, run_name: str, config: dict) -> tuple[s
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        location = None
-        if uri.startswith("sqlite:///"):
+        location = artifact_location or None
+        if location is None and uri.startswith("sqlite:///"):
             # Absolute, so Ray workers running in other folders write to the same place.
             location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
         exp_id = client.create_experiment(experiment, artifact_location=location)

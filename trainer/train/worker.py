@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import resource
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -100,6 +101,10 @@ def make_loader(cfg: Config, urls: str | list, rank: int, world: int) -> ShardLo
         verify=d.verify,
         expected_shape=expected,
         with_keys=d.audit,
+        shuffle_buffer=d.shuffle_buffer,
+        tar_reader=d.tar_reader,
+        decoders=list(d.decoders),
+        stages=list(d.stages),
     )
     return ShardLoader(stream)
 
@@ -461,12 +466,22 @@ class Worker:
         """This rank's checkpoint, reported to Ray Train; the guard learns it is healthy."""
         # After a rollback, steps repeat: the suffix keeps the new branch's folders apart.
         name = f"checkpoint_{self.step:08d}" + (f"-r{self.guard.rollbacks}" if self.guard.rollbacks else "")
-        with tempfile.TemporaryDirectory() as tmp:
-            state = (self.step, self.noise, self.loader.state_dict(), self.cfg_dict)
-            extra = {"guard": self.guard.state_dict(), "augment_p": self.gan.augment.p}
-            checkpoint.save(Path(tmp), self.rank, self.G, self.D, self.ema, *state, extra=extra)
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        state = (self.step, self.noise, self.loader.state_dict(), self.cfg_dict)
+        extra = {"guard": self.guard.state_dict(), "augment_p": self.gan.augment.p}
+        if self.cfg.trainer.storage_path.startswith("s3://"):
+            # Ray uploads it; the local copy is what a rollback reads back (and a resume on
+            # this machine). The newest `keep_checkpoints` copies are kept, as in the bucket.
+            folder = Path(self.run_dir) / name
+            checkpoint.save(folder, self.rank, self.G, self.D, self.ema, *state, extra=extra)
+            ckpt = ray.train.Checkpoint.from_directory(str(folder))
             ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=name)
+            for old in sorted(Path(self.run_dir).glob("checkpoint_*"))[: -self.cfg.trainer.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint.save(Path(tmp), self.rank, self.G, self.D, self.ema, *state, extra=extra)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=name)
         self.guard.saved(self.step, str(Path(self.run_dir) / name))
 
     def record(self, metrics: dict[str, float]) -> None:
