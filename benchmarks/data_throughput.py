@@ -1,8 +1,12 @@
 """Decoded samples/sec of the shard stream, against (a) reading the same tar bytes without
-decoding (the I/O ceiling) and (b) the same images as loose PNG files loaded with PIL through a
-torch DataLoader (what an ImageFolder loader does). Same images, same worker count, one run.
+decoding (the I/O ceiling), (b) the same images as loose PNG files loaded with PIL through a
+torch DataLoader (what an ImageFolder loader does), (c) the plain `wds.WebDataset` pipeline a
+user would write (shard shuffle, 1,000-sample shuffle buffer, PIL decode, batched in the
+workers) and (d) our stream with webdataset's tarfile-based tar iterator instead of our header
+reader (`data.tar_reader=webdataset`). Same images, same worker count, one run; then the peak
+resident memory of a loader worker streaming one large shard.
 
-    python benchmarks/data_throughput.py [--workers 2] [--epochs 3] [--rounds 5]
+    python benchmarks/data_throughput.py [--workers 2] [--epochs 3] [--rounds 5] [--large-mb 1024]
     python benchmarks/data_throughput.py --points     # the 2-D point reader, CPU ms per batch
 
 Images: scikit-learn's 1,797 digits as 3-channel PNGs at 32 and 64 px (warm page cache).
@@ -11,14 +15,18 @@ Images: scikit-learn's 1,797 digits as 3-channel PNGs at 32 and 64 px (warm page
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import statistics
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
+import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from webdataset.tariterators import tar_file_iterator
@@ -59,6 +67,60 @@ class RawTar(IterableDataset):
                         n = 0
         if n:
             yield n
+
+
+def user_webdataset(urls: list[str], workers: int) -> DataLoader:
+    """The pipeline webdataset's documentation leads a user to, at our batch size."""
+
+    def to_tensor(sample: tuple) -> tuple[torch.Tensor]:
+        return (torch.from_numpy(sample[0].transpose(2, 0, 1).copy()).float().div_(127.5).sub_(1.0),)
+
+    dataset = (
+        wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node, empty_check=False)
+        .shuffle(1000)
+        .decode("rgb8")
+        .to_tuple("png")
+        .map(to_tensor)
+        .batched(64)
+    )
+    return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=True)
+
+
+def large_shard_memory(tmp: Path, megabytes: int) -> dict:
+    """Peak memory of one loader worker streaming one shard of `megabytes` (64-px noise PNGs,
+    stored), sampled every 50 ms from the main process: resident (RSS, which counts the pages
+    the forked worker shares with its parent: torch and the rest) and unique to the worker (USS:
+    what reading the shard costs); the main process's RSS for scale."""
+    from data_pipeline import png
+
+    one = png.encode(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8), level=0)
+    count = megabytes * 2**20 // (len(one) + 1024)
+    shard = tmp / "large.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(count):
+            info = tarfile.TarInfo(f"{i:07d}.png")
+            info.size = len(one)
+            tar.addfile(info, io.BytesIO(one))
+    cfg = StreamConfig(urls=str(shard), batch_size=64, num_workers=1, infinite=False, verify=False)
+    me, rss, uss, n, last, first = psutil.Process(), 0, 0, 0, 0.0, None
+    for batch in ShardLoader(cfg):
+        n += len(batch["x"])
+        if time.perf_counter() - last > 0.05:
+            last = time.perf_counter()
+            for child in me.children():
+                info = child.memory_full_info()
+                rss, uss = max(rss, info.rss), max(uss, info.uss)
+                first = info.uss if first is None else first
+    result = {
+        "shard_mb": round(shard.stat().st_size / 2**20),
+        "samples": n,
+        "worker_peak_rss_mb": round(rss / 2**20),
+        "worker_peak_uss_mb": round(uss / 2**20),
+        "worker_uss_at_first_batch_mb": round((first or 0) / 2**20),
+        "main_process_rss_mb": round(me.memory_info().rss / 2**20),
+    }
+    shard.unlink()
+    return result
 
 
 def rate(make_loader, samples: int, count) -> float:
@@ -113,6 +175,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", default="")
+    p.add_argument("--large-mb", type=int, default=1024, help="the large shard's size (0: skip)")
     p.add_argument("--points", action="store_true", help="only the 2-D point reader (CPU ms per batch)")
     args = p.parse_args()
     if args.points:
@@ -139,19 +202,14 @@ def main() -> None:
                         if m["fname"].endswith(".png"):
                             (loose / m["fname"]).write_bytes(m["data"])
             files = sorted(loose.glob("*.png"))
+            stream = {"urls": str(out), "batch_size": 64, "num_workers": args.workers, "verify": False}
             readers = {
-                "stream": (
-                    lambda: ShardLoader(
-                        StreamConfig(
-                            urls=str(out),
-                            batch_size=64,
-                            num_workers=args.workers,
-                            infinite=True,
-                            verify=False,
-                        )
-                    ),
+                "stream": (lambda: ShardLoader(StreamConfig(**stream)), lambda b: len(b["x"])),
+                "stream_wds_tar": (
+                    lambda: ShardLoader(StreamConfig(**stream, tar_reader="webdataset")),
                     lambda b: len(b["x"]),
                 ),
+                "user_wds": (lambda: user_webdataset(urls, args.workers), lambda b: len(b[0])),
                 "raw": (
                     lambda: DataLoader(
                         RawTar(urls), batch_size=None, num_workers=args.workers, persistent_workers=True
@@ -170,28 +228,29 @@ def main() -> None:
             rates: dict[str, list[float]] = {k: [] for k in readers}
             names = list(readers)
             for r in range(args.rounds):
-                for name in names[r % 3 :] + names[: r % 3]:
+                for name in names[r % len(names) :] + names[: r % len(names)]:
                     make, count = readers[name]
                     rates[name].append(rate(make, args.epochs * len(files), count))
-            ours, raw, folder = (statistics.median(rates[k]) for k in names)
-            ratios = [a / b for a, b in zip(rates["stream"], rates["loose"])]
-            row = {
-                "resolution": res,
-                "stream_samples_per_sec": round(ours),
-                "raw_tar_samples_per_sec": round(raw),
-                "loose_png_samples_per_sec": round(folder),
-                "stream_vs_loose": round(ours / folder, 2),
-                "stream_vs_loose_per_round": [round(x, 2) for x in ratios],
-                "stream_vs_raw": round(ours / raw, 2),
-            }
+            med = {k: statistics.median(v) for k, v in rates.items()}
+            row = {"resolution": res, **{f"{k}_samples_per_sec": round(v) for k, v in med.items()}}
+            for other in ("loose", "user_wds", "stream_wds_tar", "raw"):
+                row[f"stream_vs_{other}"] = round(med["stream"] / med[other], 2)
+                per_round = [a / b for a, b in zip(rates["stream"], rates[other])]
+                row[f"stream_vs_{other}_rounds"] = [round(x, 2) for x in per_round]
             rows.append(row)
             print(
-                f"{res}px: stream {ours:8.0f}/s   raw tar (no decode) {raw:8.0f}/s   loose PNG + PIL {folder:8.0f}/s"
-                f"   stream/loose {ours / folder:.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f})   stream/raw {ours / raw:.2f}",
+                f"{res}px: stream {med['stream']:.0f}/s; x{row['stream_vs_loose']} loose PNG + PIL, "
+                f"x{row['stream_vs_user_wds']} a plain wds.WebDataset, x{row['stream_vs_stream_wds_tar']} "
+                f"with webdataset's tar iterator, x{row['stream_vs_raw']} reading the tars undecoded",
                 flush=True,
             )
+        memory = large_shard_memory(Path(tmp), args.large_mb) if args.large_mb else None
+        if memory:
+            print(f"large shard: {json.dumps(memory)}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"workers": args.workers, "rows": rows}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"workers": args.workers, "rows": rows, "large_shard": memory}, indent=2)
+        )
 
 
 if __name__ == "__main__":
