@@ -148,6 +148,7 @@ def main() -> None:
     p.add_argument(
         "--decay-from", type=float, default=0.0, help="linear: constant lr until this fraction, then decay"
     )
+    p.add_argument("--floor", type=float, default=0.0, help="linear: decay to this fraction of the lr, not 0")
     p.add_argument("--r1", type=float, default=0.0, help="R1 gamma, every D step (0 = off)")
     p.add_argument("--bs", type=int, default=256)
     p.add_argument("--dsteps", type=int, default=1)
@@ -223,6 +224,7 @@ def main() -> None:
     for t in range(a.steps):
         f = a.decay_from
         scale = min(1.0, (1 - t / a.steps) / (1 - f)) if a.sched == "linear" else 1.0
+        scale = a.floor + (1 - a.floor) * scale
         for opt, base in ((og, g_lr), (od, d_lr)):
             for group in opt.param_groups:
                 group["lr"] = base * scale
@@ -260,7 +262,7 @@ def main() -> None:
             )
             print(
                 f"step {t + 1}  raw {r['modes_covered']:.0f} modes / {100 * r['high_quality']:.1f} % HQ"
-                f" / KL {r['reverse_kl']:.2f}  ema {e['modes_covered']:.0f} / {100 * e['high_quality']:.1f}"
+                f" / KL {r['reverse_kl']:.2f} / spread {r['spread']:.2f}  ema {e['modes_covered']:.0f} / {100 * e['high_quality']:.1f}"
                 f" / {e['reverse_kl']:.2f}  wide {100 * e['wide']:.1f} %  off {100 * e['off']:.1f} %"
                 f"  spread {e['spread']:.2f}{prior_summary(ema.module)}  {time.time() - t0:.0f}s",
                 flush=True,
