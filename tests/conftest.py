@@ -36,6 +36,13 @@ def _mlflow_globals_per_test(monkeypatch):
     monkeypatch.setattr(tracking, "_tracking_uri", None)
 
 
+def pinned(args: list[str], preset: str = "grid25") -> list[str]:
+    """`args` plus `experiment=preset` unless they name one (last: Hydra's flags such as `-m`
+    come first): tests that check grid25's plumbing (checkpoint steps, logging cadence, the MLP
+    pair) do not follow the default preset."""
+    return args if any(a.startswith("experiment=") for a in args) else [*args, f"experiment={preset}"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, pinned
 
 
 def main(args: list[str], cwd: Path, **extra_env: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     return subprocess.run(
-        [sys.executable, "-m", "trainer.main", *args, f"trainer.storage_path={cwd}/runs"],
+        [sys.executable, "-m", "trainer.main", *pinned(args), f"trainer.storage_path={cwd}/runs"],
         env={**env, "PYTHONPATH": str(ROOT), **extra_env},
         cwd=cwd,
         capture_output=True,
@@ -77,7 +77,7 @@ def test_checkpoint_from_an_incompatible_config(tmp_path):
 
     from trainer.main import compose
 
-    saved = asdict(compose([]))
+    saved = asdict(compose(["experiment=grid25"]))
     saved["model"]["g_width"] = 64
     folder = tmp_path / "runs" / "old" / "checkpoint_00000100"
     folder.mkdir(parents=True)

@@ -87,7 +87,7 @@ def test_user_facing_keys_override():
         ("trainer.num_workers=0", "trainer.num_workers=0 is invalid; it must be >= 1"),
         ("optim.g_lr=2", "optim.g_lr=2.0 is invalid; a learning rate must be in (0, 1)"),
         ("trainer.run_name=a/b", "trainer.run_name='a/b' is invalid"),
-        ("trainer.storage_path=s3://bucket/runs", "object-store URLs are not supported yet"),
+        ("trainer.storage_path=gs://bucket/runs", "or s3://BUCKET/PREFIX"),
         ("trainer.worker_resources={GPU:1}", "trainer.worker_resources.GPU=1.0 is invalid"),
         ("trainer.worker_resources.slot=0", "trainer.worker_resources.slot=0.0 is invalid"),
         ("tracking.alias=latest", "MLflow reserves 'latest'"),
@@ -115,7 +115,7 @@ def test_bad_values_name_the_key(override, message):
 )
 def test_bad_experts_generator_settings_name_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        compose(overrides)
+        compose(["experiment=grid25", *overrides])  # grid25: one MLP G (the default has experts)
 
 
 def test_cli_reports_config_errors_without_a_traceback(tmp_path):
@@ -150,7 +150,7 @@ def test_worker_resources_take_new_keys_and_brace_patterns_stay_text():
 def test_guard_needs_checkpoints_on_checked_steps():
     assert compose(["stability=guarded"]).stability.guard.enabled
     with pytest.raises(ConfigError, match="multiple of trainer.log_every=50"):
-        compose(["stability=guarded", "trainer.checkpoint_every=75"])
+        compose(["experiment=grid25", "stability=guarded", "trainer.checkpoint_every=75"])
 
 
 def test_compile_needs_a_compiler_and_no_spectral_norm(monkeypatch):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from data_pipeline.sources import grid25_modes
-from tests.conftest import ROOT
+from tests.conftest import ROOT, pinned
 from trainer.train.checkpoint import load_parameters
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 def run_main(args: list[str], env: dict, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "trainer.main", *args],
+        [sys.executable, "-m", "trainer.main", *pinned(args)],
         env=env,
         cwd=kw.pop("cwd", ROOT),
         capture_output=True,
@@ -46,7 +46,7 @@ def run_sample(args: list[str], env: dict) -> subprocess.CompletedProcess:
 def start_main(args: list[str], env: dict) -> subprocess.Popen:
     """`python -m trainer.main` in the background, in its own process group, output piped."""
     return subprocess.Popen(
-        [sys.executable, "-m", "trainer.main", *args],
+        [sys.executable, "-m", "trainer.main", *pinned(args)],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -152,7 +152,7 @@ def test_two_workers_grid25_r1_tracked_registered_and_sampled(env, ray_cluster, 
     from trainer.gan.models import build_pair
     from trainer.main import compose
 
-    cfg = compose([])
+    cfg = compose(["experiment=grid25"])
     torch.manual_seed(cfg.trainer.seed)
     G0, _ = build_pair(
         "mlp",
@@ -262,7 +262,7 @@ def test_ray_job_submit_two_nodes_exactly_once_per_epoch(env, ray_cluster, tmp_p
         "tracking.registered_model=it-job",
     ]
     proc = subprocess.run(
-        [submit, "--address", ray_cluster["dashboard"], "--", *args],
+        [submit, "--address", ray_cluster["dashboard"], "--", *pinned(args)],
         env=env,
         cwd=ROOT,
         capture_output=True,

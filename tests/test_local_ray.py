@@ -47,7 +47,13 @@ def test_is_loopback_knows_the_wildcards():
 def test_embedded_default_listens_on_loopback_only(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     # trainer.progress=bar: the live bar a terminal gets (stdout here is a pipe, so auto would print lines)
-    args = ["trainer.num_workers=2", "trainer.max_steps=400", "trainer.log_every=50", "trainer.progress=bar"]
+    args = [
+        "experiment=grid25",
+        "trainer.num_workers=2",
+        "trainer.max_steps=400",
+        "trainer.log_every=50",
+        "trainer.progress=bar",
+    ]
     args += ["tracking.register=false", "eval.at_end=false", f"trainer.storage_path={tmp_path}/runs"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "trainer.main", *args],

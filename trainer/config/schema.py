@@ -121,9 +121,9 @@ class ModelConfig:
                     raise ConfigError(
                         f"model.{key}={value!r} is invalid; allowed values: {', '.join(map(str, allowed))}"
                     )
+        _check_fields(self, "model")  # first: a value out of its choices is the root cause
         if self.g_experts:
             self._check_experts()
-        _check_fields(self, "model")
         if self.g_expert_prior == "learned" and not self.g_experts:
             raise ConfigError(
                 "model.g_expert_prior=learned needs an experts G: set model.g_experts (e.g. 50), or "
