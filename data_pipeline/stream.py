@@ -403,6 +403,20 @@ class ShardStream(IterableDataset):
             "check the shards and that their sample shape matches the model"
         )
 
+    def _pass_ended(
+        self, epoch: int, good: int, xs: list, ys: list, keys: list, slot: int, total: int, skipped: Counter
+    ) -> list[dict] | None:
+        """At the end of a pass over this slot's shards: an error if it held no good sample;
+        None to go on (step-based training); else the last batches before the stream stops."""
+        if good == 0:
+            raise self._no_sample(slot, total, skipped)
+        if self.cfg.infinite:
+            return None
+        end = (epoch + 1, 0, 0)
+        if xs and not self.cfg.drop_last:
+            return [self._batch(xs, ys, slot, end, skipped, keys)]
+        return [self._batch([], [], slot, end, skipped)] if skipped else []
+
     def _image_batches(
         self, samples: Iterator[dict], slot: int, total: int, skipped: Counter
     ) -> Iterator[dict]:
@@ -410,16 +424,11 @@ class ShardStream(IterableDataset):
         xs, ys, keys, good, pos = [], [], [], 0, None
         for s in samples:
             if "__epoch_end__" in s:
-                if good == 0:
-                    raise self._no_sample(slot, total, skipped)
-                good = 0
-                end = (s["__epoch_end__"] + 1, 0, 0)
-                if self.cfg.infinite:
+                last = self._pass_ended(s["__epoch_end__"], good, xs, ys, keys, slot, total, skipped)
+                if last is None:
+                    good = 0
                     continue
-                if xs and not self.cfg.drop_last:
-                    yield self._batch(xs, ys, slot, end, skipped, keys)
-                elif skipped:
-                    yield self._batch([], [], slot, end, skipped)
+                yield from last
                 return
             x = next((s[k] for k in IMAGE_KEYS if k in s), None)
             if x is None:
@@ -446,16 +455,11 @@ class ShardStream(IterableDataset):
         xs, ys, keys, filled, good = [], [], [], 0, 0
         for rec in records:
             if "__epoch_end__" in rec:
-                if good == 0:
-                    raise self._no_sample(slot, total, skipped)
-                good = 0
-                end = (rec["__epoch_end__"] + 1, 0, 0)
-                if self.cfg.infinite:
+                last = self._pass_ended(rec["__epoch_end__"], good, xs, ys, keys, slot, total, skipped)
+                if last is None:
+                    good = 0
                     continue
-                if xs and not self.cfg.drop_last:
-                    yield self._batch(xs, ys, slot, end, skipped, keys)
-                elif skipped:
-                    yield self._batch([], [], slot, end, skipped)
+                yield from last
                 return
             epoch, shard_i, after = rec["__pos__"]
             n, j = len(rec["pts"]), 0

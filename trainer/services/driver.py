@@ -352,7 +352,8 @@ def run(cfg: Config) -> dict[str, str]:
     os.environ.update(objstore.endpoint_env())  # MLflow's S3 store on boto3's endpoint (Ray inherits it)
     run_name, storage, urls = prepare_run(cfg)
     config_dict = asdict(cfg)
-    init = fetch_init(cfg, storage / run_name)
+    # A resume takes G and D from the run's own checkpoint: init_from is not fetched again.
+    init = fetch_init(cfg, storage / run_name) if previous_config(cfg, run_name) is None else None
     init_ray(cfg)  # before the MLflow run: an unreachable cluster leaves no run behind
     uri, run_id = open_tracking(cfg, run_name, config_dict)
     if init is not None:

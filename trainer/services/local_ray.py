@@ -68,7 +68,9 @@ def start(num_cpus: int | None) -> None:
 
 
 def is_local() -> bool:
-    """Whether the connected Ray is one `start` made (its node is 127.0.0.1)."""
+    """Whether the connected Ray runs on this machine alone: its node address is 127.0.0.1
+    (the embedded Ray `start` makes, or any single-machine Ray on loopback), so every training
+    worker can meet through a file rendezvous."""
     return ray.is_initialized() and ray.util.get_node_ip_address() == LOCAL_IP
 
 
