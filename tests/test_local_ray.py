@@ -24,8 +24,13 @@ def listeners(root: psutil.Process) -> set[tuple[str, int, str, int]]:
     found = set()
     for p in [root, *root.children(recursive=True)]:
         try:
+            name, parent = p.name(), p.parent()
+            # A DataLoader worker inherits its Ray worker's sockets, and its name until torch
+            # renames it (pt_data_worker): a child named like its parent is a fork, not a worker.
+            if parent is not None and parent.name() == name and name.startswith("ray::"):
+                name = f"fork of {name}"
             found |= {
-                (c.laddr.ip, c.laddr.port, p.name(), p.pid)
+                (c.laddr.ip, c.laddr.port, name, p.pid)
                 for c in p.net_connections("tcp")
                 if c.status == psutil.CONN_LISTEN
             }
