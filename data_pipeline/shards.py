@@ -76,9 +76,7 @@ def _from_manifest(path: Path | str) -> ShardList:
     try:
         text = objstore.read_bytes(path) if objstore.is_s3(path) else Path(path).read_text()
         manifest = json.loads(text)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ShardSpecError(f"cannot read manifest {path}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - boto3's errors: missing object, credentials, endpoint
+    except Exception as exc:  # noqa: BLE001 - OSError, bad JSON, boto3's (missing object, credentials)
         raise ShardSpecError(f"cannot read manifest {path}: {exc}") from None
     if not manifest.get("shards"):
         raise ShardSpecError(f"manifest {path} lists no shards; rebuild it with data_pipeline.make_shards")
@@ -96,8 +94,10 @@ def _from_manifest(path: Path | str) -> ShardList:
 
 def _from_s3(spec: str) -> ShardList:
     """s3://BUCKET/PREFIX/manifest.json, or a prefix holding one (else its .tar objects)."""
-    if spec.endswith(".json") or spec.endswith(".tar"):
-        return _from_manifest(spec) if spec.endswith(".json") else ShardList([spec])
+    if spec.endswith(".json"):
+        return _from_manifest(spec)
+    if spec.endswith(".tar"):
+        return ShardList([spec])
     prefix = spec.rstrip("/") + "/"
     try:
         objects = objstore.list_keys(prefix)

@@ -357,7 +357,7 @@ class ShardStream(IterableDataset):
             )
             cls = np.full(len(pts), -1, np.int64) if cls is None else cls.astype(np.int64)
             names = [f"{s['__key__']}/{i}" for i in np.arange(len(pts))[perm]] if self.cfg.with_keys else None
-            yield {"pts": pts.astype(np.float32)[perm], "cls": cls[perm], "names": names or [None] * len(pts)}
+            yield {"pts": pts.astype(np.float32)[perm], "cls": cls[perm], "names": names or []}
 
     def _user_stage(self, f: Callable, skipped: Counter) -> Callable:
         """A user's map over decoded samples; markers pass by it, None drops the sample."""

@@ -350,10 +350,10 @@ def train_loop(config: dict) -> None:
 def run(cfg: Config) -> dict[str, str]:
     """Train `cfg` end to end; return where the results are."""
     os.environ.update(objstore.endpoint_env())  # MLflow's S3 store on boto3's endpoint (Ray inherits it)
-    run_name, storage, urls = prepare_run(cfg)
+    run_name, storage, urls, resuming = prepare_run(cfg)
     config_dict = asdict(cfg)
     # A resume takes G and D from the run's own checkpoint: init_from is not fetched again.
-    init = fetch_init(cfg, storage / run_name) if previous_config(cfg, run_name) is None else None
+    init = None if resuming else fetch_init(cfg, storage / run_name)
     init_ray(cfg)  # before the MLflow run: an unreachable cluster leaves no run behind
     uri, run_id = open_tracking(cfg, run_name, config_dict)
     if init is not None:
@@ -456,9 +456,10 @@ def previous_config(cfg: Config, run_name: str) -> dict | None:
     return checkpoint.load_config(previous[-1].parent) if previous else None
 
 
-def prepare_run(cfg: Config) -> tuple[str, Path, str | list]:
-    """The run's name, its local storage folder and checked shard URLs (built-in data written
-    on first use); a resume is refused here if it changes the model or data layout."""
+def prepare_run(cfg: Config) -> tuple[str, Path, str | list, bool]:
+    """The run's name, its local storage folder, checked shard URLs (built-in data written on
+    first use) and whether it resumes; a resume is refused here if it changes the model or data
+    layout."""
     t = cfg.trainer
     # The random tail keeps apart runs of a parallel sweep that start in the same second.
     run_name = t.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
@@ -476,7 +477,7 @@ def prepare_run(cfg: Config) -> tuple[str, Path, str | list]:
             checkpoint.check_compatible(previous, asdict(cfg))
         except checkpoint.CheckpointError as exc:
             raise UserError(f"trainer.run_name={run_name}: {exc}") from None
-    return run_name, storage, urls
+    return run_name, storage, urls, previous is not None
 
 
 def fetch_init(cfg: Config, run_dir: Path) -> finetune.Init | None:

@@ -24,6 +24,7 @@ import ray.train
 import torch
 from ray.experimental import tqdm_ray
 
+from data_pipeline import objstore
 from data_pipeline.sources import MIXTURES
 from data_pipeline.stream import ShardLoader, StreamConfig
 from trainer.config import Config, from_dict
@@ -468,7 +469,7 @@ class Worker:
         name = f"checkpoint_{self.step:08d}" + (f"-r{self.guard.rollbacks}" if self.guard.rollbacks else "")
         state = (self.step, self.noise, self.loader.state_dict(), self.cfg_dict)
         extra = {"guard": self.guard.state_dict(), "augment_p": self.gan.augment.p}
-        if self.cfg.trainer.storage_path.startswith("s3://"):
+        if objstore.is_s3(self.cfg.trainer.storage_path):
             # Ray uploads it; the local copy is what a rollback reads back (and a resume on
             # this machine). The newest `keep_checkpoints` copies are kept, as in the bucket.
             folder = Path(self.run_dir) / name
