@@ -84,7 +84,7 @@ def confidence(images: torch.Tensor) -> float:
 
 def sample_confidence(run_dir: Path) -> float:
     from trainer.config import from_dict
-    from trainer.services.driver import build_generator
+    from trainer.services.conclude import build_generator
 
     cfg = from_dict(json.loads((run_dir / "config.json").read_text()))
     G = build_generator(cfg, torch.load(run_dir / "generator_ema.pt", weights_only=True)).eval()

@@ -67,7 +67,7 @@ def class_accuracy(run_dir: Path) -> list[float]:
     """Per class: the share of PER_CLASS samples of that class the digits classifier agrees with."""
     from trainer.config import from_dict
     from trainer.eval import digits
-    from trainer.services.driver import build_generator
+    from trainer.services.conclude import build_generator
 
     cfg = from_dict(json.loads((run_dir / "config.json").read_text()))
     G = build_generator(cfg, torch.load(run_dir / "generator_ema.pt", weights_only=True)).eval()

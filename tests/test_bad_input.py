@@ -44,17 +44,17 @@ def test_too_few_shards_for_the_readers(tmp_path):
     allow it (said), a clear error before Ray starts when even one per rank does not fit."""
     from data_pipeline.make_shards import MakeShardsConfig, write_shards
     from trainer.config import Config
-    from trainer.services.driver import UserError, fit_readers
+    from trainer.services.plan import UserError, fit_readers
 
     write_shards(MakeShardsConfig(source="digits", out=str(tmp_path / "d"), shard_size=900), progress=False)
     proc = main(["experiment=digits32", "trainer.num_workers=3", f"data.urls={tmp_path / 'd'}"], tmp_path)
     expect_user_error(proc, "2 shard(s) cannot be split over trainer.num_workers=3", "shard_size=")
     cfg = Config()
     cfg.trainer.num_workers, cfg.data.loader_workers = 2, 4
-    fit_readers(cfg, 5)
+    cfg = fit_readers(cfg, 5)
     assert cfg.data.loader_workers == 2
     cfg.data.resample, cfg.data.loader_workers = True, 4
-    fit_readers(cfg, 1)
+    cfg = fit_readers(cfg, 1)
     assert cfg.data.loader_workers == 4
     with pytest.raises(UserError, match="data.resample=true"):
         fit_readers(Config(trainer=replace(Config().trainer, num_workers=2)), 1)

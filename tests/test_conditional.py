@@ -96,18 +96,18 @@ def test_missing_labels_in_a_conditional_run_name_the_fix(ds_dist):
 
 def test_class_count_comes_from_the_shards(tmp_path):
     from data_pipeline.make_shards import MakeShardsConfig, write_shards
-    from trainer.services.driver import UserError, check_data
+    from trainer.services.plan import UserError, check_data
 
     out = tmp_path / "digits"
     write_shards(MakeShardsConfig(source="digits", out=str(out), fraction=0.05), progress=False)
     cfg = Config()
     cfg.model.arch, cfg.model.conditional = "dcgan", True
-    check_data(cfg, str(out))
+    cfg = check_data(cfg, str(out))
     assert cfg.model.num_classes == 10
     cfg.model.num_classes = 12
     with pytest.raises(UserError, match="model.num_classes=12 but the shards have 10 classes"):
         check_data(cfg, str(out))
-    from trainer.services.driver import check_classes
+    from trainer.services.plan import check_classes
 
     cfg.model.num_classes = 0
     with pytest.raises(UserError, match="needs class labels: these shards list no classes"):
@@ -119,7 +119,7 @@ def test_registered_conditional_generator_samples_by_class(tmp_path):
     class from Python and the command line; an unconditional one refuses labels."""
     from trainer import sample
     from trainer.services import tracking
-    from trainer.services.driver import build_generator
+    from trainer.services.conclude import build_generator
 
     uri = f"sqlite:///{tmp_path}/m.db"
     cfg = Config()

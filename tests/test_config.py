@@ -23,7 +23,7 @@ def test_presets_compose_and_validate(preset):
 @pytest.mark.parametrize("resolution,channels", [(32, 1), (64, 3)])
 def test_stable_images_takes_its_architecture_from_the_shards(tmp_path, resolution, channels):
     from data_pipeline.make_shards import MakeShardsConfig, write_shards
-    from trainer.services.driver import check_data
+    from trainer.services.plan import check_data
 
     out = tmp_path / "shards"
     mcfg = MakeShardsConfig(
@@ -32,13 +32,13 @@ def test_stable_images_takes_its_architecture_from_the_shards(tmp_path, resoluti
     write_shards(mcfg, progress=False)
     cfg = compose(["experiment=stable_images", f"data.urls={out}"])
     assert (cfg.model.resolution, cfg.model.channels) == (0, 0)  # not known until the data is
-    check_data(cfg, str(out))
+    cfg = check_data(cfg, str(out))
     assert (cfg.model.arch, cfg.model.resolution, cfg.model.channels) == ("dcgan", resolution, channels)
 
 
 def test_a_shard_size_the_model_cannot_take_names_both(tmp_path):
     from data_pipeline.make_shards import MakeShardsConfig, write_shards
-    from trainer.services.driver import UserError, check_data
+    from trainer.services.plan import UserError, check_data
 
     out = tmp_path / "shards"
     write_shards(

@@ -15,7 +15,7 @@ import torch
 from tests.conftest import ROOT
 from trainer.main import compose
 from trainer.services import finetune, tracking
-from trainer.services.driver import UserError, fetch_init
+from trainer.services.plan import UserError, fetch_init
 from trainer.train.worker import build_models
 
 ARGS = ["experiment=grid25", "trainer.num_workers=1"]

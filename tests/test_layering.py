@@ -113,6 +113,28 @@ def test_each_heavy_dependency_is_imported_in_one_place(dependency):
     assert users == ONLY_IN[dependency]
 
 
+def entry_point_imports(base: Path) -> list[str]:
+    """Entry points that import another entry point (they share services instead)."""
+    return [
+        f"{name} imports {other}"
+        for name in ENTRY_POINTS
+        for other in sorted(imports(base / f"{name.replace('.', '/')}.py", base))
+        if any(matches(other, e) for e in ENTRY_POINTS if e != name)
+    ]
+
+
+def test_entry_points_import_services_not_each_other(tmp_path):
+    assert entry_point_imports(ROOT) == []
+    (tmp_path / "trainer").mkdir()
+    for name in ENTRY_POINTS:
+        (tmp_path / f"{name.replace('.', '/')}.py").write_text("import torch\n")
+    (tmp_path / "trainer" / "promote.py").write_text("from trainer.evaluate import training_data\n")
+    assert entry_point_imports(tmp_path) == [
+        "trainer.promote imports trainer.evaluate",
+        "trainer.promote imports trainer.evaluate.training_data",
+    ]
+
+
 def test_the_checker_sees_a_violation(tmp_path):
     """The rules above can fail: a gan module importing deepspeed or a service is caught, a
     relative import included."""

@@ -177,7 +177,7 @@ def test_builtin_shards_written_once_by_runs_starting_together(tmp_path, monkeyp
 
     from data_pipeline.shards import resolve
     from trainer.main import compose
-    from trainer.services import driver as run_mod
+    from trainer.services import plan as run_mod
 
     cfg = compose(["data.builtin=ring8"])
     calls = []

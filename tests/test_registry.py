@@ -151,7 +151,7 @@ def test_champion_moves_only_to_a_better_generator_on_a_real_server(mlflow_serve
 def test_a_clean_environment_without_stablegan_pulls_the_champion(mlflow_server, tmp_path):
     """torch + mlflow only (installed fresh), loading by alias with both MLflow loaders."""
     from trainer.config import Config
-    from trainer.services.driver import build_generator
+    from trainer.services.conclude import build_generator
 
     cfg = Config()
     cfg.model.arch, cfg.model.channels = "dcgan", 1

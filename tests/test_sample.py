@@ -13,7 +13,7 @@ from PIL import Image
 from trainer import sample as S
 from trainer.config import Config
 from trainer.services import tracking
-from trainer.services.driver import build_generator
+from trainer.services.conclude import build_generator
 
 
 @pytest.fixture(scope="module")

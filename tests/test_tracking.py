@@ -88,7 +88,7 @@ def test_register_saved_weights_later(tmp_path, capsys):
     cfg.tracking.registered_model = "later"
     uri = f"sqlite:///{tmp_path}/m.db"
     run_id, _ = tracking.start_run(uri, "later", "run-a", asdict(cfg))
-    from trainer.services.driver import build_generator
+    from trainer.services.conclude import build_generator
 
     weights = tmp_path / "run-a" / "generator_ema.pt"
     weights.parent.mkdir()

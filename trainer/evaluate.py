@@ -11,24 +11,13 @@ The real data's own row is printed beside the generator's. From Python: `evaluat
 
 from __future__ import annotations
 
-import ast
 import sys
 from dataclasses import dataclass, field, replace
 
-import torch
-
 from data_pipeline.cli import run_command
-from data_pipeline.shards import ShardSpecError
 from trainer.config import EvalConfig, TrackingKeys
-from trainer.eval.evaluator import Evaluator, Result
-from trainer.services import tracking
-
-ERRORS = (ValueError, LookupError, FileNotFoundError, ShardSpecError)
-
-
-@dataclass
-class DataKeys:
-    urls: str = ""  # "" = the shards the version was trained on (its `dataset` tag)
+from trainer.eval.evaluator import Result
+from trainer.services.scoring import ERRORS, DataKeys, evaluate
 
 
 @dataclass
@@ -40,39 +29,6 @@ class EvaluateConfig:
     device: str = "auto"  # auto = cuda when available
     log: bool = True  # write the result to the model version (tags and model metrics)
     tracking: TrackingKeys = field(default_factory=TrackingKeys)  # tracking.uri
-
-
-def training_data(tags: dict[str, str]) -> str | list[str]:
-    """The shard spec a version was trained on, from its `dataset` tag."""
-    raw = tags.get("dataset", "")
-    if raw.startswith("["):
-        return list(ast.literal_eval(raw))
-    if not raw:
-        raise ValueError("the version has no dataset tag: pass data.urls=SHARDS")
-    return raw
-
-
-def evaluate(
-    model: str,
-    urls: str | list[str] = "",
-    opts: EvalConfig | None = None,
-    tracking_uri: str = "",
-    device: str = "auto",
-    log: bool = True,
-    progress: bool = True,
-) -> tuple[Result, Result]:
-    """(the generator's result, the real data's own row) for `model` on `urls`."""
-    opts = opts or EvalConfig()
-    uri = tracking.resolve_uri(tracking_uri)
-    name, version = tracking.resolve_version(uri, model)
-    urls = urls or training_data(tracking.version_tags(uri, name, version))
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    evaluator = Evaluator(urls, opts, device, progress)
-    generator, latent_dim = tracking.load_generator(uri, f"models:/{name}/{version}")
-    result = evaluator(generator.to(device), latent_dim)
-    if log:
-        tracking.log_evaluation(uri, name, version, result.metrics, result.info)
-    return result, evaluator.data_row()
 
 
 def table(rows: list[tuple[str, Result]]) -> str:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from data_pipeline.cli import run_command
 from trainer.config import EvalConfig, RegistryConfig, TrackingKeys
 from trainer.eval.evaluator import Evaluator
-from trainer.evaluate import ERRORS, DataKeys, training_data
 from trainer.services import promotion, tracking
+from trainer.services.scoring import ERRORS, DataKeys, ensure_evaluated, training_data
 
 
 @dataclass
@@ -31,18 +31,6 @@ class PromoteConfig:
     force: bool = False
     reason: str = ""  # required with force=true
     tracking: TrackingKeys = field(default_factory=TrackingKeys)  # tracking.uri
-
-
-def ensure_evaluated(uri: str, name: str, version: str, evaluator: Evaluator) -> None:
-    """Evaluate `version` unless its stored evaluation is on this data and feature network."""
-    tags = tracking.version_tags(uri, name, version)
-    info = evaluator.info(evaluator.opts.num)
-    if (tags.get("eval.data_sha256"), tags.get("eval.features")) == (info["data_sha256"], info["features"]):
-        return
-    generator, latent_dim = tracking.load_generator(uri, f"models:/{name}/{version}")
-    result = evaluator(generator.to(evaluator.device), latent_dim)
-    print(f"evaluated v{version}: {result.line()}")
-    tracking.log_evaluation(uri, name, version, result.metrics, result.info)
 
 
 def run(cfg: PromoteConfig) -> promotion.Decision:

@@ -15,7 +15,7 @@ from pathlib import Path
 from data_pipeline.cli import parse_overrides
 from trainer.config import TrackingKeys, from_dict
 from trainer.services import finetune, tracking
-from trainer.services.driver import register_saved
+from trainer.services.conclude import register_saved
 
 
 @dataclass

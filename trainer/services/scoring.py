@@ -1,0 +1,66 @@
+"""Scoring registered versions: evaluate one on its training data (or given shards) and record
+the result on the version; the shared pieces of `trainer.evaluate` and `trainer.promote`."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+
+import torch
+
+from data_pipeline.shards import ShardSpecError
+from trainer.config import EvalConfig
+from trainer.eval.evaluator import Evaluator, Result
+from trainer.services import tracking
+
+ERRORS = (ValueError, LookupError, FileNotFoundError, ShardSpecError)
+
+
+@dataclass
+class DataKeys:
+    urls: str = ""  # "" = the shards the version was trained on (its `dataset` tag)
+
+
+def training_data(tags: dict[str, str]) -> str | list[str]:
+    """The shard spec a version was trained on, from its `dataset` tag."""
+    raw = tags.get("dataset", "")
+    if raw.startswith("["):
+        return list(ast.literal_eval(raw))
+    if not raw:
+        raise ValueError("the version has no dataset tag: pass data.urls=SHARDS")
+    return raw
+
+
+def evaluate(
+    model: str,
+    urls: str | list[str] = "",
+    opts: EvalConfig | None = None,
+    tracking_uri: str = "",
+    device: str = "auto",
+    log: bool = True,
+    progress: bool = True,
+) -> tuple[Result, Result]:
+    """(the generator's result, the real data's own row) for `model` on `urls`."""
+    opts = opts or EvalConfig()
+    uri = tracking.resolve_uri(tracking_uri)
+    name, version = tracking.resolve_version(uri, model)
+    urls = urls or training_data(tracking.version_tags(uri, name, version))
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    evaluator = Evaluator(urls, opts, device, progress)
+    generator, latent_dim = tracking.load_generator(uri, f"models:/{name}/{version}")
+    result = evaluator(generator.to(device), latent_dim)
+    if log:
+        tracking.log_evaluation(uri, name, version, result.metrics, result.info)
+    return result, evaluator.data_row()
+
+
+def ensure_evaluated(uri: str, name: str, version: str, evaluator: Evaluator) -> None:
+    """Evaluate `version` unless its stored evaluation is on this data and feature network."""
+    tags = tracking.version_tags(uri, name, version)
+    info = evaluator.info(evaluator.opts.num)
+    if (tags.get("eval.data_sha256"), tags.get("eval.features")) == (info["data_sha256"], info["features"]):
+        return
+    generator, latent_dim = tracking.load_generator(uri, f"models:/{name}/{version}")
+    result = evaluator(generator.to(evaluator.device), latent_dim)
+    print(f"evaluated v{version}: {result.line()}")
+    tracking.log_evaluation(uri, name, version, result.metrics, result.info)
