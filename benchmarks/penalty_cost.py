@@ -43,7 +43,7 @@ import time
 import torch
 
 from benchmarks.common import init_dist, machine, sync
-from trainer.config import Config
+from trainer.config import Config, ModelConfig
 from trainer.gan import losses, ops
 from trainer.gan.models import build_pair
 from trainer.gan.step import GANStep
@@ -68,11 +68,13 @@ def make(
     if arch == "mlp":  # the 2-D preset's pair
         cfg.model.arch, cfg.model.latent_dim = "mlp", latent
         cfg.model.g_width = cfg.model.d_width = 128
-        G, D = build_pair("mlp", latent, g_width=128, d_width=128)
+        G, D = build_pair(ModelConfig(arch="mlp", latent_dim=latent, g_width=128, d_width=128))
     else:
         cfg.model.arch, cfg.model.latent_dim, cfg.model.channels = "dcgan", 100, 1
         cfg.model.g_width = cfg.model.d_width = 64
-        G, D = build_pair("dcgan", 100, resolution=32, channels=1, g_width=64, d_width=64)
+        G, D = build_pair(
+            ModelConfig(arch="dcgan", latent_dim=100, resolution=32, channels=1, g_width=64, d_width=64)
+        )
     g = Engine(G, 2e-4, (0.5, 0.999), cfg.parallel, batch)
     d = Engine(D, 2e-4, (0.5, 0.999), cfg.parallel, batch)
     return GANStep(g, d, cfg, torch.Generator().manual_seed(1)), cfg

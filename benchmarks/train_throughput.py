@@ -22,7 +22,7 @@ import time
 import torch
 
 from benchmarks.common import init_dist, machine, sync
-from trainer.config import Config, ParallelConfig
+from trainer.config import Config, ModelConfig, ParallelConfig
 from trainer.gan import losses, penalties
 from trainer.gan.models import build_pair
 from trainer.gan.step import GANStep
@@ -44,12 +44,14 @@ def models(args) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The same freshly initialised pair for both sides, on the benchmark's device."""
     torch.manual_seed(0)
     G, D = build_pair(
-        args.arch,
-        100,
-        resolution=args.resolution,
-        channels=args.channels,
-        g_width=args.width,
-        d_width=args.width,
+        ModelConfig(
+            arch=args.arch,
+            latent_dim=100,
+            resolution=args.resolution,
+            channels=args.channels,
+            g_width=args.width,
+            d_width=args.width,
+        )
     )
     return G.to(args.device), D.to(args.device)
 

@@ -206,7 +206,7 @@ def main() -> None:
         G.net = torch.nn.Sequential(
             MLPExpertsGenerator(a.zdim, a.experts, a.expert_width, a.depth, a.learn_prior)
         )
-    D = MLPDiscriminator(a.dwidth or a.width, a.depth)
+    D = MLPDiscriminator(a.dwidth or a.width, a.depth, 0)
     if a.onehot:
         G.net.insert(0, OneHotCode(a.onehot))
     if a.mix:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import Config, ConfigError
+from trainer.config import Config, ConfigError, ModelConfig
 from trainer.gan import augment
 from trainer.gan.augment import Augment
 from trainer.gan.models import build_pair
@@ -111,10 +111,13 @@ def test_gan_step_augments_what_d_sees_in_both_phases_and_never_samples(ds_dist,
     cfg.penalty.kind, cfg.model.latent_dim = "r1", 8
     cfg.augment.kind, cfg.augment.policy = kind, "translation,cutout"
     torch.manual_seed(0)
-    G, D = build_pair("dcgan", 8, resolution=32, channels=1, g_width=8, d_width=8)
+    G, D = build_pair(
+        ModelConfig(arch="dcgan", latent_dim=8, resolution=32, channels=1, g_width=8, d_width=8)
+    )
     g = Engine(G, 1e-3, (0.5, 0.99), cfg.parallel, 8)
     d = Engine(_Seen(D), 1e-3, (0.5, 0.99), cfg.parallel, 8)
-    step = GANStep(g, d, cfg, torch.Generator().manual_seed(1), fast_ops=False)
+    cfg.penalty.fast_ops = "off"
+    step = GANStep(g, d, cfg, torch.Generator().manual_seed(1))
     real = _images(n=8, c=1, size=32)
     out = step.d_step(real)  # R1 is due: reals and fakes go through D separately
     assert out["penalty"] > 0 and -1 <= out["d_sign_real"] <= 1

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import Config, ConfigError
+from trainer.config import Config, ConfigError, ModelConfig
 from trainer.gan.models import build_pair
 from trainer.gan.models.blocks import labels_from_latent
 from trainer.gan.step import GANStep
@@ -28,7 +28,16 @@ def test_labels_drawn_from_the_latent_are_uniform_and_fixed_by_z():
 def test_conditional_pair_uses_the_labels(arch):
     torch.manual_seed(0)
     G, D = build_pair(
-        arch, 8, resolution=32, channels=1, g_width=16, d_width=16, conditional=True, num_classes=10
+        ModelConfig(
+            arch=arch,
+            latent_dim=8,
+            resolution=32,
+            channels=1,
+            g_width=16,
+            d_width=16,
+            conditional=True,
+            num_classes=10,
+        )
     )
     with torch.no_grad():
         for m in G.modules():  # per-class gains that differ, as training makes them
@@ -66,7 +75,16 @@ def _conditional_step(kind: str, classes: int = 10) -> GANStep:
     cfg.penalty.kind = kind
     torch.manual_seed(0)
     G, D = build_pair(
-        "dcgan", 8, resolution=32, channels=1, g_width=8, d_width=8, conditional=True, num_classes=classes
+        ModelConfig(
+            arch="dcgan",
+            latent_dim=8,
+            resolution=32,
+            channels=1,
+            g_width=8,
+            d_width=8,
+            conditional=True,
+            num_classes=classes,
+        )
     )
     g = Engine(G, 1e-3, (0.5, 0.99), cfg.parallel, 8)
     d = Engine(D, 1e-3, (0.5, 0.99), cfg.parallel, 8)

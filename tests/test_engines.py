@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import Config, ParallelConfig
+from trainer.config import Config, ModelConfig, ParallelConfig
 from trainer.gan import ops, penalties
 from trainer.gan.models import build_pair
 from trainer.gan.step import GANStep
@@ -21,7 +21,7 @@ def _reference_r1(D: torch.nn.Module, x: torch.Tensor) -> float:
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16_autocast"])
 def test_penalty_through_engine_matches_reference(ds_dist, stage, precision):
     torch.manual_seed(0)
-    _, D = build_pair("dcgan", 16, resolution=32, channels=1, d_width=8)
+    _, D = build_pair(ModelConfig(arch="dcgan", latent_dim=16, resolution=32, channels=1, d_width=8))
     x = torch.randn(4, 1, 32, 32)
     reference = _reference_r1(D, x)
     engine = Engine(D, 1e-3, (0.5, 0.99), ParallelConfig(zero_stage=stage, precision=precision), batch_size=4)
@@ -57,7 +57,7 @@ def test_g_step_leaves_no_gradient_in_d_and_d_unchanged(ds_dist, stage, precisio
     cfg.parallel = ParallelConfig(zero_stage=stage, precision=precision)
     cfg.model.latent_dim = 8
     torch.manual_seed(0)
-    G, D = build_pair("mlp", 8, g_width=16, d_width=16, depth=2)
+    G, D = build_pair(ModelConfig(arch="mlp", latent_dim=8, g_width=16, d_width=16, depth=2))
     g = Engine(G, 1e-3, (0.5, 0.99), cfg.parallel, 16)
     d = Engine(D, 1e-3, (0.5, 0.99), cfg.parallel, 16)
     step = GANStep(g, d, cfg, torch.Generator().manual_seed(1))
@@ -79,7 +79,7 @@ def test_lazy_regularization_schedule_and_rescaled_optimizer(ds_dist):
     cfg = Config()
     cfg.penalty.interval = 4
     cfg.model.latent_dim = 8
-    G, D = build_pair("mlp", 8, g_width=16, d_width=16, depth=1)
+    G, D = build_pair(ModelConfig(arch="mlp", latent_dim=8, g_width=16, d_width=16, depth=1))
     g = Engine(G, 1e-3, (0.5, 0.99), cfg.parallel, 8)
     d = Engine(D, 1e-3, (0.5, 0.99), cfg.parallel, 8)
     step = GANStep(g, d, cfg, torch.Generator().manual_seed(0))
@@ -104,7 +104,11 @@ def test_every_penalty_trains_through_engines(ds_dist, kind, stage, precision, m
     cfg.penalty.kind = kind
     cfg.model.latent_dim = 8
     torch.manual_seed(0)
-    G, D = build_pair("mlp", 8, g_width=16, d_width=16, depth=2, spectral_norm="d", mbstd_group=4)
+    G, D = build_pair(
+        ModelConfig(
+            arch="mlp", latent_dim=8, g_width=16, d_width=16, depth=2, spectral_norm="d", mbstd_group=4
+        )
+    )
     g = Engine(G, 1e-3, (0.5, 0.99), cfg.parallel, 16)
     d = Engine(D, 1e-3, (0.5, 0.99), cfg.parallel, 16)
     step = GANStep(g, d, cfg, torch.Generator().manual_seed(1))
@@ -132,7 +136,9 @@ def test_fused_step_takes_the_loss_gradient_from_the_penalty_pass(ds_dist, kind,
         cfg.parallel = ParallelConfig(zero_stage=stage, precision=precision)
         cfg.penalty.kind, cfg.model.latent_dim = kind, 8
         torch.manual_seed(0)
-        G, D = build_pair("dcgan", 8, resolution=32, channels=1, g_width=8, d_width=8)
+        G, D = build_pair(
+            ModelConfig(arch="dcgan", latent_dim=8, resolution=32, channels=1, g_width=8, d_width=8)
+        )
         g = Engine(G, 1e-3, (0.5, 0.99), cfg.parallel, 8)
         d = Engine(D, 1e-3, (0.5, 0.99), cfg.parallel, 8)
         step = GANStep(g, d, cfg, torch.Generator().manual_seed(1))
@@ -161,7 +167,9 @@ def test_fused_step_frees_what_it_recorded(ds_dist, monkeypatch):
     cfg = Config()
     cfg.penalty.kind, cfg.model.latent_dim = "r1", 8
     torch.manual_seed(0)
-    G, D = build_pair("dcgan", 8, resolution=32, channels=3, g_width=8, d_width=8)
+    G, D = build_pair(
+        ModelConfig(arch="dcgan", latent_dim=8, resolution=32, channels=3, g_width=8, d_width=8)
+    )
     g = Engine(G, 1e-3, (0.5, 0.99), cfg.parallel, 8)
     d = Engine(D, 1e-3, (0.5, 0.99), cfg.parallel, 8)
     step = GANStep(g, d, cfg, torch.Generator().manual_seed(1))
@@ -188,7 +196,11 @@ def test_fused_step_falls_back_loudly_where_scores_mix_samples(ds_dist, caplog):
     cfg = Config()
     cfg.penalty.kind, cfg.model.latent_dim = "r1", 8
     torch.manual_seed(0)
-    G, D = build_pair("dcgan", 8, resolution=32, channels=1, g_width=8, d_width=8, mbstd_group=4)
+    G, D = build_pair(
+        ModelConfig(
+            arch="dcgan", latent_dim=8, resolution=32, channels=1, g_width=8, d_width=8, mbstd_group=4
+        )
+    )
     g = Engine(G, 1e-3, (0.5, 0.99), cfg.parallel, 8)
     d = Engine(D, 1e-3, (0.5, 0.99), cfg.parallel, 8)
     step = GANStep(g, d, cfg, torch.Generator().manual_seed(1))
@@ -202,7 +214,9 @@ def test_fused_step_falls_back_loudly_where_scores_mix_samples(ds_dist, caplog):
 def test_linear_lr_schedule_keeps_the_lazy_correction(ds_dist):
     cfg = Config()
     cfg.penalty.interval = 4
-    G, D = build_pair("mlp", cfg.model.latent_dim, g_width=16, d_width=16, depth=1)
+    G, D = build_pair(
+        ModelConfig(arch="mlp", latent_dim=cfg.model.latent_dim, g_width=16, d_width=16, depth=1)
+    )
     g = Engine(G, 1e-3, (0.5, 0.99), cfg.parallel, 8)
     d = Engine(D, 1e-3, (0.5, 0.99), cfg.parallel, 8)
     step = GANStep(g, d, cfg, torch.Generator().manual_seed(0))
@@ -216,7 +230,9 @@ def _saved_checkpoint(tmp_path, step=10):
     from trainer.train import checkpoint
 
     cfg = Config()
-    G, D = build_pair("mlp", cfg.model.latent_dim, g_width=16, d_width=16, depth=1)
+    G, D = build_pair(
+        ModelConfig(arch="mlp", latent_dim=cfg.model.latent_dim, g_width=16, d_width=16, depth=1)
+    )
     g = Engine(G, 1e-3, (0.5, 0.99), cfg.parallel, 8)
     d = Engine(D, 1e-3, (0.5, 0.99), cfg.parallel, 8)
     ema = EMA(g.module, 0.9)
@@ -301,7 +317,7 @@ def test_resume_checks_the_optimizer_file_layout(ds_dist, tmp_path, was, now, ok
 
     def engine(parallel: ParallelConfig) -> Engine:
         torch.manual_seed(0)
-        G, _ = build_pair("mlp", 4, g_width=16, d_width=16, depth=1)
+        G, _ = build_pair(ModelConfig(arch="mlp", latent_dim=4, g_width=16, d_width=16, depth=1))
         return Engine(G, 1e-3, (0.5, 0.99), parallel, 8)
 
     saved_cfg, current_cfg = Config(), Config()
@@ -337,7 +353,7 @@ def test_engine_checkpoints_load_weights_only(ds_dist, tmp_path, stage, precisio
     import pickle
 
     torch.manual_seed(0)
-    G, _ = build_pair("mlp", 4, g_width=16, d_width=16, depth=1)
+    G, _ = build_pair(ModelConfig(arch="mlp", latent_dim=4, g_width=16, d_width=16, depth=1))
     parallel = ParallelConfig(zero_stage=stage, precision=precision)
     engine = Engine(G, 1e-3, (0.5, 0.99), parallel, 8)
     engine.backward(engine(torch.randn(8, 4)).float().square().mean())
@@ -377,7 +393,9 @@ def test_compiled_steps_match_eager(ds_dist, kind, interval, stage, sn):
         cfg.penalty.kind, cfg.penalty.interval = kind, interval
         cfg.model.latent_dim = 8
         torch.manual_seed(0)
-        G, D = build_pair("mlp", 8, g_width=32, d_width=32, depth=2, spectral_norm=sn)
+        G, D = build_pair(
+            ModelConfig(arch="mlp", latent_dim=8, g_width=32, d_width=32, depth=2, spectral_norm=sn)
+        )
         g = Engine(G, 1e-3, (0.5, 0.99), cfg.parallel, 32)
         d = Engine(D, 1e-3, (0.5, 0.99), cfg.parallel, 32)
         step = GANStep(g, d, cfg, torch.Generator().manual_seed(1))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from benchmarks.common import init_dist
-from trainer.config import Config, ParallelConfig
+from trainer.config import Config, ModelConfig, ParallelConfig
 from trainer.gan import penalties
 from trainer.gan.models import build_pair
 from trainer.gan.step import GANStep
@@ -35,7 +35,9 @@ def gpu_dist():
 def check(stage: int, precision: str) -> dict:
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    G, D = build_pair("dcgan", 100, resolution=64, channels=3, g_width=32, d_width=32)
+    G, D = build_pair(
+        ModelConfig(arch="dcgan", latent_dim=100, resolution=64, channels=3, g_width=32, d_width=32)
+    )
     parallel = ParallelConfig(zero_stage=stage, precision=precision)
     d = Engine(D.to(dev), 2e-4, (0.5, 0.999), parallel, 16)
     g = Engine(G.to(dev), 2e-4, (0.5, 0.999), parallel, 16)

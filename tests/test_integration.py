@@ -149,17 +149,20 @@ def test_two_workers_grid25_r1_tracked_registered_and_sampled(env, ray_cluster, 
     assert trained.shape == (2000, 2)
 
     # Step 0: the same architecture and seed, untrained.
+    from trainer.config import ModelConfig
     from trainer.gan.models import build_pair
     from trainer.main import compose
 
     cfg = compose(["experiment=grid25"])
     torch.manual_seed(cfg.trainer.seed)
     G0, _ = build_pair(
-        "mlp",
-        cfg.model.latent_dim,
-        g_width=cfg.model.g_width,
-        d_width=cfg.model.d_width,
-        depth=cfg.model.depth,
+        ModelConfig(
+            arch="mlp",
+            latent_dim=cfg.model.latent_dim,
+            g_width=cfg.model.g_width,
+            d_width=cfg.model.d_width,
+            depth=cfg.model.depth,
+        )
     )
     with torch.no_grad():
         initial = G0(torch.randn(2000, cfg.model.latent_dim)).numpy()
@@ -186,6 +189,7 @@ def test_stable_preset_experts_generator_trains_on_two_workers_and_samples(env, 
     MLflow stores (torch.export) samples the same points as its saved EMA weights."""
     from mlflow.tracking import MlflowClient
 
+    from trainer.config import ModelConfig
     from trainer.gan.models import build_pair
     from trainer.main import compose
 
@@ -221,12 +225,14 @@ def test_stable_preset_experts_generator_trains_on_two_workers_and_samples(env, 
     registered = np.load(out)["samples"]
     m = compose(["experiment=stable"]).model
     G, _ = build_pair(
-        "mlp",
-        m.latent_dim,
-        g_width=m.g_width,
-        depth=m.depth,
-        g_experts=m.g_experts,
-        g_expert_prior=m.g_expert_prior,
+        ModelConfig(
+            arch="mlp",
+            latent_dim=m.latent_dim,
+            g_width=m.g_width,
+            depth=m.depth,
+            g_experts=m.g_experts,
+            g_expert_prior=m.g_expert_prior,
+        )
     )
     final = max((tmp_path / "runs" / "experts-it").rglob("ema.pt")).parent  # step 200: the end
     G.load_state_dict({k[4:]: v for k, v in load_parameters(final).items() if k.startswith("ema.")})

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import Config, ConfigError, ParallelConfig
+from trainer.config import Config, ConfigError, ModelConfig, ParallelConfig
 from trainer.gan.models import build_pair
 from trainer.gan.models.resnet import channels_at
 from trainer.gan.step import GANStep
@@ -16,7 +16,9 @@ from trainer.train.engines import Engine
 
 def test_channels_halve_above_64_px_and_the_32_64_layout_is_unchanged():
     assert [channels_at(128, s) for s in (4, 32, 64, 128, 256)] == [128, 128, 128, 64, 32]
-    G, D = build_pair("resnet", 16, resolution=32, channels=3, g_width=32, d_width=32)
+    G, D = build_pair(
+        ModelConfig(arch="resnet", latent_dim=16, resolution=32, channels=3, g_width=32, d_width=32)
+    )
     assert len(G.blocks) == 3 and len(D.blocks) == 2  # SNGAN-32: 3 up-blocks, 2 down + 2 at 8x8
 
 
@@ -30,7 +32,15 @@ def test_large_resnet_trains_under_every_penalty_and_precision(ds_dist, resoluti
     cfg.model.latent_dim = 8
     torch.manual_seed(0)
     G, D = build_pair(
-        "resnet", 8, resolution=resolution, channels=3, g_width=16, d_width=16, spectral_norm="d"
+        ModelConfig(
+            arch="resnet",
+            latent_dim=8,
+            resolution=resolution,
+            channels=3,
+            g_width=16,
+            d_width=16,
+            spectral_norm="d",
+        )
     )
     g = Engine(G, 1e-3, (0.0, 0.99), cfg.parallel, 4)
     d = Engine(D, 1e-3, (0.0, 0.99), cfg.parallel, 4)

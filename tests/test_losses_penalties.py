@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trainer.config import ModelConfig
 from trainer.gan import losses, penalties
 from trainer.gan.models.blocks import spectral_norm_all
 
@@ -233,10 +234,12 @@ def test_penalty_graph_does_not_reach_d_forward(arch):
 
     torch.manual_seed(0)
     if arch == "mlp":
-        _, D = build_pair("mlp", 2, g_width=8, d_width=8)
+        _, D = build_pair(ModelConfig(arch="mlp", latent_dim=2, g_width=8, d_width=8))
         x = torch.randn(4, 2, requires_grad=True)
     else:
-        _, D = build_pair(arch, 8, resolution=32, channels=1, g_width=8, d_width=8)
+        _, D = build_pair(
+            ModelConfig(arch=arch, latent_dim=8, resolution=32, channels=1, g_width=8, d_width=8)
+        )
         x = torch.randn(4, 1, 32, 32, requires_grad=True)
     ops.apply(D, linear=arch != "mlp")  # as GANStep applies them
     hidden: list[torch.Tensor] = []
@@ -267,7 +270,7 @@ def test_d_conv_penalty_gradients_match_nn_conv2d(arch, kind):
     from trainer.gan.ops.functions import STATE
 
     torch.manual_seed(0)
-    _, D = build_pair(arch, 8, resolution=32, channels=1, g_width=8, d_width=8)
+    _, D = build_pair(ModelConfig(arch=arch, latent_dim=8, resolution=32, channels=1, g_width=8, d_width=8))
     D = ops.apply(D.double())
     real, fake = (
         torch.randn(4, 1, 32, 32, dtype=torch.float64),
@@ -308,7 +311,11 @@ def test_loss_from_deltas_is_the_loss_without_its_backward_pass(arch, sn, kind):
     from trainer.gan.models import build_pair
 
     torch.manual_seed(0)
-    _, D = build_pair(arch, 8, resolution=32, channels=1, g_width=8, d_width=8, spectral_norm=sn)
+    _, D = build_pair(
+        ModelConfig(
+            arch=arch, latent_dim=8, resolution=32, channels=1, g_width=8, d_width=8, spectral_norm=sn
+        )
+    )
     D = ops.apply(D.double().eval())  # eval: spectral norm's power iteration would move between the passes
     assert ops.covers_every_weight(D) == []
     real, fake = (torch.randn(4, 1, 32, 32, dtype=torch.float64) for _ in range(2))
@@ -344,13 +351,21 @@ def test_loss_from_deltas_needs_every_weight_recorded_and_per_sample_scores():
     from trainer.gan import ops
     from trainer.gan.models import build_pair
 
-    mlp_d = ops.apply(build_pair("mlp", 2, g_width=8, d_width=8)[1], linear=False)
+    mlp_d = ops.apply(
+        build_pair(ModelConfig(arch="mlp", latent_dim=2, g_width=8, d_width=8))[1], linear=False
+    )
     assert ops.covers_every_weight(mlp_d)  # PyTorch's nn.Linear left as it is: not covered
-    mbstd_d = ops.apply(build_pair("dcgan", 8, resolution=32, channels=1, d_width=8, mbstd_group=4)[1])
+    mbstd_d = ops.apply(
+        build_pair(
+            ModelConfig(arch="dcgan", latent_dim=8, resolution=32, channels=1, d_width=8, mbstd_group=4)
+        )[1]
+    )
     assert ops.covers_every_weight(mbstd_d) == []  # every weight is covered, but ...
     x = torch.randn(8, 1, 32, 32)
     assert not ops.scores_per_sample(mbstd_d, mbstd_d, x)  # minibatch stddev: a score depends on its group
-    plain_d = ops.apply(build_pair("dcgan", 8, resolution=32, channels=1, d_width=8)[1])
+    plain_d = ops.apply(
+        build_pair(ModelConfig(arch="dcgan", latent_dim=8, resolution=32, channels=1, d_width=8))[1]
+    )
     assert ops.scores_per_sample(plain_d, plain_d, x)
     with pytest.raises(RuntimeError, match="input_grad inside record_outputs"):
         penalties.loss_from_deltas(losses.get("hinge")[0], torch.zeros(2), torch.zeros(2), "real", [])
@@ -368,7 +383,9 @@ def test_a_sample_mixing_op_is_caught_by_behaviour_and_leaves_d_untouched():
             return x - x.mean(0, keepdim=True)
 
     torch.manual_seed(0)
-    _, D = build_pair("dcgan", 8, resolution=32, channels=1, d_width=8, spectral_norm="d")
+    _, D = build_pair(
+        ModelConfig(arch="dcgan", latent_dim=8, resolution=32, channels=1, d_width=8, spectral_norm="d")
+    )
     x = torch.randn(8, 1, 32, 32)
     assert ops.scores_per_sample(D, D, x)
     D.body = torch.nn.Sequential(BatchCentred(), *D.body)

@@ -7,13 +7,18 @@ import contextlib
 import pytest
 import torch
 
+from trainer.config import ModelConfig
 from trainer.gan.ema import EMA
 from trainer.gan.models import build_pair
 
 
 @pytest.mark.parametrize("resolution,channels", [(32, 1), (32, 3), (64, 1), (64, 3)])
 def test_dcgan_shapes_follow_the_data(resolution, channels):
-    G, D = build_pair("dcgan", 100, resolution=resolution, channels=channels, g_width=16, d_width=16)
+    G, D = build_pair(
+        ModelConfig(
+            arch="dcgan", latent_dim=100, resolution=resolution, channels=channels, g_width=16, d_width=16
+        )
+    )
     x = G(torch.randn(3, 100))
     assert x.shape == (3, channels, resolution, resolution)
     assert x.abs().max() <= 1
@@ -23,10 +28,10 @@ def test_dcgan_shapes_follow_the_data(resolution, channels):
 
 
 def test_mlp_pair_and_unknown_arch():
-    G, D = build_pair("mlp", 8, g_width=32, d_width=32, depth=2)
+    G, D = build_pair(ModelConfig(arch="mlp", latent_dim=8, g_width=32, d_width=32, depth=2))
     assert G(torch.randn(5, 8)).shape == (5, 2) and D(torch.randn(5, 2)).shape == (5,)
     with pytest.raises(ValueError, match="allowed: mlp, dcgan"):
-        build_pair("vae", 8)
+        build_pair(ModelConfig(arch="vae", latent_dim=8))
 
 
 def test_experts_generator_keeps_its_experts_apart():
@@ -35,7 +40,7 @@ def test_experts_generator_keeps_its_experts_apart():
     from trainer.gan.models.mlp import MLPExpertsGenerator, expert_index
 
     torch.manual_seed(0)
-    G, _ = build_pair("mlp", 3, g_width=8, d_width=8, depth=2, g_experts=5)
+    G, _ = build_pair(ModelConfig(arch="mlp", latent_dim=3, g_width=8, d_width=8, depth=2, g_experts=5))
     assert isinstance(G, MLPExpertsGenerator) and G.out_shape == (2,)
     z = torch.randn(4000, 3)
     counts = torch.bincount(expert_index(z[:, 0], 5), minlength=5)
@@ -57,9 +62,9 @@ def test_experts_generator_keeps_its_experts_apart():
     ep = torch.export.export(G, (z[:4],), dynamic_shapes={"z": {0: torch.export.Dim("batch")}})
     assert torch.allclose(ep.module()(z[:9]), G(z[:9]), atol=1e-6)
     with pytest.raises(ValueError, match="latent_dim >= 2"):
-        build_pair("mlp", 1, g_experts=3)
+        build_pair(ModelConfig(arch="mlp", latent_dim=1, g_experts=3))
     with pytest.raises(ValueError, match="g_experts is for the mlp pair"):
-        build_pair("dcgan", 8, g_experts=3)
+        build_pair(ModelConfig(arch="dcgan", latent_dim=8, g_experts=3))
 
 
 @pytest.mark.parametrize("kind", ["nonsaturating", "hinge", "wasserstein", "lsgan"])
@@ -70,7 +75,11 @@ def test_learned_expert_prior_picks_by_its_weights_and_learns_from_g_loss(kind):
     from trainer.gan.models.mlp import expert_index
 
     torch.manual_seed(0)
-    G, _ = build_pair("mlp", 3, g_width=8, d_width=8, depth=2, g_experts=4, g_expert_prior="learned")
+    G, _ = build_pair(
+        ModelConfig(
+            arch="mlp", latent_dim=3, g_width=8, d_width=8, depth=2, g_experts=4, g_expert_prior="learned"
+        )
+    )
     z = torch.randn(20000, 3)
     assert (G.choose(z[:, 0]) == expert_index(z[:, 0], 4)).float().mean() > 0.999  # zero logits: uniform
     with torch.no_grad():
@@ -91,13 +100,13 @@ def test_learned_expert_prior_picks_by_its_weights_and_learns_from_g_loss(kind):
         G.prior_logits.copy_(torch.tensor([1.0, -1.0, 0.5, 0.0]))
     ep = torch.export.export(G, (z[:4],), dynamic_shapes={"z": {0: torch.export.Dim("batch")}})
     assert torch.allclose(ep.module()(z[:9]), G(z[:9]), atol=1e-6)
-    uniform, _ = build_pair("mlp", 3, g_width=8, d_width=8, depth=2, g_experts=4)
+    uniform, _ = build_pair(ModelConfig(arch="mlp", latent_dim=3, g_width=8, d_width=8, depth=2, g_experts=4))
     with pytest.raises(ValueError, match="learned_prior=True"):
         uniform.log_prior(z[:4])
 
 
 def test_ema_tracks_with_ramp_up_and_round_trips():
-    G, _ = build_pair("mlp", 4, g_width=8, d_width=8, depth=1)
+    G, _ = build_pair(ModelConfig(arch="mlp", latent_dim=4, g_width=8, d_width=8, depth=1))
     ema = EMA(G, decay=0.99)
     assert ema.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0): early on, follow G closely
     target = [torch.full_like(p, 1.0) for p in G.parameters()]
@@ -108,7 +117,7 @@ def test_ema_tracks_with_ramp_up_and_round_trips():
         ema.update(G)
     assert ema.current_decay() == pytest.approx(0.99)
     assert all(torch.allclose(e, t, atol=1e-4) for e, t in zip(ema.module.parameters(), target))
-    fresh = EMA(build_pair("mlp", 4, g_width=8, d_width=8, depth=1)[0], 0.99)
+    fresh = EMA(build_pair(ModelConfig(arch="mlp", latent_dim=4, g_width=8, d_width=8, depth=1))[0], 0.99)
     fresh.load_state_dict(ema.state_dict())
     assert fresh.num_updates == 2000
     assert all(torch.equal(a, b) for a, b in zip(fresh.module.parameters(), ema.module.parameters()))
@@ -128,7 +137,9 @@ def test_d_compiles_to_one_graph_with_eager_gradients(penalty_forward):
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    _, D = build_pair("dcgan", 8, resolution=32, channels=1, g_width=8, d_width=8)
+    _, D = build_pair(
+        ModelConfig(arch="dcgan", latent_dim=8, resolution=32, channels=1, g_width=8, d_width=8)
+    )
     ops.apply(D)
     x = torch.randn(4, 1, 32, 32)
     D(x).sum().backward()

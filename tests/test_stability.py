@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from data_pipeline.sources import grid25_modes, ring8_modes
+from trainer.config import ModelConfig
 from trainer.eval.metrics import mode_metrics
 from trainer.gan import losses
 from trainer.gan.models import MinibatchStd, build_pair
@@ -51,7 +52,9 @@ def test_diversity_and_near_duplicates():
 
 def test_spectral_monitor_matches_the_largest_singular_value():
     torch.manual_seed(0)
-    G, D = build_pair("dcgan", 8, resolution=32, channels=1, g_width=8, d_width=8)
+    G, D = build_pair(
+        ModelConfig(arch="dcgan", latent_dim=8, resolution=32, channels=1, g_width=8, d_width=8)
+    )
     mon = stability.SpectralMonitor(D, iters=1, warmup=100)
     values = mon()
     assert set(values) == {"body.0", "body.2", "body.4", "head"}
@@ -63,7 +66,7 @@ def test_spectral_monitor_matches_the_largest_singular_value():
 
 def test_spectral_monitor_reads_an_experts_layer_as_k_matrices():
     torch.manual_seed(0)
-    G, _ = build_pair("mlp", 3, g_width=8, d_width=8, depth=2, g_experts=6)
+    G, _ = build_pair(ModelConfig(arch="mlp", latent_dim=3, g_width=8, d_width=8, depth=2, g_experts=6))
     values = stability.SpectralMonitor(G, iters=1, warmup=200)()
     assert set(values) == {"layers.0", "layers.1", "layers.2"}
     for i, layer in enumerate(G.layers):
@@ -74,7 +77,7 @@ def test_spectral_monitor_reads_an_experts_layer_as_k_matrices():
 
 def test_group_grad_norms_leave_grads_alone_and_add_up():
     torch.manual_seed(0)
-    _, D = build_pair("mlp", 4, d_width=16, depth=2)
+    _, D = build_pair(ModelConfig(arch="mlp", latent_dim=4, d_width=16, depth=2))
     x = torch.randn(32, 2)
     loss = D(x).square().mean()
     norms = stability.group_grad_norms(D, loss)
@@ -137,7 +140,11 @@ def test_summary_names_divergence_and_the_first_signal():
 
 def test_probe_reports_signals_and_leaves_buffers_alone():
     torch.manual_seed(0)
-    G, D = build_pair("resnet", 16, resolution=32, channels=1, g_width=16, d_width=16, spectral_norm="d")
+    G, D = build_pair(
+        ModelConfig(
+            arch="resnet", latent_dim=16, resolution=32, channels=1, g_width=16, d_width=16, spectral_norm="d"
+        )
+    )
     buffers = [b.clone() for m in (G, D) for b in m.buffers()]
     d_loss, g_loss = losses.get("hinge")
     probe = stability.Probe(G, D, lambda: G, 16, d_loss, g_loss, num_samples=32)

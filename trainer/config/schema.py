@@ -161,6 +161,9 @@ class PenaltyConfig:
     kind: str = one_of("r1", "none", "r1", "r2", "wgan_gp", "dragan")
     weight: float = at_least(1.0, 0.0)  # r1/r2: gamma (term = gamma/2 * E|grad|^2); wgan_gp/dragan: lambda
     interval: int = at_least(1, 1)  # lazy regularization: every k D steps with gain k
+    # D's cheaper double backward (trainer/gan/ops): on | off (PyTorch's own layers) | auto (on,
+    # except the 2-D MLP's Linear layers: its presets were tuned with PyTorch's). Same values.
+    fast_ops: str = one_of("auto", "auto", "on", "off")
 
     def check(self) -> None:
         _check_fields(self, "penalty")

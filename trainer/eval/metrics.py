@@ -42,7 +42,7 @@ class _PassThrough(nn.Module):
         return x
 
 
-def fid_kid(real: np.ndarray, fake: np.ndarray, seed: int = 0, kid_subsets: int = 100) -> dict[str, float]:
+def fid_kid(real: np.ndarray, fake: np.ndarray, seed: int, kid_subsets: int) -> dict[str, float]:
     """FID and KID (mean, std over `kid_subsets` subsets of up to 1,000) by torchmetrics."""
     r, f = torch.from_numpy(real).double(), torch.from_numpy(fake).double()
     fid = FrechetInceptionDistance(feature=_PassThrough(r.shape[1]))
@@ -72,7 +72,7 @@ def _quiet(module_name: str) -> Iterator[None]:
         del module.print  # type: ignore[attr-defined]
 
 
-def prdc_metrics(real: np.ndarray, fake: np.ndarray, nearest_k: int = 5) -> dict[str, float]:
+def prdc_metrics(real: np.ndarray, fake: np.ndarray, nearest_k: int) -> dict[str, float]:
     """Precision, recall, density, coverage by the `prdc` package (k nearest neighbours)."""
     with _quiet(prdc.compute_prdc.__module__):
         out = prdc.compute_prdc(real.astype(np.float32), fake.astype(np.float32), nearest_k)
@@ -80,9 +80,9 @@ def prdc_metrics(real: np.ndarray, fake: np.ndarray, nearest_k: int = 5) -> dict
 
 
 def image_metrics(
-    real: np.ndarray, fake: np.ndarray, nearest_k: int = 5, seed: int = 0, kid_subsets: int = 100
+    real: np.ndarray, fake: np.ndarray, nearest_k: int, seed: int, kid_subsets: int
 ) -> dict[str, float]:
-    """Every image metric on (N, F) real and fake features."""
+    """Every image metric on (N, F) real and fake features (the settings: `EvalConfig`)."""
     return {**fid_kid(real, fake, seed, kid_subsets), **prdc_metrics(real, fake, nearest_k)}
 
 

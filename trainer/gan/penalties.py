@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from trainer.gan.ops import no_weight_gradients, penalty_forward
+from trainer.gan.ops import GradientAt, no_weight_gradients, penalty_forward
 
 Tensor = torch.Tensor
 DFn = Callable[[Tensor], Tensor]
@@ -68,22 +68,8 @@ def loss_from_deltas(
     (per_logit,) = torch.autograd.grad(loss, probe, retain_graph=True)
     for r in records:
         c = (per_logit / scale).to(r["delta"].dtype).reshape(-1, *[1] * (r["delta"].dim() - 1))
-        loss = loss + _GradientAt.apply(r["out"], c * r["delta"])
+        loss = loss + GradientAt.apply(r["out"], c * r["delta"])
     return loss
-
-
-class _GradientAt(torch.autograd.Function):
-    """Zero in value; its backward hands `grad` (times the incoming scale) to `x`."""
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, grad: Tensor) -> Tensor:
-        ctx.save_for_backward(grad)
-        return torch.zeros((), device=x.device)
-
-    @staticmethod
-    def backward(ctx, scale: Tensor) -> tuple[Tensor, None]:
-        (grad,) = ctx.saved_tensors
-        return grad * scale.to(grad.dtype), None
 
 
 def r1(d_fn: DFn, real: Tensor, scale: float = 1.0) -> Tensor:

@@ -17,6 +17,7 @@ from torch import nn
 from trainer.config import Config
 from trainer.gan import losses, ops, penalties
 from trainer.gan.augment import Augment
+from trainer.gan.models import MLPDiscriminator
 
 log = logging.getLogger("stablegan.step")
 
@@ -47,22 +48,13 @@ def _on(device: torch.device, *values: torch.Tensor) -> torch.Tensor:
 class GANStep:
     """Runs the D and G phases on two engines; returns detached metric tensors (no sync)."""
 
-    def __init__(self, G: Network, D: Network, cfg: Config, noise: torch.Generator, fast_ops: bool = True):
+    def __init__(self, G: Network, D: Network, cfg: Config, noise: torch.Generator):
         self.G, self.D, self.cfg = G, D, cfg
         self.noise = noise
         self.d_loss, self.g_loss = losses.get(cfg.loss.kind)
         self.g_term = losses.G_TERMS[cfg.loss.kind]
         self.d_iters = 0  # D steps so far: step x d_steps (the lazy schedule's phase)
-        # D's layers get the cheaper double backward (trainer.gan.ops), applied after the engine
-        # is built. A D may keep PyTorch's Linear (`keeps_torch_linear`, the 2-D MLP: its presets
-        # were tuned and are reported with the plain backward); then the fused R1 / R2 step
-        # cannot take the loss's gradient from the penalty's pass either.
-        torch_linear = getattr(D.module, "keeps_torch_linear", False)
-        if fast_ops:
-            ops.apply(D.module, linear=not torch_linear)
-        # `penalties.loss_from_deltas` where D allows it, checked on each fused step
-        # (`_can_share_backward`); False turns it off.
-        self.share_backward = fast_ops and not torch_linear
+        self.share_backward = self._apply_fast_ops(cfg.penalty.fast_ops)
         self._scores_per_sample: bool | None = None
         self.lr_scale = 1.0
         self.set_penalty(cfg.penalty.kind, cfg.penalty.weight)
@@ -75,10 +67,24 @@ class GANStep:
         self.num_classes = cfg.model.num_classes if cfg.model.conditional else 0
         self._y: torch.Tensor | None = None
 
+    def _apply_fast_ops(self, mode: str) -> bool:
+        """`penalty.fast_ops`, the one switch: D's layers get the cheaper double backward
+        (trainer.gan.ops), applied after the engine is built. on: every layer; off: PyTorch's
+        own; auto: every layer of an image D, the 2-D MLP's activations only (its presets were
+        tuned and are reported with PyTorch's Linear). Returns whether the fused R1 / R2 step may
+        take the loss's gradient from the penalty's pass (`penalties.loss_from_deltas`, which
+        needs recording Linear layers too); `_can_share_backward` still checks D on each step."""
+        if mode == "off":
+            return False
+        linear = mode == "on" or not isinstance(self.D.module, MLPDiscriminator)
+        ops.apply(self.D.module, linear=linear)
+        return linear
+
     def set_penalty(self, kind: str, weight: float) -> None:
-        """Switch the penalty (the stability guard raises or adds one); the interval is kept."""
-        self.cfg = replace(self.cfg, penalty=replace(self.cfg.penalty, kind=kind, weight=weight))
-        k = self.cfg.penalty.interval if kind != "none" else 1
+        """Apply the penalty the caller owns (the config's, or the stability guard's once it
+        raises or adds one); the interval is kept. `cfg` stays the config as given."""
+        self.penalty = replace(self.cfg.penalty, kind=kind, weight=weight)
+        k = self.penalty.interval if kind != "none" else 1
         self.reg_interval = k  # D_reg runs on every k-th D step (D_main every step, G_main after d_steps)
         o = self.cfg.optim
         c = k / (k + 1) if k > 1 else 1.0
@@ -132,7 +138,7 @@ class GANStep:
     def d_step(self, real: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """D main phase, fused with the penalty when it is due; a conditional pair's fakes take
         the reals' `labels`, so every D call (and WGAN-GP's interpolates) has one class per row."""
-        kind = self.cfg.penalty.kind
+        kind = self.penalty.kind
         reg_due = kind != "none" and self.d_iters % self.reg_interval == 0
         self.d_iters += 1
         self._y = self.labels(len(real), labels)
@@ -144,21 +150,7 @@ class GANStep:
         # Under fp16 the penalty gets its own fp32 forward; otherwise R1 / R2 reuse the main one.
         fp16 = self.cfg.parallel.precision == "fp16"
         fused = reg_due and kind in ("r1", "r2") and not fp16
-        if fused:
-            # R1 / R2 take their input gradient from the adversarial forward of the reals /
-            # fakes: one forward fewer than a separate penalty pass. Real and fake go through
-            # D separately here, so the double backward spans only the penalized half (a
-            # forward of the concatenation made the penalty step slower than the textbook one).
-            share = self._can_share_backward(real)
-            (real if kind == "r1" else fake).requires_grad_(True)
-            with ops.record_outputs(share) as records:
-                real_logits = self._d_forward(real, penalized=kind == "r1")
-                fake_logits = self._d_forward(fake, penalized=kind == "r2")
-        else:
-            # No per-sample penalty graph: one forward of real and fake together (D has no
-            # batch statistics; minibatch-stddev groups never straddle the two halves).
-            real_logits, fake_logits = self._d(torch.cat([real, fake])).split(real.shape[0])
-            records = []
+        real_logits, fake_logits, records = self._d_logits(real, fake, kind if fused else "")
         penalty = torch.zeros((), device=real_logits.device)
         if reg_due:
             penalty = self._penalty(kind, real, fake, real_logits, fake_logits, fused, fp16)
@@ -169,7 +161,7 @@ class GANStep:
             adversarial = self.d_loss(real_logits, fake_logits)
         loss = adversarial
         if reg_due:
-            gain = self.cfg.penalty.weight / (2 if kind in ("r1", "r2") else 1)
+            gain = self.penalty.weight / (2 if kind in ("r1", "r2") else 1)
             loss = loss + gain * self.reg_interval * penalty
         self.D.backward(loss)
         for r in records:
@@ -190,6 +182,24 @@ class GANStep:
             "d_grad_norm": grad_norm,
             "nonfinite": (~torch.isfinite(stats)).sum().float(),  # summed over steps by the loop
         }
+
+    def _d_logits(self, real: torch.Tensor, fake: torch.Tensor, fused: str) -> tuple:
+        """(real logits, fake logits, recorded outputs) of D's main forward; `fused` ("r1",
+        "r2" or "") names the penalty that takes its input gradient from this forward."""
+        if not fused:
+            # No per-sample penalty graph: one forward of real and fake together (D has no
+            # batch statistics; minibatch-stddev groups never straddle the two halves).
+            return (*self._d(torch.cat([real, fake])).split(real.shape[0]), [])
+        # R1 / R2 take their input gradient from the adversarial forward of the reals /
+        # fakes: one forward fewer than a separate penalty pass. Real and fake go through
+        # D separately here, so the double backward spans only the penalized half (a
+        # forward of the concatenation made the penalty step slower than the textbook one).
+        share = self._can_share_backward(real)
+        (real if fused == "r1" else fake).requires_grad_(True)
+        with ops.record_outputs(share) as records:
+            real_logits = self._d_forward(real, penalized=fused == "r1")
+            fake_logits = self._d_forward(fake, penalized=fused == "r2")
+        return real_logits, fake_logits, records
 
     def _can_share_backward(self, real: torch.Tensor) -> bool:
         """Whether this D step may use `penalties.loss_from_deltas`: every weight in a recording

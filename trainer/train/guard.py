@@ -3,6 +3,10 @@ to the last healthy checkpoint and intervene (lower the learning rates, raise or
 penalty, draw new latents), within a budget of rollbacks. A run's first non-finite trip is
 taken for a transient fault: rolled back with new latents, without the other interventions.
 
+The guard owns the run's current penalty: it starts as the config's, only the guard changes
+it, checkpoints keep it in the guard's state, and the worker hands it to `GANStep.set_penalty`
+after every restore.
+
 Every rank holds a `Guard`. Rank 0 sees all signals (reduced step metrics and its probe) and
 decides; the decision is broadcast, and every rank applies it, so ranks stay identical. A
 checkpoint counts as healthy when no trigger fired since the one before it: the loop checks

@@ -60,7 +60,7 @@ class SpectralMonitor:
     the weights drift slowly; the first call does `warmup` iterations.
     """
 
-    def __init__(self, module: nn.Module, iters: int = 1, warmup: int = 20):
+    def __init__(self, module: nn.Module, iters: int, warmup: int = 20):
         self.module, self.iters, self.warmup = module, iters, warmup
         self._u: dict[str, torch.Tensor] = {}
 

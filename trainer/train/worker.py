@@ -16,7 +16,7 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -65,7 +65,7 @@ class Every:
 
 def build_models(cfg: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(G, D) as `cfg.model` describes them, freshly initialised from the global RNG."""
-    return build_pair(**asdict(cfg.model))
+    return build_pair(cfg.model)
 
 
 def build_engines(

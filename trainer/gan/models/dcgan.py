@@ -21,9 +21,7 @@ class DCGANGenerator(nn.Module):
     With `num_classes` > 0 its batch norms are class-conditional; called without labels it
     draws them from z (`labels_from_latent`)."""
 
-    def __init__(
-        self, latent_dim: int, resolution: int = 32, channels: int = 1, width: int = 64, num_classes: int = 0
-    ):
+    def __init__(self, latent_dim: int, resolution: int, channels: int, width: int, num_classes: int):
         super().__init__()
         if resolution not in (32, 64):
             raise ValueError(f"DCGAN resolution must be 32 or 64, got {resolution}")
@@ -64,14 +62,7 @@ class DCGANDiscriminator(nn.Module):
     """images (N, channels, resolution, resolution) [, labels (N,)] -> logits (N,); with
     `num_classes` > 0 a projection discriminator."""
 
-    def __init__(
-        self,
-        resolution: int = 32,
-        channels: int = 1,
-        width: int = 64,
-        mbstd_group: int = 0,
-        num_classes: int = 0,
-    ):
+    def __init__(self, resolution: int, channels: int, width: int, mbstd_group: int, num_classes: int):
         super().__init__()
         if resolution not in (32, 64):
             raise ValueError(f"DCGAN resolution must be 32 or 64, got {resolution}")

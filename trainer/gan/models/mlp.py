@@ -22,7 +22,7 @@ def _mlp(sizes: list[int], act: nn.Module) -> nn.Sequential:
 class MLPGenerator(nn.Module):
     """z (N, latent_dim) -> points (N, 2)."""
 
-    def __init__(self, latent_dim: int, width: int = 256, depth: int = 3):
+    def __init__(self, latent_dim: int, width: int, depth: int):
         super().__init__()
         self.latent_dim = latent_dim
         self.out_shape = (2,)
@@ -61,7 +61,7 @@ class MLPExpertsGenerator(nn.Module):
     continuous G over a connected latent must put mass on paths between disconnected modes
     (Khayatkhoei et al. 2018, "Disconnected Manifold Learning for GANs"); experts share no
     weights, so no path joins two experts' outputs: on grid25 that mass was most of the
-    remaining low-quality samples (benchmarks/RESULTS.md).
+    remaining low-quality samples (experiments/RESULTS.md).
 
     `learned_prior`: experts are picked by a learned prior instead (z[:, 0]'s normal CDF read
     against its cumulative sum), whose logits G's loss trains (`losses.with_learned_prior`). With
@@ -69,9 +69,7 @@ class MLPExpertsGenerator(nn.Module):
     modes left one or two hopping between modes to the end.
     """
 
-    def __init__(
-        self, latent_dim: int, experts: int, width: int = 32, depth: int = 3, learned_prior: bool = False
-    ):
+    def __init__(self, latent_dim: int, experts: int, width: int, depth: int, learned_prior: bool):
         super().__init__()
         if latent_dim < 2:
             raise ValueError(f"an experts G needs latent_dim >= 2 (1 selector + the rest), got {latent_dim}")
@@ -133,11 +131,7 @@ class MLPExpertsGenerator(nn.Module):
 class MLPDiscriminator(nn.Module):
     """points (N, 2) -> logits (N,); optionally with minibatch stddev before the last layer."""
 
-    # trainer.gan.ops leaves its Linear layers to PyTorch (activations still get the cut double
-    # backward): the 2-D presets were tuned and are reported with the plain backward.
-    keeps_torch_linear = True
-
-    def __init__(self, width: int = 256, depth: int = 3, mbstd_group: int = 0):
+    def __init__(self, width: int, depth: int, mbstd_group: int):
         super().__init__()
         # PyTorch layers; trainer.gan.ops gives the activations a cheaper double backward.
         self.net = _mlp([2] + [width] * depth, nn.LeakyReLU(0.2))

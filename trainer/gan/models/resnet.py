@@ -74,9 +74,7 @@ class ResNetGenerator(nn.Module):
     """z (N, latent_dim) [, labels (N,)] -> images (N, channels, resolution, resolution) in
     [-1, 1]; class-conditional batch norms with `num_classes` > 0 (labels from z when omitted)."""
 
-    def __init__(
-        self, latent_dim: int, resolution: int = 32, channels: int = 3, width: int = 128, num_classes: int = 0
-    ):
+    def __init__(self, latent_dim: int, resolution: int, channels: int, width: int, num_classes: int):
         super().__init__()
         _check(resolution)
         self.latent_dim = latent_dim
@@ -108,14 +106,7 @@ class ResNetDiscriminator(nn.Module):
     """images (N, channels, resolution, resolution) [, labels (N,)] -> logits (N,); a projection
     discriminator with `num_classes` > 0."""
 
-    def __init__(
-        self,
-        resolution: int = 32,
-        channels: int = 3,
-        width: int = 128,
-        mbstd_group: int = 0,
-        num_classes: int = 0,
-    ):
+    def __init__(self, resolution: int, channels: int, width: int, mbstd_group: int, num_classes: int):
         super().__init__()
         _check(resolution)
         self.in_shape = (channels, resolution, resolution)

@@ -18,6 +18,7 @@ from torch import nn
 
 from trainer.gan.ops.functions import (
     STATE,
+    GradientAt,
     _AvgPool2Fn,
     _Conv2dFn,
     _LinearFn,
@@ -30,6 +31,7 @@ from trainer.gan.ops.functions import (
 )
 
 __all__ = [
+    "GradientAt",
     "apply",
     "remove",
     "is_fast",

@@ -244,3 +244,20 @@ class _AvgPool2Fn(torch.autograd.Function):
         # point); the row and column an odd size drops get none.
         g = F.interpolate(grad, scale_factor=2, mode="nearest") * 0.25
         return F.pad(g, (0, ctx.size[1] - g.shape[-1], 0, ctx.size[0] - g.shape[-2]))
+
+
+class GradientAt(torch.autograd.Function):
+    """Zero in value; its backward hands `grad` (times the incoming scale) to `x`: how
+    `penalties.loss_from_deltas` feeds a recorded layer output its share of the loss's gradient."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, grad: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.save_for_backward(grad)
+        return torch.zeros((), device=x.device)
+
+    @staticmethod
+    def backward(ctx, scale: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * scale.to(grad.dtype), None
