@@ -163,3 +163,98 @@ def test_compile_needs_a_compiler_and_no_spectral_norm(monkeypatch):
     assert compose(["parallel.compile=true", "trainer.use_gpu=true"]).parallel.compile  # GPUs use triton
     with pytest.raises(ConfigError, match="does not work with model.spectral_norm=d"):
         compose(["parallel.compile=true", "model.spectral_norm=d"])
+
+
+def restated_defaults(config_dir) -> list[str]:
+    """Values in `config_dir`'s group files that change nothing: each file's own values are
+    removed in a copy of the tree and the config composed again with that file selected; a value
+    the rest of the tree already gives (the schema's default, or the groups a preset selects)
+    is a restatement."""
+    import shutil
+    import tempfile
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import yaml
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from trainer.main import to_config
+
+    def leaves(node: dict, prefix: str = ""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    found = []
+    for path in sorted(Path(config_dir).glob("*/*.yaml")):
+        group, option = path.parent.name, path.stem
+        body = {
+            k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k not in ("defaults", "name")
+        }
+        if not body:
+            continue
+        prefix = "" if group == "experiment" else f"{group}."
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / "configs"
+            shutil.copytree(config_dir, copy)
+            kept = [
+                line
+                for line in path.read_text().splitlines(keepends=True)
+                if line.startswith(("#", "defaults", "  -", "name"))
+            ]
+            (copy / group / path.name).write_text("".join(kept))
+            with initialize_config_dir(config_dir=str(copy), version_base="1.3"):
+                # A group file is read against the schema alone (no preset on top of it).
+                others = [] if group == "experiment" else ["~experiment"]
+                without = asdict(to_config(hydra_compose("config", overrides=[*others, f"{group}={option}"])))
+        for key, value in leaves(body, prefix):
+            node = without
+            for part in key.split("."):
+                node = node[part]
+            if node == value:
+                found.append(f"{group}/{path.name}: {key}={value!r}")
+    return found
+
+
+def test_no_preset_restates_a_default():
+    """configs/ holds only what differs from the schema (and from the groups a preset selects):
+    one source per default."""
+    from trainer.main import CONFIG_DIR
+
+    assert restated_defaults(CONFIG_DIR) == []
+
+
+def test_a_restated_default_is_caught(tmp_path):
+    import shutil
+
+    from trainer.main import CONFIG_DIR
+
+    copy = tmp_path / "configs"
+    shutil.copytree(CONFIG_DIR, copy)
+    with open(copy / "experiment" / "grid25.yaml", "a") as f:
+        f.write("penalty:\n  interval: 1\n")  # the schema's default
+    with open(copy / "model" / "dcgan32.yaml", "a") as f:
+        f.write("depth: 3\n")
+    assert restated_defaults(copy) == [
+        "experiment/grid25.yaml: penalty.interval=1",
+        "model/dcgan32.yaml: model.depth=3",
+    ]
+
+
+def test_every_config_group_is_known_to_the_checks():
+    """The CLI's early checks take each folder of configs/ as a group (augment included), so
+    `GROUP=OPTION` passes them and composes."""
+    from trainer.config.overrides import GROUPS, check_overrides
+    from trainer.main import CONFIG_DIR
+
+    folders = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
+    assert sorted(GROUPS) == folders and "augment" in GROUPS
+    for group in folders:
+        option = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))[0]
+        check_overrides([f"{group}={option}"])
+    assert compose(["experiment=digits32", "augment=ada"]).augment.kind == "ada"
+    with pytest.raises(ConfigError, match="config groups: model, loss, penalty, augment"):
+        check_overrides(["augmnt=ada"])

@@ -14,19 +14,15 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import Config, ConfigError, exit_on_config_error, from_dict, validate
-from trainer.config.overrides import check_overrides, prepare_overrides
+from trainer.config.overrides import CONFIG_DIR, check_overrides, prepare_overrides
 from trainer.services.driver import RegistryError, UserError, run
 
-# A wheel ships the config tree inside the package (setup.py); a checkout has it at the top level.
-_PACKAGED = Path(__file__).resolve().parent / "configs"
-CONFIG_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "configs"
 ConfigStore.instance().store(name="stablegan_schema", node=Config)
 
 

@@ -9,21 +9,28 @@ parse `{a..b}` as a dict: it is quoted) and new keys under a free-form dict fiel
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
 from trainer.config.schema import ConfigError, allowed_keys, dict_keys
 
-GROUPS = (
-    "model",
-    "loss",
-    "penalty",
-    "optim",
-    "data",
-    "parallel",
-    "trainer",
-    "stability",
-    "tracking",
-    "cluster",
-    "experiment",
-)
+# A wheel ships the config tree inside the package (setup.py); a checkout has it at the top level.
+_PACKAGED = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent.parent / "configs"
+
+
+def _groups() -> tuple[str, ...]:
+    """The config groups are the tree's folders (a new one is known to the checks below at
+    once), in the order of the root config's defaults list, then any others by name."""
+    listed = [
+        next(iter(d)) for d in OmegaConf.load(CONFIG_DIR / "config.yaml").defaults if not isinstance(d, str)
+    ]
+    folders = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
+    return (*[g for g in listed if g in folders], *sorted(folders - set(listed)))
+
+
+GROUPS = _groups()
 DICT_KEYS = dict_keys()  # free-form dict fields: any key below them is allowed
 
 
@@ -46,8 +53,9 @@ def check_overrides(argv: list[str]) -> None:
         parent, leaf = key.rsplit(".", 1)
         allowed = allowed_keys(parent)
         if allowed is None:
+            sections = [k for k in allowed_keys("") or [] if allowed_keys(k) is not None]
             raise ConfigError(
-                f"unknown key {key!r}: {parent!r} is not a config section; sections: {', '.join(GROUPS[:-1])}"
+                f"unknown key {key!r}: {parent!r} is not a config section; sections: {', '.join(sections)}"
             )
         if leaf not in allowed:
             raise ConfigError(f"unknown key {key!r}; allowed keys in {parent}: {', '.join(allowed)}")
