@@ -20,8 +20,9 @@ import json
 import os
 import shutil
 import sys
+import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ class MakeShardsConfig:
     src: str = ""  # folder or .npz path for source=folder|npz
     name: str = ""  # shard file prefix; defaults to the source name
     resolution: int = 32
-    channels: int = 1
+    channels: int = 0  # 1 or 3; 0 = the source's own: 3 for stacked_digits (RGB), else 1
     shard_size: int = 0  # samples per shard; 0 = 1000 images or 10000 points
     num_samples: int = 100_000  # ring8/grid25/stacked_digits only
     points_per_record: int = 1000  # ring8/grid25: points stored together in one tar member
@@ -58,8 +59,10 @@ class MakeShardsConfig:
     label_key: str = ""  # npz: array name of the labels (default: y, labels or y_train)
 
 
-def validate(cfg: MakeShardsConfig) -> None:
-    """Reject bad options before any work, naming the key and the fix."""
+def validate(cfg: MakeShardsConfig) -> MakeShardsConfig:
+    """`cfg` with `channels` resolved; bad options rejected before any work, naming the key and
+    the fix."""
+    cfg = replace(cfg, channels=cfg.channels or (3 if cfg.source == "stacked_digits" else 1))
     if cfg.source not in SOURCES:
         raise ValueError(f"source={cfg.source!r} is unknown; allowed: {', '.join(SOURCES)}")
     if cfg.source in ("folder", "npz") and not cfg.src:
@@ -72,6 +75,7 @@ def validate(cfg: MakeShardsConfig) -> None:
         raise ValueError(f"fraction={cfg.fraction} must be in (0, 1]: the share of the source to keep")
     if cfg.shard_size < 0 or cfg.num_samples <= 0 or cfg.points_per_record <= 0:
         raise ValueError("shard_size must be >= 0; num_samples and points_per_record must be > 0")
+    return cfg
 
 
 def load_source(cfg: MakeShardsConfig) -> sources.Source:
@@ -142,7 +146,7 @@ class _ShardSink:
 
 def write_shards(cfg: MakeShardsConfig, progress: bool = True) -> dict:
     """Write the shards and the manifest that `cfg` describes; return the manifest."""
-    validate(cfg)
+    cfg = validate(cfg)
     source = load_source(cfg)
     name = cfg.name or cfg.source
     out = Path(cfg.out).expanduser()
@@ -153,51 +157,18 @@ def write_shards(cfg: MakeShardsConfig, progress: bool = True) -> dict:
         raise ValueError(
             f"shard_size={shard_size} must be a multiple of points_per_record={cfg.points_per_record}"
         )
-
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(len(source)) if cfg.shuffle else np.arange(len(source))
-    if cfg.fraction < 1:  # a seeded subset, in the order asked for
-        keep = rng.permutation(len(source))[: max(1, round(len(source) * cfg.fraction))]
-        order = order[np.isin(order, keep)]
     staging = out / f".staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     sink = _ShardSink(staging, name, shard_size)
-    skipped = written = 0
-    sample_shape: list[int] | None = None
     try:
-        bar = tqdm(total=len(source), desc=f"make_shards {name}", unit="sample", disable=not progress)
-        if points:
-            step = cfg.points_per_record
-            for start in range(0, len(order), step):
-                idx = order[start : start + step]
-                pts = np.stack([source.load(int(i)) for i in idx]).astype(np.float32)
-                sample = {"__key__": f"{start:09d}", "pts.npy": _npy_bytes(pts)}
-                if source.labels is not None:
-                    sample["cls.npy"] = _npy_bytes(source.labels[idx])
-                sink.write(sample, len(idx))
-                written += len(idx)
-                bar.update(len(idx))
-            sample_shape = [2]
-        else:
-            for pos, (i, arr) in enumerate(sources.iter_records(source, order)):
-                bar.update(1)
-                if arr is None:
-                    skipped += 1
-                    continue
-                shape = [1, *arr.shape] if arr.ndim == 2 else [arr.shape[2], *arr.shape[:2]]
-                sample_shape = sample_shape or shape
-                sample = {"__key__": f"{pos:09d}", "png": png.encode(arr)}
-                if source.labels is not None:
-                    sample["cls"] = str(int(source.labels[i])).encode()
-                sink.write(sample, 1)
-                written += 1
-        bar.close()
+        with Progress(len(source), f"make_shards {name}", progress) as bar:
+            write = _write_points if points else _write_images
+            written, skipped, sample_shape = write(cfg, source, _order(cfg, len(source)), sink, bar)
         if written == 0:
             raise ValueError(
                 f"no readable samples in src={cfg.src!r} ({skipped} unreadable files); "
                 "check the folder holds valid images"
             )
-        shards = sink.close()
         manifest = {
             "format": FORMAT,
             "name": name,
@@ -209,12 +180,85 @@ def write_shards(cfg: MakeShardsConfig, progress: bool = True) -> dict:
             "sample_shape": sample_shape,
             "dtype": "float32" if points else "uint8",
             "classes": source.classes,
-            "shards": shards,
+            "shards": sink.close(),
         }
         _publish(staging, out, name, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def _order(cfg: MakeShardsConfig, n: int) -> np.ndarray:
+    """The write order: seeded and shuffled (or as is), then the seeded `fraction` subset."""
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(n) if cfg.shuffle else np.arange(n)
+    if cfg.fraction < 1:  # a seeded subset, in the order asked for
+        keep = rng.permutation(n)[: max(1, round(n * cfg.fraction))]
+        order = order[np.isin(order, keep)]
+    return order
+
+
+def _write_points(cfg: MakeShardsConfig, source: sources.Source, order: np.ndarray, sink, bar) -> tuple:
+    """Points in records of `points_per_record`; returns (written, skipped, sample shape)."""
+    written, step = 0, cfg.points_per_record
+    for start in range(0, len(order), step):
+        idx = order[start : start + step]
+        pts = np.stack([source.load(int(i)) for i in idx]).astype(np.float32)
+        sample = {"__key__": f"{start:09d}", "pts.npy": _npy_bytes(pts)}
+        if source.labels is not None:
+            sample["cls.npy"] = _npy_bytes(source.labels[idx])
+        sink.write(sample, len(idx))
+        written += len(idx)
+        bar.update(len(idx))
+    return written, 0, [2]
+
+
+def _write_images(cfg: MakeShardsConfig, source: sources.Source, order: np.ndarray, sink, bar) -> tuple:
+    """One PNG per sample; unreadable files skipped and counted. Returns (written, skipped,
+    sample shape)."""
+    written = skipped = 0
+    sample_shape: list[int] | None = None
+    for pos, (i, arr) in enumerate(sources.iter_records(source, order)):
+        bar.update(1)
+        if arr is None:
+            skipped += 1
+            continue
+        shape = [1, *arr.shape] if arr.ndim == 2 else [arr.shape[2], *arr.shape[:2]]
+        sample_shape = sample_shape or shape
+        sample = {"__key__": f"{pos:09d}", "png": png.encode(arr)}
+        if source.labels is not None:
+            sample["cls"] = str(int(source.labels[i])).encode()
+        sink.write(sample, 1)
+        written += 1
+    return written, skipped, sample_shape
+
+
+class Progress:
+    """A live bar on a terminal; off one (a log, a pipe), a line at every tenth of the work,
+    as training prints a line per interval rather than carriage-return updates."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
+        self.total, self.desc, self.done, self.next_line = total, desc, 0, 0
+        self.live = enabled and sys.stderr.isatty()
+        self.lines = enabled and not self.live
+        self.bar = tqdm(total=total, desc=desc, unit="sample", disable=not self.live)
+        self.start = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        self.done += n
+        if self.lines and (self.done >= self.next_line or self.done == self.total):
+            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+            print(
+                f"{self.desc}: {self.done}/{self.total} samples ({rate:.0f}/s)", file=sys.stderr, flush=True
+            )
+            self.next_line = self.done + max(1, self.total // 10)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
 
 
 def _publish(staging: Path, out: Path, name: str, manifest: dict) -> None:

@@ -206,3 +206,31 @@ def test_fraction_keeps_a_seeded_subset_of_the_source(tmp_path):
     assert subsets[0] == subsets[1] and len(subsets[0] & subsets[2]) < 60
     with pytest.raises(ValueError, match="fraction=0 must be in \\(0, 1\\]"):
         write_shards(MakeShardsConfig(out=str(tmp_path / "bad"), fraction=0), progress=False)
+
+
+def test_stacked_digits_are_rgb_by_default_and_progress_off_a_terminal_is_lines(tmp_path):
+    """channels is the source's own unless set (stacked digits: 3), and piped into a log the
+    progress is a line per tenth of the work, not thousands of carriage-return updates."""
+    out = tmp_path / "stacked"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_pipeline.make_shards",
+            "source=stacked_digits",
+            "num_samples=500",
+            f"out={out}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sample_shape"] == [3, 32, 32] and manifest["params"]["channels"] == 3
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("make_shards stacked_digits:")]
+    assert "\r" not in proc.stderr
+    assert 2 <= len(lines) <= 11 and lines[-1].startswith("make_shards stacked_digits: 500/500 samples")
+    with pytest.raises(ValueError, match="set channels=3"):
+        write_shards(
+            MakeShardsConfig(source="stacked_digits", out=str(tmp_path / "x"), channels=1), progress=False
+        )
