@@ -8,8 +8,8 @@ What comes from webdataset and what is ours (docs/ARCHITECTURE.md, "Data"):
   take (compression, PAX or GNU records).
 - ours: which shards each reader reads (exactly once per epoch over ranks x loader workers),
   the seeded in-shard shuffle with a bounded buffer, the resumable position, skip-and-count of
-  bad data, flips, batching, and a plain-ustar header reader that is 1.4x faster end to end
-  than tarfile's on 64-px images (benchmarks/RESULTS.md; `data.tar_reader=webdataset` opts out).
+  bad data, flips, batching, and a plain-ustar header reader, kept because it is faster end to
+  end than tarfile's on 64-px images (benchmarks/RESULTS.md; `data.tar_reader=webdataset` opts out).
 
 Readers: each rank runs `num_workers` DataLoader processes; reader slot = rank * num_workers +
 worker id, and `total = world_size * num_workers` slots share the shards. In epoch `e` the shard

@@ -56,7 +56,7 @@ def cli(doc: str, store_name: str, methods: list[str], run: Callable, table: Cal
     ap.add_argument("--seeds", default="1000,1001,1002")
     ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--methods", default=",".join(methods))
-    ap.add_argument("--store", default=str(ROOT / "experiments" / "results" / store_name))
+    ap.add_argument("--store", default=str(ROOT / "runs" / "experiments" / store_name))
     args = ap.parse_args()
     store = Path(args.store).resolve()
     store.mkdir(parents=True, exist_ok=True)

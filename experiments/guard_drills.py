@@ -159,7 +159,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="1000")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--store", default=str(ROOT / "experiments" / "results" / "guard_drills"))
+    ap.add_argument("--store", default=str(ROOT / "runs" / "experiments" / "guard_drills"))
     args = ap.parse_args()
     store = Path(args.store).resolve()
     if args.command == "run":

@@ -44,19 +44,19 @@ PUBLISHED = {  # PacGAN Table 1: modes, high-quality %, reverse KL
     "grid25": [("GAN", 17.3, 94.8, 0.70), ("PacGAN4", 24.8, 93.6, 0.04)],
     "ring8": [("GAN", 6.3, 98.2, 0.45), ("PacGAN2", 7.9, 95.6, 0.07)],
 }
-# 2-D points are cheap to read: the loader runs in the training process, which measured ~20 %
-# faster per step than a loader worker competing for this machine's 2 cores.
+# 2-D points are cheap to read: the loader runs in the training process rather than in a loader
+# worker that competes with training for a small machine's cores.
 COMMON = ["tracking.register=false", "trainer.sample_every=0", "data.loader_workers=0"]
-# The guard drills were measured with the presets of 2026-11-26 (MLP 256, 4,000 steps, stable at
-# lr 1e-3); pinned so that their table stays reproducible after the presets moved on.
+# The 2-D guard drills pin the preset they were reported with (one MLP of 256, R1 on every D step,
+# 4,000 steps, lr 1e-3, beta2 0.999), so that their table stays reproducible as presets change.
 GUARD_PIN = [
     "trainer.max_steps=4000",
     "model.g_width=256",
     "model.d_width=256",
     "model.latent_dim=16",
-    "model.g_experts=0",  # one MLP G then; 50 experts since 2026-11-27
+    "model.g_experts=0",
     "model.g_expert_prior=uniform",
-    "penalty.interval=1",  # R1 on every D step then; lazy since 2026-11-27
+    "penalty.interval=1",
     "trainer.log_every=100",
 ]
 
@@ -101,7 +101,7 @@ def sweeps(
                 "trainer.inject_nan_at=1500",  # a poisoned batch
                 "optim.g_lr=1e-3",
                 "optim.d_lr=1e-3",
-                "optim.beta2=0.999",  # the preset's beta2 before 2026-11-27 (drill measured with it)
+                "optim.beta2=0.999",
                 *GUARD_PIN,
                 "trainer.checkpoint_every=500",
                 "trainer.keep_checkpoints=4",
@@ -388,7 +388,7 @@ def main() -> None:
     ap.add_argument(
         "--set", nargs="*", default=[], help="extra overrides for every run (e.g. trainer.max_steps=300)"
     )
-    ap.add_argument("--store", default=str(ROOT / "experiments" / "results" / "mode_collapse"))
+    ap.add_argument("--store", default=str(ROOT / "runs" / "experiments" / "mode_collapse"))
     ap.add_argument(
         "--jobs", type=int, default=2, help="runs at a time (1: one after another, no shared cluster)"
     )
