@@ -38,6 +38,7 @@ usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' 
 die() { echo "local_cluster: error: $*" >&2; exit 1; }
 
 port_taken() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+redact() { sed -E 's#(://)[^/@ ]+@#\1***@#g' <<<"$1"; }  # a URI's user:password part
 
 our_ray_pids() {
   # Every process of this cluster names its GCS address or port on its command line.
@@ -55,12 +56,14 @@ free_port() {
 start_mlflow() {
   local backend="${BACKEND_URI:-sqlite:///$MLFLOW_DIR/mlflow.db}"
   if [[ "$backend" == postgresql* ]] && ! python -c "import psycopg" 2>/dev/null; then
-    die "--backend-store-uri $backend needs psycopg in this environment: pip install 'psycopg[binary]' (make setup-dev installs it)"
+    die "--backend-store-uri $(redact "$backend") needs psycopg in this environment: pip install 'psycopg[binary]' (make setup-dev installs it)"
   fi
   mkdir -p "$MLFLOW_DIR"
   # Its own session (setsid): `down` stops the server and the workers it forks as one group.
-  setsid mlflow server --host "$MLFLOW_HOST" --port "$MLFLOW_PORT" --workers 1 \
-    --backend-store-uri "$backend" --artifacts-destination "$MLFLOW_DIR/artifacts" \
+  # The store URI (which may hold a database password) goes through the environment, not the
+  # command line that every local user can read in the process list.
+  MLFLOW_BACKEND_STORE_URI="$backend" setsid mlflow server --host "$MLFLOW_HOST" --port "$MLFLOW_PORT" \
+    --workers 1 --artifacts-destination "$MLFLOW_DIR/artifacts" \
     >"$STATE_DIR/mlflow.log" 2>&1 < /dev/null &
   echo "$! $MLFLOW_PORT" >"$STATE_DIR/mlflow.pid"
   for _ in $(seq 1 120); do

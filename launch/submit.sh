@@ -4,11 +4,16 @@
 #   launch/submit.sh [--address http://127.0.0.2:8266] -- trainer.num_workers=2 trainer.max_steps=500
 #
 # The address defaults to $RAY_JOB_ADDRESS (what launch/local_cluster.sh up prints). The working
-# directory (this repository) is uploaded with --working-dir. MLflow settings and credentials
-# travel in the job's environment (--runtime-env-json), never on the command line:
-# MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD and AWS_* are
-# forwarded when set. The Ray token comes from $RAY_AUTH_TOKEN or `ray get-auth-token`.
-# The exit status is the job's: a failed job fails this script.
+# directory (this repository) is uploaded with --working-dir. Only settings that are not secret
+# travel with the job (--runtime-env-json, which is on this command line and stored with the
+# job, visible in the dashboard and `ray job list`): MLFLOW_TRACKING_URI and MLFLOW_REGISTRY_URI
+# (without any user:password part), MLFLOW_EXPERIMENT_NAME, MLFLOW_S3_ENDPOINT_URL,
+# AWS_ENDPOINT_URL, AWS_REGION and AWS_DEFAULT_REGION. Credentials (MLFLOW_TRACKING_PASSWORD,
+# MLFLOW_TRACKING_TOKEN, AWS_SECRET_ACCESS_KEY, ... every other MLFLOW_* and AWS_* variable) are
+# never forwarded: the cluster's nodes take them from their own environment (what
+# launch/local_cluster.sh up, the cluster launcher YAML, KubeRay's Secret or compose give them).
+# The script names what it dropped. The Ray token comes from $RAY_AUTH_TOKEN or
+# `ray get-auth-token`. The exit status is the job's: a failed job fails this script.
 set -euo pipefail
 
 ADDRESS="${RAY_JOB_ADDRESS:-http://${STABLEGAN_HEAD_IP:-127.0.0.2}:${STABLEGAN_DASHBOARD_PORT:-8266}}"
@@ -37,9 +42,23 @@ except urllib.error.HTTPError:
 PY
 
 env_json=$(python3 - <<'PY'
-import json, os
-keys = [k for k in os.environ if k.startswith(("MLFLOW_", "AWS_")) or k == "RAY_AUTH_MODE"]
-print(json.dumps({"env_vars": {k: os.environ[k] for k in keys}}))
+import json, os, re, sys
+
+SETTINGS = {"MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_S3_ENDPOINT_URL",
+            "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"}
+userinfo = re.compile(r"(?<=://)[^/@\s]+@")
+env, dropped = {"RAY_AUTH_MODE": "token"}, []
+for key, value in sorted(os.environ.items()):
+    if key in SETTINGS:
+        if userinfo.search(value):
+            dropped.append(f"the user:password part of {key}")
+        env[key] = userinfo.sub("", value)
+    elif key.startswith(("MLFLOW_", "AWS_")):
+        dropped.append(key)
+if dropped:
+    print("submit: not forwarded to the job (secrets stay here; the cluster's nodes take their own "
+          f"from their environment): {', '.join(dropped)}", file=sys.stderr)
+print(json.dumps({"env_vars": env}))
 PY
 )
 cd "$(dirname "$0")/.."

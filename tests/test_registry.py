@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,16 @@ from trainer.config import EvalConfig, RegistryConfig
 from trainer.eval.evaluator import Evaluator
 from trainer.services import promotion, tracking
 
-GOOD = {"eval.fid": "2.0", "eval.features": "digits:a", "eval.data_sha256": "d1", "stability.flags": ""}
+GOOD = {
+    "eval.fid": "2.0",
+    "eval.features": "digits:a",
+    "eval.data_sha256": "d1",
+    "eval.num_real": "500",
+    "eval.num_fake": "500",
+    "eval.seed": "0",
+    "stability.flags": "",
+    "stability.summary": "true",
+}
 
 
 def tags(**kw: str) -> dict[str, str]:
@@ -53,8 +63,61 @@ def test_decide(cand, champ, cfg, promoted, reason):
     assert d.promote is promoted and reason in d.reason
 
 
+@pytest.mark.parametrize(
+    "cand, champ, cfg, promoted, reason",
+    [
+        # Scores of another size or latent seed are another measurement: never compared.
+        (
+            tags(eval_fid="1.0", eval_num_fake="2000"),
+            GOOD,
+            RegistryConfig(),
+            False,
+            "num_fake 500 (champion) vs 2000",
+        ),
+        (
+            tags(eval_fid="1.0", eval_num_real="2000"),
+            GOOD,
+            RegistryConfig(),
+            False,
+            "not comparable: num_real",
+        ),
+        (
+            tags(eval_fid="1.0", eval_seed="7"),
+            GOOD,
+            RegistryConfig(),
+            False,
+            "not comparable: seed 0 (champion) vs 7",
+        ),
+        (tags(eval_fid="1.0"), {**GOOD, "eval.seed": ""}, RegistryConfig(), False, "records no seed"),
+        (tags(eval_fid="1.0", eval_data_sha256=""), GOOD, RegistryConfig(), False, "has no identity"),
+        # No stability summary (stability=off): no flag could have been raised.
+        (
+            tags(eval_fid="1.0", stability_summary="false"),
+            GOOD,
+            RegistryConfig(),
+            False,
+            "no stability summary",
+        ),
+        (tags(stability_summary="false"), None, RegistryConfig(), False, "no stability summary"),
+        # A negative KID (its unbiased estimate can be): the bar is 5 % of |h| lower, not higher.
+        (
+            tags(eval_kid="-0.0098"),
+            tags(eval_kid="-0.01"),
+            RegistryConfig("kid", 0.05),
+            False,
+            "does not beat",
+        ),
+        (tags(eval_kid="-0.0106"), tags(eval_kid="-0.01"), RegistryConfig("kid", 0.05), True, "beats"),
+    ],
+)
+def test_the_gate_cannot_be_fooled(cand, champ, cfg, promoted, reason):
+    d = promotion.decide(cand, champ, cfg, champion_version="1" if champ else None)
+    assert d.promote is promoted and reason in d.reason, d.reason
+    assert promotion.decide(cand, champ, cfg, "1" if champ else None, force="checked").promote
+
+
 def test_decide_2d_uses_mmd_and_force_overrides_everything():
-    pts = {"eval.features": "points", "eval.data_sha256": "d", "eval.mmd": "0.02", "eval.swd": "0.5"}
+    pts = {**GOOD, "eval.features": "points", "eval.mmd": "0.02", "eval.swd": "0.5"}
     worse = {**pts, "eval.mmd": "0.03", "eval.swd": "0.1"}
     assert promotion.decide(worse, pts, RegistryConfig(), "1").metric == "mmd"
     assert not promotion.decide(worse, pts, RegistryConfig(), "1").promote
@@ -76,7 +139,8 @@ def two_datasets(tmp_path_factory):
 
 def register(uri: str, run_id: str, G: torch.nn.Module, name: str, ev: Evaluator | None, **extra: str) -> str:
     version = tracking.register_generator(
-        uri, run_id, G, 8, name, {"dataset": ev.shards.urls[0].rsplit("/", 1)[0] if ev else "", **extra},
+        uri, run_id, G, 8, name,
+        {"dataset": ev.shards.urls[0].rsplit("/", 1)[0] if ev else "", "stability.summary": "true", **extra},
         ("candidate",),
     )  # fmt: skip
     if ev is not None:
@@ -187,3 +251,60 @@ def _version(package: str) -> str:
     from importlib.metadata import version
 
     return version(package)
+
+
+def _race(uri: str, name: str, monkeypatch) -> list[promotion.Decision]:
+    """v1 (fid 3) is champion; v2 (fid 2) and v3 (fid 1) are promoted from two threads at once,
+    each decision taking a second between reading the champion and moving the alias."""
+    import threading
+
+    run_id, _ = tracking.start_run(uri, name, f"{name}-run", {})
+    versions = [
+        tracking.register_generator(uri, run_id, Noise(), 8, name, {**GOOD, "eval.fid": fid, "eval.key": "k"})
+        for fid in ("3.0", "2.0", "1.0")
+    ]
+    assert promotion.promote(uri, name, versions[0], RegistryConfig(), "champion").promote
+    slow_decide = promotion.decide
+
+    def deciding_slowly(*args, **kwargs):
+        time.sleep(1.0)
+        return slow_decide(*args, **kwargs)
+
+    monkeypatch.setattr(promotion, "decide", deciding_slowly)
+    decisions: dict[str, promotion.Decision] = {}
+    start = threading.Barrier(2)
+
+    def run(version: str) -> None:
+        start.wait()
+        decisions[version] = promotion.promote(uri, name, version, RegistryConfig(), "champion")
+
+    threads = [threading.Thread(target=run, args=(v,)) for v in versions[1:]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    monkeypatch.setattr(promotion, "decide", slow_decide)
+    return [decisions[v] for v in versions[1:]]
+
+
+@pytest.mark.slow
+def test_two_promotions_at_once_cannot_both_win_against_a_stale_champion(mlflow_server, monkeypatch):
+    import contextlib
+
+    from mlflow.tracking import MlflowClient
+
+    # Without the lock the race is real: both read v1 as champion and both "win" against it.
+    with monkeypatch.context() as m:
+        m.setattr(tracking, "registry_lock", lambda uri, name: contextlib.nullcontext())
+        unlocked = _race(mlflow_server, "race-unlocked", monkeypatch)
+    assert [(d.promote, d.champion_version) for d in unlocked] == [(True, "1"), (True, "1")]
+    # With it, the second decision reads the first one's result.
+    v2, v3 = _race(mlflow_server, "race", monkeypatch)
+    assert tracking.alias_version(mlflow_server, "race", "champion") == "3"
+    assert sorted([v2.champion_version, v3.champion_version]) != ["1", "1"]
+    if v2.champion_version == "3":  # v3 went first: v2 lost against it
+        assert not v2.promote and "does not beat" in v2.reason and v3.promote
+    else:  # v2 went first and won against v1; v3 then beat v2
+        assert v2.promote and v3.promote and v3.champion_version == "2"
+    names = [m.name for m in MlflowClient(mlflow_server).search_registered_models()]
+    assert not any(n.endswith(tracking.LOCK_SUFFIX) for n in names)  # released

@@ -6,7 +6,9 @@ mode metrics, spread, sliced Wasserstein and MMD (2-D), logged to the model vers
 
 `data.urls` defaults to the shards the version was trained on; every `eval.*` key of the
 training config is accepted (eval.features, eval.inception_weights, eval.batch_size, ...).
-The real data's own row is printed beside the generator's. From Python: `evaluate(...)`.
+The real data's own row is printed beside the generator's. The result is kept on the version
+as an evaluation record (tag `eval.record.N`, with its comparability key); the scores that
+promotion compares stay as they are unless `replace_scores=true`. From Python: `evaluate(...)`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ class EvaluateConfig:
     num: int = 0  # generated samples; 0 = eval.num
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"  # auto = cuda when available
-    log: bool = True  # write the result to the model version (tags and model metrics)
+    log: bool = True  # keep the result on the model version, as a record (tag eval.record.N)
+    # also make it the version's promotion scores (tags eval.*, model metrics eval/*)
+    replace_scores: bool = False
     tracking: TrackingKeys = field(default_factory=TrackingKeys)  # tracking.uri
 
 
@@ -49,15 +53,31 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("model=models:/NAME@ALIAS (or models:/NAME/VERSION) is required")
         cfg.eval.check()
         opts = replace(cfg.eval, num=cfg.num or cfg.eval.num)
-        result, data = evaluate(cfg.model, cfg.data.urls, opts, cfg.tracking.uri, cfg.device, cfg.log)
+        result, data = evaluate(
+            cfg.model,
+            cfg.data.urls,
+            opts,
+            cfg.tracking.uri,
+            cfg.device,
+            cfg.log,
+            replace_scores=cfg.replace_scores,
+        )
         info = result.info
         print(
-            f"features {info['features']}; data sha256 {info['data_sha256'][:12] or '(no manifest)'}; "
-            f"{info['num_fake']} generated vs {info['num_real']} real samples; latent seed {opts.seed}"
+            f"features {info['features']}; data {info['data_sha256'][:12] or '(no identity: not comparable)'}; "
+            f"{info['num_fake']} generated vs {info['num_real']} real samples; latent seed {info['seed']}; "
+            f"comparability key {info['key']}"
         )
         print(table([(cfg.model, result), (f"real data ({data.info.get('note', 'fresh draws')})", data)]))
-        if cfg.log:
-            print("logged to the model version (tags eval.*, model metrics eval/*)")
+        if cfg.log and cfg.replace_scores:
+            print(
+                f"recorded as evaluation {info['record']} and made the version's promotion scores (tags eval.*)"
+            )
+        elif cfg.log:
+            print(
+                f"recorded as evaluation {info['record']} of the version (tag eval.record.{info['record']}); "
+                "its promotion scores are unchanged (replace_scores=true replaces them)"
+            )
 
     return run_command("evaluate", __doc__ or "", EvaluateConfig, argv, body, ERRORS)
 

@@ -43,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
             finetune.log_weights(uri, args.run_id, weights.parent)
         except Exception as exc:  # noqa: BLE001 - the registration below is what was asked for
             print(f"register: note: weights not logged for fine-tuning ({exc})", file=sys.stderr)
-        version, decision = register_saved(weights, cfg, args.run_id, uri, dataset=str(cfg.data.urls))
+        # The run's stability verdict, as it ended (none when it made no stability summary).
+        run_tags = tracking.run_tags(uri, args.run_id)
+        flags = run_tags.get("stablegan.stability_flags")
+        flags = None if flags is None else tuple(f for f in flags.split(",") if f)
+        version, decision = register_saved(weights, cfg, args.run_id, uri, str(cfg.data.urls), flags=flags)
         print(version)
         print(decision)
     except (ValueError, FileNotFoundError) as exc:

@@ -434,7 +434,7 @@ class RegistryConfig:
     # fid (FID, or FD-digits with eval.features=digits) and kid for images; mmd or swd (the
     # distances to fresh data draws) for 2-D; auto = fid for images, mmd for 2-D
     primary: str = one_of("auto", "auto", "fid", "kid", "mmd", "swd")
-    min_improvement: float = at_least(0.0, 0.0)  # relative: 0.05 = must be 5 % lower
+    min_improvement: float = at_least(0.0, 0.0)  # 0.05: lower by 5 % of the champion's |value|
     candidate_alias: str = "candidate"
 
     def check(self) -> None:

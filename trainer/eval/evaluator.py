@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_pipeline.shards import MANIFEST, ShardList, local_path, resolve
+from data_pipeline import objstore
+from data_pipeline.shards import ShardList, local_path, resolve, sha256_file
 from data_pipeline.sources import MIXTURES, mixture_source
 from data_pipeline.stream import ShardLoader, StreamConfig
 from trainer.config import EvalConfig
@@ -47,15 +48,35 @@ class Result:
         return ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items())
 
 
-def manifest_sha256(shards: ShardList) -> str:
-    """sha256 of the shard set's manifest file ('' when the shards have none)."""
-    if not shards.urls:
-        return ""
-    path = local_path(shards.urls[0])
-    manifest = path.parent / MANIFEST if path is not None else None
-    if shards.manifest is None or manifest is None or not manifest.is_file():
-        return ""
-    return hashlib.sha256(manifest.read_bytes()).hexdigest()
+def data_identity(shards: ShardList) -> str:
+    """A sha256 that names the shard set's content, wherever it lives: its manifest (which holds
+    each shard's sha256) for local and s3:// shards alike; without one, the local files' own
+    bytes, or the objects' ETags and sizes in a bucket. '' for a source with no identity (a
+    `pipe:` command): such data is never compared."""
+    if shards.manifest is not None:
+        return hashlib.sha256(json.dumps(shards.manifest, sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256()
+    for url in shards.urls:
+        path = local_path(url)
+        if path is not None and path.is_file():
+            digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
+        elif objstore.is_s3(url):
+            bucket, key = objstore.split(url)
+            head = objstore.client().head_object(Bucket=bucket, Key=key)
+            digest.update(f"{key}:{head['ETag']}:{head['ContentLength']}\n".encode())
+        else:
+            return ""
+    return digest.hexdigest() if shards.urls else ""
+
+
+KEY_PARTS = ("data_sha256", "features", "num_real", "num_fake", "seed")
+
+
+def evaluation_key(info: dict[str, str]) -> str:
+    """What an evaluation's value depends on, as one short hash: two scores compare only when
+    their keys are equal (data identity, feature network and its weights, both sample counts,
+    the latent seed)."""
+    return hashlib.sha256(json.dumps([str(info.get(p, "")) for p in KEY_PARTS]).encode()).hexdigest()[:16]
 
 
 def feature_spec(opts: EvalConfig, manifest: dict | None) -> str:
@@ -98,7 +119,7 @@ class Evaluator:
         manifest = self.shards.manifest or {}
         self.kind = self.shards.kind or "image"
         self.source = manifest.get("source", "")
-        self.data_sha256 = manifest_sha256(self.shards)
+        self.data_sha256 = data_identity(self.shards)
         if self.kind == "points":
             self._init_points(manifest)
         else:
@@ -133,7 +154,7 @@ class Evaluator:
                 return
 
     def _cache_path(self) -> Path | None:
-        if not self.data_sha256:
+        if not self.data_sha256 or self.shards.manifest is None:
             return None
         root = (
             Path(self.opts.cache_dir).expanduser() if self.opts.cache_dir else features.cache_root() / "real"
@@ -169,15 +190,19 @@ class Evaluator:
 
     # --- scoring ---------------------------------------------------------------------------
 
-    def info(self, num_fake: int) -> dict[str, str]:
+    def info(self, num_fake: int, seed: int | None = None) -> dict[str, str]:
+        """What a score of `num_fake` samples drawn with `seed` (default `eval.seed`) was measured
+        with, and its comparability key."""
         name = "points" if self.kind == "points" else self.net.name
         num_real = len(self.fresh) if self.kind == "points" else len(self.real)
-        return {
+        info = {
             "features": name,
             "data_sha256": self.data_sha256,
             "num_real": str(num_real),
             "num_fake": str(num_fake),
+            "seed": str(self.opts.seed if seed is None else seed),
         }
+        return {**info, "key": evaluation_key(info)}
 
     def __call__(self, G: Generator, latent_dim: int, num: int = 0, seed: int | None = None) -> Result:
         """Score `G` on `num` samples (default `eval.num`) drawn with `seed` (default `eval.seed`)."""
@@ -186,13 +211,15 @@ class Evaluator:
         batches = generate(G, latent_dim, num, self.opts.batch_size, seed, self.device)
         if self.kind == "points":
             pts = require_finite(torch.cat(list(batches)).cpu().numpy())
-            return Result(metrics.point_metrics(pts, self.modes, self.sigma, self.fresh), self.info(num))
+            return Result(
+                metrics.point_metrics(pts, self.modes, self.sigma, self.fresh), self.info(num, seed)
+            )
         fake = require_finite(self._features(batches, num, "generated features"))
         out = metrics.image_metrics(self.real, fake, self.opts.nearest_k, seed, self.opts.kid_subsets)
         if self.source == STACKED:
             m = self.opts.mode_samples
             out |= self._stacked(generate(G, latent_dim, m, self.opts.batch_size, seed + 1, self.device), m)
-        return Result(out, self.info(num))
+        return Result(out, self.info(num, seed))
 
     def _stacked(self, batches: Iterator[torch.Tensor], total: int) -> dict[str, float]:
         labels = []

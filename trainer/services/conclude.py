@@ -42,7 +42,8 @@ def conclude(plan: RunPlan, handed: ray.train.Checkpoint, metrics: dict, run_id:
     run), weights logged for fine-tuning, stability summary, final evaluation, registration and
     promotion, the MLflow run ended. Returns where the results are."""
     cfg, uri = plan.cfg, plan.tracking_uri
-    out = {"run": plan.run_name, "mlflow_run_id": run_id, "tracking_uri": uri, "checkpoint": handed.path}
+    out = {"run": plan.run_name, "mlflow_run_id": run_id, "tracking_uri": tracking.redact(uri)}
+    out["checkpoint"] = handed.path
     out |= save_outputs(cfg, plan.run_dir, handed, plan.config_dict())
     if plan.remote_dir:
         upload_outputs(plan.run_dir, plan.remote_dir)
@@ -66,12 +67,12 @@ def judge(plan: RunPlan, metrics: dict, out: dict[str, str], run_id: str) -> dic
     promotion decision, added to `out`; returns the run's end tags."""
     cfg, uri, urls = plan.cfg, plan.tracking_uri, plan.data_urls
     tags: dict = {"stablegan.steps": cfg.trainer.max_steps}
-    flags: tuple[str, ...] = ()
+    flags: tuple[str, ...] | None = None  # None: no stability summary (stability=off)
     if "stability" in metrics:
         summary = json.loads(metrics["stability"])
         stability_tags, out["stability"] = describe_stability(summary)
-        tags |= stability_tags
         flags = stability_flags(summary)
+        tags |= stability_tags | {"stablegan.stability_flags": ",".join(flags)}
     weights = Path(out["generator_weights"])
     evaluation = evaluate_final(cfg, weights, cfg.eval.urls or urls)
     if evaluation is not None:
@@ -151,11 +152,12 @@ def register_saved(
     uri: str,
     dataset: str,
     evaluation: Result | None = None,
-    flags: tuple[str, ...] = (),
+    flags: tuple[str, ...] | None = None,
 ) -> tuple[str, str]:
     """Register EMA weights saved by a run as a new version (alias `registry.candidate_alias`)
-    with its evaluation and stability flags, then let promotion decide whether it becomes
-    `tracking.alias`. Returns (its models:/ URI, the decision in one line)."""
+    with its evaluation and stability flags (None: the run made no stability summary, so none
+    could be raised), then let promotion decide whether it becomes `tracking.alias`. Returns
+    (its models:/ URI, the decision in one line)."""
     G = build_generator(cfg, torch.load(weights, weights_only=True))
     name, alias = cfg.tracking.registered_model, cfg.tracking.alias
     tags = {
@@ -163,7 +165,8 @@ def register_saved(
         "dataset": dataset,
         "steps": cfg.trainer.max_steps,
         "experiment": cfg.name,
-        "stability.flags": ",".join(flags),
+        "stability.flags": ",".join(flags or ()),
+        "stability.summary": str(flags is not None).lower(),
     }
     if cfg.trainer.init_from:
         tags["init_from"] = cfg.trainer.init_from

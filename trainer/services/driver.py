@@ -58,11 +58,15 @@ def open_tracking(plan: RunPlan) -> str:
         )
     except Exception as exc:  # noqa: BLE001 - any failure here means: no usable tracking server
         raise UserError(
-            f"cannot open the MLflow run at {uri}: {str(exc).splitlines()[0][:300]}. Start the server "
+            f"cannot open the MLflow run at {tracking.redact(uri)}: "
+            f"{tracking.redact(str(exc).splitlines()[0][:300])}. Start the server "
             "(launch/local_cluster.sh up starts one), fix tracking.uri / $MLFLOW_TRACKING_URI, or leave "
             "both empty for a local sqlite store"
         ) from None
-    print(f"stablegan: run {plan.run_name} ({'resumed' if resumed else 'new'}), MLflow run {run_id} at {uri}")
+    where = tracking.redact(uri)
+    print(
+        f"stablegan: run {plan.run_name} ({'resumed' if resumed else 'new'}), MLflow run {run_id} at {where}"
+    )
     return run_id
 
 

@@ -39,8 +39,10 @@ def evaluate(
     device: str = "auto",
     log: bool = True,
     progress: bool = True,
+    replace_scores: bool = False,
 ) -> tuple[Result, Result]:
-    """(the generator's result, the real data's own row) for `model` on `urls`."""
+    """(the generator's result, the real data's own row) for `model` on `urls`. With `log`, the
+    result becomes a record on the version; with `replace_scores` also its promotion scores."""
     opts = opts or EvalConfig()
     uri = tracking.resolve_uri(tracking_uri)
     name, version = tracking.resolve_version(uri, model)
@@ -50,15 +52,17 @@ def evaluate(
     generator, latent_dim = tracking.load_generator(uri, f"models:/{name}/{version}")
     result = evaluator(generator.to(device), latent_dim)
     if log:
-        tracking.log_evaluation(uri, name, version, result.metrics, result.info)
+        n = tracking.log_evaluation(uri, name, version, result.metrics, result.info, scores=replace_scores)
+        result.info["record"] = str(n)
     return result, evaluator.data_row()
 
 
 def ensure_evaluated(uri: str, name: str, version: str, evaluator: Evaluator) -> None:
-    """Evaluate `version` unless its stored evaluation is on this data and feature network."""
+    """Score `version` under this evaluator's comparability key unless its promotion scores
+    already have that key (data identity, feature network, both counts, seed); a new score
+    becomes the version's promotion score, and a record."""
     tags = tracking.version_tags(uri, name, version)
-    info = evaluator.info(evaluator.opts.num)
-    if (tags.get("eval.data_sha256"), tags.get("eval.features")) == (info["data_sha256"], info["features"]):
+    if tags.get("eval.key") == evaluator.info(evaluator.opts.num)["key"]:
         return
     generator, latent_dim = tracking.load_generator(uri, f"models:/{name}/{version}")
     result = evaluator(generator.to(evaluator.device), latent_dim)

@@ -8,12 +8,18 @@ counted (reported in the `tracking_dropped` metric and at close).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import random
+import re
+import socket
 import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +27,25 @@ import numpy as np
 import torch
 
 RUN_NAME_TAG = "stablegan.run_name"
+RECORD_TAG = "eval.record."  # eval.record.N: every evaluation of a version, in order
 log = logging.getLogger("stablegan.tracking")
+
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """`text` with the user:password part of every URI in it replaced by `***`: what is printed,
+    logged or stored as a run parameter never carries credentials."""
+    return _USERINFO.sub("***@", text)
+
+
+def redacted(config: dict) -> dict:
+    """A nested config with every string value redacted."""
+    return {
+        k: redacted(v) if isinstance(v, dict) else redact(v) if isinstance(v, str) else v
+        for k, v in config.items()
+    }
 
 
 def resolve_uri(uri: str) -> str:
@@ -93,6 +117,7 @@ def start_run(
         client.update_run(run_id, status="RUNNING")
         return run_id, True
     run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+    config = redacted(config)
     params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(config).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[i : i + 100])
@@ -355,6 +380,10 @@ def set_run_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
         client.set_tag(run_id, k, str(v))
 
 
+def run_tags(uri: str, run_id: str) -> dict[str, str]:
+    return dict(_client(uri).get_run(run_id).data.tags)
+
+
 def version_tags(uri: str, name: str, version: str) -> dict[str, str]:
     return dict(_client(uri).get_model_version(name, version).tags)
 
@@ -365,6 +394,45 @@ def alias_version(uri: str, name: str, alias: str) -> str | None:
         return str(_client(uri).get_model_version_by_alias(name, alias).version)
     except Exception:  # noqa: BLE001 - no such alias (or model)
         return None
+
+
+LOCK_SUFFIX = ".promotion-lock"
+
+
+@contextlib.contextmanager
+def registry_lock(uri: str, name: str, timeout: float = 120.0, stale_after: float = 600.0) -> Iterator[None]:
+    """Hold the promotion lock of registered model `name`: a registered model named
+    `NAME.promotion-lock`, which the store creates for one caller at a time (a model's name is
+    unique in its database, so of two creations at once one fails), released by deleting it.
+    A lock older than `stale_after` seconds belongs to a holder that died: it is broken."""
+    from mlflow.exceptions import MlflowException
+
+    client, lock = _client(uri), f"{name}{LOCK_SUFFIX}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.create_registered_model(
+                lock, description=f"held by {socket.gethostname()} pid {os.getpid()}"
+            )
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            age = time.time() - client.get_registered_model(lock).creation_timestamp / 1000
+        except MlflowException:
+            continue  # released meanwhile: try again at once
+        if age > stale_after:
+            log.warning("breaking the promotion lock %s, held for %.0f s", lock, age)
+            client.delete_registered_model(lock)
+        elif time.monotonic() > deadline:
+            raise TimeoutError(f"the promotion lock {lock} has been held for {age:.0f} s; try again later")
+        else:
+            time.sleep(random.uniform(0.1, 0.4))
+    try:
+        yield
+    finally:
+        client.delete_registered_model(lock)
 
 
 def set_alias(uri: str, name: str, alias: str, version: str) -> None:
@@ -385,12 +453,23 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> 
     _client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
-def log_evaluation(uri: str, name: str, version: str, values: dict[str, float], info: dict[str, str]) -> None:
-    """An evaluation as the version's tags (`eval.<metric>`, `eval.features`, ...) and as
-    metrics of its logged model (`eval/<metric>`, shown on the version's page; MLflow also adds
-    them to the run, at the run's last step, the version's `steps` tag)."""
+def log_evaluation(
+    uri: str, name: str, version: str, values: dict[str, float], info: dict[str, str], scores: bool = True
+) -> int:
+    """Record an evaluation on a version: always as a new record (`eval.record.N`: its values,
+    what it was measured with and its comparability key); with `scores`, also as the scores
+    promotion compares (`eval.<metric>`, `eval.features`, `eval.key`, ...) and as metrics of
+    its logged model (`eval/<metric>`, shown on the version's page). Returns N."""
     client = _client(uri)
     mv = client.get_model_version(name, version)
+    n = 1 + sum(1 for k in mv.tags if k.startswith(RECORD_TAG))
+    record = {"metrics": values, "info": info, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    client.set_model_version_tag(name, version, f"{RECORD_TAG}{n}", json.dumps(record, sort_keys=True))
+    if not scores:
+        return n
+    stale = [k for k in mv.tags if k.startswith("eval.") and not k.startswith(RECORD_TAG)]
+    for k in stale:  # scores of another evaluation must not mix with these
+        client.delete_model_version_tag(name, version, k)
     set_version_tags(uri, name, version, {f"eval.{k}": v for k, v in {**values, **info}.items()})
     model_id = mv.model_id or mv.tags.get("logged_model_id")
     step = int(mv.tags.get("steps", 0))
@@ -399,6 +478,7 @@ def log_evaluation(uri: str, name: str, version: str, values: dict[str, float], 
             mv.run_id, f"eval/{k}", float(v), step=step, model_id=model_id,
             dataset_name=info.get("features", ""), dataset_digest=info.get("data_sha256", "")[:36],
         )  # fmt: skip
+    return n
 
 
 def describe_registered(uri: str, name: str) -> str:
