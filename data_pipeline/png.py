@@ -43,8 +43,24 @@ def encode(arr: np.ndarray, level: int = 6) -> bytes:
     )
 
 
-def _fast(raw: bytes) -> np.ndarray | None:
-    """(C, H, W) for an 8-bit, non-interlaced gray/RGB PNG with filter 0 on every row; else None."""
+MAX_PIXELS = 4096 * 4096  # default `data.max_pixels`: far above any GAN's training size
+
+
+class ImageTooLarge(ValueError):
+    """An image claims more pixels than the limit: refused before anything is inflated."""
+
+
+def check_size(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"image of {width}x{height} pixels is over the limit of {max_pixels} (data.max_pixels): skipped"
+        )
+
+
+def _fast(raw: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray | None:
+    """(C, H, W) for an 8-bit, non-interlaced gray/RGB PNG with filter 0 on every row; else None.
+    An image over `max_pixels` raises `ImageTooLarge` before any inflating, and the pixel data
+    is inflated to at most the size its header gives (so no deflate bomb inflates further)."""
     if not raw.startswith(SIGNATURE):
         return None
     pos, idat, header = 8, [], None
@@ -61,14 +77,19 @@ def _fast(raw: bytes) -> np.ndarray | None:
     if header is None or not idat:
         return None
     w, h, depth, color, _, _, interlace = header
+    check_size(w, h, max_pixels)
     if depth != 8 or color not in _CHANNELS or interlace:
         return None
     channels = _CHANNELS[color]
-    try:
-        data = zlib_ng.decompress(b"".join(idat))  # its adler32 catches corrupt pixel data
+    expected = h * (w * channels + 1)
+    inflate = zlib_ng.decompressobj()
+    try:  # the stream's adler32 catches corrupt pixel data
+        data = inflate.decompress(b"".join(idat), expected + 1)
+        if not inflate.eof:
+            return None
     except zlib_ng.error:
         return None
-    if len(data) != h * (w * channels + 1):
+    if len(data) != expected:
         return None
     rows = np.frombuffer(data, dtype=np.uint8).reshape(h, w * channels + 1)
     if rows[:, 0].any():
@@ -76,16 +97,22 @@ def _fast(raw: bytes) -> np.ndarray | None:
     return rows[:, 1:].reshape(h, w, channels).transpose(2, 0, 1)
 
 
-def decode(raw: bytes) -> np.ndarray:
+def decode(raw: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Image bytes -> uint8 (C, H, W) with C = 1 (gray) or 3 (RGB). Raises OSError/ValueError
-    on undecodable data (as PIL does)."""
-    fast = _fast(raw)
-    return fast if fast is not None else decode_pil(raw)
+    on undecodable data (as PIL does), `ImageTooLarge` over `max_pixels`."""
+    fast = _fast(raw, max_pixels)
+    return fast if fast is not None else decode_pil(raw, max_pixels)
 
 
-def decode_pil(raw: bytes) -> np.ndarray:
-    """`decode` through PIL only: any format PIL reads, gray kept, everything else as RGB."""
-    with Image.open(io.BytesIO(raw)) as img:
+def decode_pil(raw: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """`decode` through PIL only: any format PIL reads, gray kept, everything else as RGB. The
+    size is checked from the header before decoding; PIL's own decompression-bomb check stays."""
+    try:
+        img = Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError as exc:  # PIL's own limit, kept on
+        raise ImageTooLarge(str(exc)) from None
+    with img:
+        check_size(*img.size, max_pixels)
         if img.mode not in ("L", "RGB"):
             img = img.convert("RGB")
         arr = np.asarray(img, dtype=np.uint8)

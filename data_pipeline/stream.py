@@ -81,6 +81,7 @@ class StreamConfig:
     decoders: list = field(default_factory=list)
     stages: list = field(default_factory=list)
     tar_reader: str = "fast"  # "fast": our plain-ustar reader; "webdataset": its tarfile iterator
+    max_pixels: int = png.MAX_PIXELS  # a larger image is skipped (counted as too_large) undecoded
 
 
 _META = re.compile(r"__[^/]*__($|/)")  # what webdataset's tar iterator skips
@@ -88,14 +89,14 @@ _ZERO_BLOCK = bytes(512)
 TAR_READERS = ("fast", "webdataset")
 
 
-def _fast_png(key: str, data: bytes) -> np.ndarray | None:
+def _fast_png(key: str, data: bytes, max_pixels: int = png.MAX_PIXELS) -> np.ndarray | None:
     """webdataset decode handler: our PNGs (filter 0 rows) in one inflate; None hands on."""
-    return png._fast(data) if key.lower() == ".png" else None
+    return png._fast(data, max_pixels) if key.lower() == ".png" else None
 
 
-def _pil_image(key: str, data: bytes) -> np.ndarray | None:
+def _pil_image(key: str, data: bytes, max_pixels: int = png.MAX_PIXELS) -> np.ndarray | None:
     """webdataset decode handler: any other image through PIL, as uint8 (C, H, W)."""
-    return png.decode_pil(data) if key.lower() in IMAGE_KEYS_DOTTED else None
+    return png.decode_pil(data, max_pixels) if key.lower() in IMAGE_KEYS_DOTTED else None
 
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
@@ -380,13 +381,19 @@ class ShardStream(IterableDataset):
         if self.kind == "points":
             return wds.DataPipeline(functools.partial(self._source, slot, total, skipped))
 
-        def on_decode_error(exc: Exception) -> bool:
-            skipped["decode_error"] += 1
+        def on_decode_error(exc: Exception) -> bool:  # webdataset wraps the handler's exception
+            too_large = isinstance(exc, png.ImageTooLarge) or isinstance(exc.__cause__, png.ImageTooLarge)
+            skipped["too_large" if too_large else "decode_error"] += 1
             return True
 
+        limit = self.cfg.max_pixels
+        ours = (
+            functools.partial(_fast_png, max_pixels=limit),
+            functools.partial(_pil_image, max_pixels=limit),
+        )
         return wds.DataPipeline(
             functools.partial(self._source, slot, total, skipped),
-            wds.decode(*self.decoders, _fast_png, _pil_image, handler=on_decode_error),
+            wds.decode(*self.decoders, *ours, handler=on_decode_error),
             *[self._user_stage(f, skipped) for f in self.stages],
         )
 

@@ -246,6 +246,28 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     assert loader.num_skipped == 3
 
 
+def test_a_shard_of_a_few_kb_claiming_a_huge_image_is_skipped_and_counted(tmp_path):
+    """Hostile data: one member claims 100,000 x 100,000 pixels (10 GB as gray); the loader
+    workers skip it before inflating anything and count it; the other samples stream on."""
+    from tests.test_png import _claiming
+
+    shard = tmp_path / "hostile.tar"
+    _tar(shard, {"0.png": _png(), "1.png": _claiming(100_000, 100_000, bytes(1000)), "2.png": _png()})
+    assert shard.stat().st_size <= 10_240  # one tar record
+    loader = ShardLoader(
+        StreamConfig(
+            urls=[str(shard)],
+            batch_size=1,
+            num_workers=1,
+            infinite=False,
+            expected_shape=(1, 8, 8),
+            verify=False,
+        )
+    )
+    assert sum(len(b["x"]) for b in loader) == 2
+    assert loader.skipped["too_large"] == 1 and loader.num_skipped == 1, loader.skipped
+
+
 def test_nothing_readable_raises_instead_of_hanging(tmp_path):
     (tmp_path / "x.tar").write_bytes(b"junk" * 300)
     loader = ShardLoader(

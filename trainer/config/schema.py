@@ -288,6 +288,9 @@ class DataConfig:
     audit: bool = False  # log which samples each rank read, per epoch (data_audit.json.gz in MLflow)
     shuffle_buffer: int = at_least(1000, 1)  # samples a reader holds to shuffle within a shard
     tar_reader: str = one_of("fast", "fast", "webdataset")  # fast: our plain-ustar header reader
+    # An image claiming more pixels is skipped and counted (data_skipped) before it is inflated:
+    # a few-KB file can claim a huge image. PIL's own decompression-bomb check stays on too.
+    max_pixels: int = at_least(4096 * 4096, 1)
     # Your own webdataset stages, as 'package.module:function': `decoders` are decode handlers
     # f(".ext", bytes) -> value | None tried before ours; `stages` map each decoded sample (a
     # dict with the image as uint8 (C, H, W) under its extension) and may return None to drop it.

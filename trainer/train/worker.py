@@ -104,6 +104,7 @@ def make_loader(cfg: Config, urls: str | list, rank: int, world: int) -> ShardLo
         with_keys=d.audit,
         shuffle_buffer=d.shuffle_buffer,
         tar_reader=d.tar_reader,
+        max_pixels=d.max_pixels,
         decoders=list(d.decoders),
         stages=list(d.stages),
     )
