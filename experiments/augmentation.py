@@ -17,6 +17,7 @@ augmentation settings are the published defaults (DiffAugment's policy, ADA's ta
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -29,7 +30,7 @@ METHODS = {
     "diffaugment": ["augment=diffaugment"],
     "ada": ["augment=ada"],
 }
-KEYS = ("fid", "precision", "recall", "coverage")
+KEYS = ("fid", "precision", "recall", "coverage", "memorization")
 
 
 def make_data(store: Path) -> tuple[Path, Path]:
@@ -105,7 +106,7 @@ def collect(store: Path) -> list[dict]:
             "steps": steps,
             "cpu_seconds": m.get("train_cpu_seconds"),
             "confidence": sample_confidence(store / "runs" / p["trainer.run_name"]),
-            **{k: m[f"eval/{k}"] for k in KEYS},
+            **{k: m.get(f"eval/{k}", math.nan) for k in KEYS},  # nan: measured before the metric
         }
     return list(rows.values())
 
@@ -136,9 +137,9 @@ def table(store: Path) -> dict:
         f"Digits, 10 % subset (180 images) for training, scored against all 1,797; held-out seeds "
         f"{seeds}; {steps} steps; experiment=digits32; mean ± sd over seeds",
         "",
-        "| method | runs | FD-digits | precision | recall | coverage | classifier confidence on samples "
-        "| training CPU s/run |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | runs | FD-digits | precision | recall | coverage | memorization "
+        "| classifier confidence on samples | training CPU s/run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in data.items():
         lines.append(f"| {name} | | " + " | ".join(f"{m[k]:.3g}" if k in m else "" for k in cols) + " | |")

@@ -51,7 +51,7 @@ COMMON = [
     "eval.every=250",
     "tracking.experiment=guard-drills",
 ]
-KEYS = ("fid", "modes", "mode_kl", "recall")
+KEYS = ("fid", "modes", "mode_kl", "recall", "memorization")
 
 
 def commands(store: Path, seeds: list[int], steps: int) -> list[list[str]]:
@@ -141,8 +141,9 @@ def table(store: Path) -> dict:
     lines = [
         f"Guard drills on stacked digits, experiment=stable_images, held-out seeds {seeds}",
         "",
-        "| drill / run | seed | steps | FD-digits | modes (of 1,000) | KL | recall | diverged | rollbacks | triggers |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| drill / run | seed | steps | FD-digits | modes (of 1,000) | KL | recall | memorization | diverged "
+        "| rollbacks | triggers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = " | ".join(f"{r[k]:.0f}" if k == "modes" and r[k] == r[k] else f"{r[k]:.3g}" for k in KEYS)

@@ -311,3 +311,24 @@ def test_evaluator_on_2d_shards_prints_the_datas_own_row(tmp_path):
     assert centre["modes_covered"] == 0 and centre["swd"] > 10 * data.metrics["swd"]
     assert centre["mmd"] > 10 * data.metrics["mmd"]
     assert data.info["features"] == "points"
+
+
+def test_neighbour_metrics_in_blocks_equal_prdc_and_catch_copies(monkeypatch):
+    """Blockwise precision / recall / density / coverage equal prdc's whole-matrix values, at any
+    block size; memorization is near 1 for copies of the real images, near its quantile (0.05)
+    for fresh draws of the same distribution."""
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(600, 16)).astype(np.float32)
+    fake = (1.2 * rng.normal(size=(500, 16))).astype(np.float32)
+    whole = metrics.neighbour_metrics(real, fake, 5)
+    monkeypatch.setattr(metrics, "BLOCK_FLOATS", 5_000)  # blocks of 8-10 rows
+    blocked = metrics.neighbour_metrics(real, fake, 5)
+    expected = prdc.compute_prdc(real, fake, nearest_k=5)
+    for key in ("precision", "recall", "density", "coverage"):
+        assert blocked[key] == pytest.approx(float(expected[key]), abs=1e-6), key
+        assert whole[key] == pytest.approx(float(expected[key]), abs=1e-6), key
+    assert blocked["memorization"] == whole["memorization"]
+    copies = real[rng.integers(0, len(real), 500)] + rng.normal(scale=1e-3, size=(500, 16)).astype(np.float32)
+    fresh = rng.normal(size=(500, 16)).astype(np.float32)
+    assert metrics.neighbour_metrics(real, copies, 5)["memorization"] > 0.95
+    assert metrics.neighbour_metrics(real, fresh, 5)["memorization"] < 0.15

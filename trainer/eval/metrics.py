@@ -2,10 +2,16 @@
 stacked-digits mode scores.
 
 Image metrics (`image_metrics`): FID and KID by torchmetrics (fed precomputed features
-through a pass-through module, so the real side can be cached), precision, recall, density and
-coverage by `prdc` (Kynkäänniemi et al. 2019; Naeem et al. 2020). FID in the digits
-classifier's feature space is FD-digits. Degenerate generators: FID and recall/coverage fall
-when samples are too few kinds; precision and density alone do not.
+through a pass-through module, so the real side can be cached); precision, recall, density and
+coverage (Kynkäänniemi et al. 2019; Naeem et al. 2020) as the `prdc` package defines them, but
+over blocks of rows (`prdc` holds three full N x N distance matrices, about 30 GB at 50,000
+samples; here memory is a block's worth, and a test checks the values against `prdc`'s); and
+`memorization`, the fraction of generated samples closer to their nearest real image than 95 %
+of the real images are to their own nearest other real image (a generator that copies its
+training images scores near 1; fresh data from the same distribution about 0.05: the data's own
+row shows it). FID in the digits classifier's feature space is FD-digits. Degenerate
+generators: FID and recall/coverage fall when samples are too few kinds; precision and density
+alone do not, and memorization catches the copies that every other metric rewards.
 
 2-D (`point_metrics`): PacGAN's mode counts and high-quality fraction, plus numbers that
 over-narrow samples cannot fake: `spread` (the per-axis standard deviation of high-quality
@@ -17,14 +23,12 @@ kernel of width sigma, which does).
 
 from __future__ import annotations
 
-import contextlib
 import math
-import sys
 import warnings
 from collections.abc import Iterator
 
 import numpy as np
-import prdc
+import sklearn.metrics
 import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
@@ -60,30 +64,59 @@ def fid_kid(real: np.ndarray, fake: np.ndarray, seed: int, kid_subsets: int) -> 
     return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
 
 
-@contextlib.contextmanager
-def _quiet(module_name: str) -> Iterator[None]:
-    """Silence a module's `print` calls (prdc prints its sample counts on every call; under
-    Ray's worker stdout capture a plain redirect does not catch them)."""
-    module = sys.modules[module_name]
-    module.print = lambda *args, **kwargs: None  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        del module.print  # type: ignore[attr-defined]
+BLOCK_FLOATS = 1 << 24  # distances held at once by the neighbour metrics (64 MB of float32)
+MEMORIZED_QUANTILE = 0.05
 
 
-def prdc_metrics(real: np.ndarray, fake: np.ndarray, nearest_k: int) -> dict[str, float]:
-    """Precision, recall, density, coverage by the `prdc` package (k nearest neighbours)."""
-    with _quiet(prdc.compute_prdc.__module__):
-        out = prdc.compute_prdc(real.astype(np.float32), fake.astype(np.float32), nearest_k)
-    return {k: float(v) for k, v in out.items()}
+def _distance_blocks(x: np.ndarray, y: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
+    """Euclidean distances (prdc's metric, by scikit-learn) from blocks of rows of `x` to all of
+    `y`: (the rows, their distances), about `BLOCK_FLOATS` values at a time."""
+    rows = max(1, BLOCK_FLOATS // max(1, len(y)))
+    for start in range(0, len(x), rows):
+        block = slice(start, min(start + rows, len(x)))
+        yield block, sklearn.metrics.pairwise_distances(x[block], y, metric="euclidean")
+
+
+def neighbour_distances(x: np.ndarray, ks: tuple[int, ...]) -> np.ndarray:
+    """(len(ks), N): each row's distance to its k-th nearest other row for each k in `ks` (the
+    row itself is the 0-th)."""
+    out = np.empty((len(ks), len(x)), np.float32)
+    for block, d in _distance_blocks(x, x):
+        out[:, block] = np.partition(d, ks, axis=1)[:, ks].T
+    return out
+
+
+def neighbour_metrics(real: np.ndarray, fake: np.ndarray, nearest_k: int) -> dict[str, float]:
+    """Precision, recall, density and coverage (prdc's definitions, k nearest neighbours) and
+    memorization, from one pass over the real-fake distances in blocks."""
+    real, fake = real.astype(np.float32), fake.astype(np.float32)
+    (real_nearest, real_radii), (fake_radii,) = (
+        neighbour_distances(real, (1, nearest_k)),
+        neighbour_distances(fake, (nearest_k,)),
+    )
+    inside = np.zeros(len(fake), np.int64)  # how many real neighbourhoods hold each fake
+    recalled, covered = np.zeros(len(real), bool), np.zeros(len(real), bool)
+    nearest_real = np.full(len(fake), np.inf, np.float32)
+    for block, d in _distance_blocks(real, fake):
+        inside += (d < real_radii[block, None]).sum(0)
+        recalled[block] = (d < fake_radii[None, :]).any(1)
+        covered[block] = d.min(1) < real_radii[block]
+        nearest_real = np.minimum(nearest_real, d.min(0))
+    near = np.quantile(real_nearest, MEMORIZED_QUANTILE)
+    return {
+        "precision": float((inside > 0).mean()),
+        "recall": float(recalled.mean()),
+        "density": float(inside.mean() / nearest_k),
+        "coverage": float(covered.mean()),
+        "memorization": float((nearest_real < near).mean()),
+    }
 
 
 def image_metrics(
     real: np.ndarray, fake: np.ndarray, nearest_k: int, seed: int, kid_subsets: int
 ) -> dict[str, float]:
     """Every image metric on (N, F) real and fake features (the settings: `EvalConfig`)."""
-    return {**fid_kid(real, fake, seed, kid_subsets), **prdc_metrics(real, fake, nearest_k)}
+    return {**fid_kid(real, fake, seed, kid_subsets), **neighbour_metrics(real, fake, nearest_k)}
 
 
 # --- 2-D mixtures ------------------------------------------------------------------------------
