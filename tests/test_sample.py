@@ -93,9 +93,9 @@ def test_slerp_keeps_the_latent_norm():
     path = S.slerp(a.expand(11, -1), b.expand(11, -1), torch.linspace(0, 1, 11))
     norms = path.norm(dim=1)
     assert norms.min() > 0.9 * min(a.norm(), b.norm())  # a straight line dips to ~0.7
-    torch.testing.assert_close(path[0], a[0]) and torch.testing.assert_close(
-        path[-1], b[0], rtol=1e-4, atol=1e-4
-    )
+    # assert_close returns None: each endpoint gets its own call (an `and` skipped the second)
+    torch.testing.assert_close(path[0], a[0])
+    torch.testing.assert_close(path[-1], b[0], rtol=1e-4, atol=1e-4)
 
 
 def test_batches_give_the_same_samples(store):
