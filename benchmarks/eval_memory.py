@@ -108,7 +108,7 @@ def main() -> None:
             row = json.loads(proc.stdout.strip().splitlines()[-1]) | {"with": "prdc" if baseline else "ours"}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    result = {"machine": machine(), "features": FEATURES, "rows": rows}
+    result = {"machine": machine("cpu", torch.get_num_threads()), "features": FEATURES, "rows": rows}
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import MISSING
 
 import pytest
 
@@ -258,3 +259,20 @@ def test_every_config_group_is_known_to_the_checks():
     assert compose(["experiment=digits32", "augment=ada"]).augment.kind == "ada"
     with pytest.raises(ConfigError, match="config groups: model, loss, penalty, augment"):
         check_overrides(["augmnt=ada"])
+
+
+def test_the_stream_and_the_data_section_default_alike():
+    """data_pipeline may not import trainer, so its StreamConfig keeps defaults of its own for
+    standalone use; the data section's defaults must be the same values."""
+    from dataclasses import fields
+
+    from data_pipeline.stream import StreamConfig
+    from trainer.config import DataConfig
+
+    same = {"loader_workers": "num_workers", "shuffle": "shuffle", "resample": "resample", "hflip": "hflip"}
+    same |= {k: k for k in ("verify", "shuffle_buffer", "tar_reader", "max_pixels", "decoders", "stages")}
+    stream = {f.name: f for f in fields(StreamConfig)}
+    for ours, theirs in same.items():
+        f = stream[theirs]
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        assert getattr(DataConfig(), ours) == default, (ours, theirs)

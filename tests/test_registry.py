@@ -308,3 +308,47 @@ def test_two_promotions_at_once_cannot_both_win_against_a_stale_champion(mlflow_
         assert v2.promote and v3.promote and v3.champion_version == "2"
     names = [m.name for m in MlflowClient(mlflow_server).search_registered_models()]
     assert not any(n.endswith(tracking.LOCK_SUFFIX) for n in names)  # released
+
+
+@pytest.mark.slow
+def test_the_gate_holds_on_a_real_server(mlflow_server, two_datasets, capsys):
+    """The ways the gate used to be fooled, on a real server: a quick small-sample evaluation
+    of the champion no longer moves its bar; a score with another sample count is not
+    compared; a run without a stability summary is not promoted; trainer.promote re-scores
+    under one key, and then the better generator wins."""
+    import json
+
+    uri, name = mlflow_server, "gate"
+    data, _ = two_datasets
+    run_id, _ = tracking.start_run(uri, "gate", "gate-run", {})
+    ev = Evaluator(data, EvalConfig(features="digits", num=500), progress=False)
+    bank = real_images(data, 1797)
+    v1 = register(uri, run_id, Noise(), name, ev)
+    assert promotion.promote(uri, name, v1, RegistryConfig(), "champion").promote
+
+    def scores(version: str) -> dict[str, str]:  # what promotion compares, records aside
+        tags = tracking.version_tags(uri, name, version)
+        return {k: x for k, x in tags.items() if k.startswith("eval.") and not k.startswith("eval.record.")}
+
+    before = scores(v1)
+    base = [f"tracking.uri={uri}", f"data.urls={data}", "eval.features=digits"]
+    assert evaluate.main([f"model=models:/{name}/{v1}", "eval.num=100", *base]) == 0
+    out = capsys.readouterr().out
+    assert "recorded as evaluation 2 of the version" in out and "promotion scores are unchanged" in out
+    assert scores(v1) == before and before["eval.num_fake"] == "500"
+    assert json.loads(tracking.version_tags(uri, name, v1)["eval.record.2"])["info"]["num_fake"] == "100"
+
+    few = Evaluator(data, EvalConfig(features="digits", num=200), progress=False)
+    v2 = register(uri, run_id, Copies(bank), name, few)
+    d = promotion.promote(uri, name, v2, RegistryConfig(), "champion")
+    assert not d.promote and "not comparable: num_real 500 (champion) vs 200" in d.reason
+    v3 = register(uri, run_id, Copies(bank), name, ev, **{"stability.summary": "false"})
+    d = promotion.promote(uri, name, v3, RegistryConfig(), "champion")
+    assert not d.promote and "no stability summary" in d.reason
+    assert tracking.alias_version(uri, name, "champion") == v1
+
+    assert promote.main([f"model=models:/{name}/{v2}", "eval.num=500", *base]) == 0
+    out = capsys.readouterr().out
+    assert f"evaluated v{v2}" in out and "moved champion" in out
+    assert tracking.alias_version(uri, name, "champion") == v2
+    assert scores(v2)["eval.key"] == scores(v1)["eval.key"]

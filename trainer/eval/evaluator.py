@@ -243,4 +243,5 @@ class Evaluator:
                 for x in self._real_images(self.opts.mode_samples)
             ]
             out |= metrics.stacked_modes(np.concatenate(labels))
-        return Result(out, {**self.info(half), "num_real": str(half), "note": "real half vs real half"})
+        info = {**self.info(half), "num_real": str(half)}
+        return Result(out, {**info, "key": evaluation_key(info), "note": "real half vs real half"})
