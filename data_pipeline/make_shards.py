@@ -30,8 +30,8 @@ import webdataset as wds
 from tqdm import tqdm
 
 from data_pipeline import png, sources
-from data_pipeline.cli import parse_overrides
 from data_pipeline.shards import MANIFEST, sha256_file
+from trainer.config.cli import parse_overrides
 
 FORMAT = "stablegan-shards/1"
 SOURCES = ("folder", "npz", "digits", "stacked_digits", "ring8", "grid25")

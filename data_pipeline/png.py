@@ -17,6 +17,8 @@ import numpy as np
 from PIL import Image
 from zlib_ng import zlib_ng  # the same deflate format, inflated faster than the system zlib
 
+from trainer.config.schema import DataConfig
+
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOR = {1: 0, 3: 2}  # channels -> PNG colour type (grayscale, truecolour)
 _CHANNELS = {0: 1, 2: 3}
@@ -43,7 +45,7 @@ def encode(arr: np.ndarray, level: int = 6) -> bytes:
     )
 
 
-MAX_PIXELS = 4096 * 4096  # default `data.max_pixels`: far above any GAN's training size
+MAX_PIXELS = DataConfig.max_pixels  # the data section's default: far above any GAN's training size
 
 
 class ImageTooLarge(ValueError):

@@ -51,37 +51,44 @@ from webdataset.tariterators import group_by_keys, tar_file_expander, tar_file_i
 
 from data_pipeline import png
 from data_pipeline.shards import ShardList, ShardSpecError, resolve, verify
+from trainer.config.schema import DataConfig
 
 Position = tuple[int, int, int]  # (epoch, shard index within the slot's list, sample index)
 SKIP_REASONS = ("unreadable_shard", "decode_error", "bad_shape", "missing_field", "filtered")
 
 
+_DATA = DataConfig()  # the data section's defaults (the schema layer: no torch, no services)
+
+
 @dataclass
 class StreamConfig:
-    """How one rank streams a shard set."""
+    """How one rank streams a shard set. What the data section also sets defaults to its value
+    there (`trainer.config.DataConfig`): one source for both."""
 
     urls: str | list[str]
     batch_size: int
     rank: int = 0
     world_size: int = 1
-    num_workers: int = 2  # DataLoader worker processes per rank (0 = read in the main process)
+    # DataLoader worker processes per rank (0 = read in the main process)
+    num_workers: int = _DATA.loader_workers
     seed: int = 0
-    shuffle: bool = True
+    shuffle: bool = _DATA.shuffle
     infinite: bool = True  # step-based training: start the next epoch when one ends
-    resample: bool = False  # draw shards with replacement (any shard count; not exactly-once)
-    hflip: bool = False  # random horizontal flips (images only), done in the loader workers
-    verify: bool = True  # check sha256 against the manifest before reading
+    resample: bool = _DATA.resample  # draw shards with replacement (any shard count; not exactly-once)
+    hflip: bool = _DATA.hflip  # random horizontal flips (images only), done in the loader workers
+    verify: bool = _DATA.verify  # check sha256 against the manifest before reading
     drop_last: bool = True  # full batches only (the trainer wants equal steps on every rank)
     expected_shape: tuple[int, ...] | None = None  # (C,H,W) or (2,); default: the manifest's
     with_keys: bool = False  # each batch also carries (epoch, sample key) per sample, for audits
     # Samples (points: records) held to shuffle within a shard: the memory bound of a reader.
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = _DATA.shuffle_buffer
     # Extra webdataset decode handlers `f(".ext", bytes) -> value | None`, tried before ours,
     # and maps over decoded samples (dicts; None drops one): callables or 'module:function'.
     decoders: list = field(default_factory=list)
     stages: list = field(default_factory=list)
-    tar_reader: str = "fast"  # "fast": our plain-ustar reader; "webdataset": its tarfile iterator
-    max_pixels: int = png.MAX_PIXELS  # a larger image is skipped (counted as too_large) undecoded
+    # "fast": our plain-ustar reader; "webdataset": its tarfile iterator
+    tar_reader: str = _DATA.tar_reader
+    max_pixels: int = _DATA.max_pixels  # a larger image is skipped (counted as too_large) undecoded
 
 
 _META = re.compile(r"__[^/]*__($|/)")  # what webdataset's tar iterator skips

@@ -7,9 +7,9 @@ import subprocess
 
 import pytest
 
-from data_pipeline.cli import parse_overrides
 from data_pipeline.make_shards import TRAINING_KEYS, MakeShardsConfig
 from tests.conftest import BIN
+from trainer.config.cli import parse_overrides
 from trainer.evaluate import EvaluateConfig
 from trainer.main import compose
 from trainer.promote import PromoteConfig

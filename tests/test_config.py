@@ -262,8 +262,8 @@ def test_every_config_group_is_known_to_the_checks():
 
 
 def test_the_stream_and_the_data_section_default_alike():
-    """data_pipeline may not import trainer, so its StreamConfig keeps defaults of its own for
-    standalone use; the data section's defaults must be the same values."""
+    """StreamConfig (usable on its own) takes its defaults from the data section; a default
+    written there again by hand would drift, and this catches it."""
     from dataclasses import fields
 
     from data_pipeline.stream import StreamConfig

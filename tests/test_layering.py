@@ -51,7 +51,19 @@ FORBIDDEN = {
     ),
     "trainer/train": ("mlflow", "hydra", "trainer.services", *ENTRY_POINTS),
     "trainer/services": ENTRY_POINTS,
-    "data_pipeline": ("trainer", "deepspeed", "ray", "mlflow", "hydra"),
+    # The data layer reads the schema (its defaults are the data section's) and nothing else of
+    # the trainer.
+    "data_pipeline": (
+        "trainer.gan",
+        "trainer.eval",
+        "trainer.train",
+        "trainer.services",
+        *ENTRY_POINTS,
+        "deepspeed",
+        "ray",
+        "mlflow",
+        "hydra",
+    ),
 }
 # heavy dependency -> the only modules that import it
 ONLY_IN = {

@@ -16,8 +16,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field, replace
 
-from data_pipeline.cli import run_command
 from trainer.config import EvalConfig, TrackingKeys
+from trainer.config.cli import run_command
 from trainer.eval.evaluator import Result
 from trainer.services.scoring import ERRORS, DataKeys, evaluate
 

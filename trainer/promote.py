@@ -14,8 +14,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from data_pipeline.cli import run_command
 from trainer.config import EvalConfig, RegistryConfig, TrackingKeys
+from trainer.config.cli import run_command
 from trainer.eval.evaluator import Evaluator
 from trainer.services import promotion, tracking
 from trainer.services.scoring import ERRORS, DataKeys, ensure_evaluated, training_data

@@ -12,8 +12,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_pipeline.cli import parse_overrides
 from trainer.config import TrackingKeys, from_dict
+from trainer.config.cli import parse_overrides
 from trainer.services import finetune, tracking
 from trainer.services.conclude import register_saved
 

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.cli import run_command
 from trainer.config import TrackingKeys
+from trainer.config.cli import run_command
 from trainer.gan.models.blocks import labels_from_latent
 from trainer.services import tracking
 from trainer.train import plots
