@@ -43,6 +43,19 @@ def pinned(args: list[str], preset: str = "grid25") -> list[str]:
     return args if any(a.startswith("experiment=") for a in args) else [*args, f"experiment={preset}"]
 
 
+def start_module(module: str, args: list[str], env: dict) -> subprocess.Popen:
+    """`python -m MODULE ARGS` in the background, in its own process group, output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -180,11 +180,14 @@ def restated_defaults(config_dir) -> list[str]:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from trainer.config import dict_keys
     from trainer.main import to_config
+
+    free_form = dict_keys()  # a dict field (tune.space) is one value: its keys may hold dots
 
     def leaves(node: dict, prefix: str = ""):
         for key, value in node.items():
-            if isinstance(value, dict):
+            if isinstance(value, dict) and f"{prefix}{key}" not in free_form:
                 yield from leaves(value, f"{prefix}{key}.")
             else:
                 yield f"{prefix}{key}", value

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from data_pipeline.sources import grid25_modes
-from tests.conftest import ROOT, pinned
+from tests.conftest import ROOT, pinned, start_module
 from trainer.train.checkpoint import load_parameters
 
 pytestmark = pytest.mark.slow
@@ -45,15 +45,7 @@ def run_sample(args: list[str], env: dict) -> subprocess.CompletedProcess:
 
 def start_main(args: list[str], env: dict) -> subprocess.Popen:
     """`python -m trainer.main` in the background, in its own process group, output piped."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "trainer.main", *pinned(args)],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    return start_module("trainer.main", pinned(args), env)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> bool:

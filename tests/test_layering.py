@@ -17,6 +17,7 @@ ENTRY_POINTS = (
     "trainer.evaluate",
     "trainer.promote",
     "trainer.cli",
+    "trainer.tune",
 )
 # room -> imports (module prefixes) it must never make
 FORBIDDEN = {
@@ -69,7 +70,7 @@ FORBIDDEN = {
 ONLY_IN = {
     "deepspeed": {"trainer/train/engines.py"},
     "mlflow": {"trainer/services/tracking.py"},
-    "hydra": {"trainer/main.py", "trainer/services/sweep_check.py"},
+    "hydra": {"trainer/main.py", "trainer/services/compose.py", "trainer/services/sweep_check.py"},
     "torchmetrics": {"trainer/eval/metrics.py"},
     "prdc": set(),  # the tests' reference for trainer/eval/metrics.py's blockwise version
 }

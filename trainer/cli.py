@@ -2,6 +2,7 @@
 names for the same things (`tracking.uri`, `data.urls`, `model.*`, `eval.*`).
 
     stablegan train experiment=images data.urls=shards/faces      # = python -m trainer.main
+    stablegan tune experiment=grid25 tune=lr tune.num_samples=8   # a sweep on Ray Tune
     stablegan sample model=models:/faces@champion num=64 out=faces.png
     stablegan evaluate model=models:/faces@champion
     stablegan promote model=models:/faces/4
@@ -19,6 +20,7 @@ import sys
 
 COMMANDS = {
     "train": "trainer.main",
+    "tune": "trainer.tune",
     "sample": "trainer.sample",
     "evaluate": "trainer.evaluate",
     "promote": "trainer.promote",

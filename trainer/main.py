@@ -4,7 +4,7 @@
     python -m trainer.main experiment=digits32 trainer.num_workers=2 trainer.max_steps=500
     ray job submit --working-dir . -- python -m trainer.main experiment=dcgan64_gpu data.urls=...
 
-The only module that talks to Hydra (besides its sweep callback); the work happens in
+Hydra composes the config here (`hydra.main`) and in `trainer.services.compose`; the work happens in
 `trainer.services.driver.run`.
 """
 
@@ -16,21 +16,12 @@ import sys
 import time
 
 import hydra
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from trainer.config import Config, ConfigError, exit_on_config_error, from_dict, validate
+from trainer.config import ConfigError, exit_on_config_error
 from trainer.config.overrides import CONFIG_DIR, check_overrides, prepare_overrides
+from trainer.services.compose import compose, to_config
 from trainer.services.driver import RegistryError, UserError, run
-
-ConfigStore.instance().store(name="stablegan_schema", node=Config)
-
-
-def to_config(dcfg: DictConfig) -> Config:
-    """Hydra's composed config -> checked typed `Config`."""
-    data = OmegaConf.to_container(dcfg, resolve=True)
-    assert isinstance(data, dict)
-    return validate(from_dict(data))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
@@ -62,16 +53,6 @@ def main() -> None:
         _hydra_main()
     except ConfigError as exc:
         exit_on_config_error(exc)
-
-
-def compose(overrides: list[str]) -> Config:
-    """The checked `Config` for `overrides` (for tests and notebooks)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    check_overrides(overrides)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return to_config(hydra_compose(config_name="config", overrides=prepare_overrides(overrides)))
 
 
 __all__ = ["main", "compose", "run"]

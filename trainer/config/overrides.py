@@ -62,14 +62,33 @@ def check_overrides(argv: list[str]) -> None:
 
 
 def prepare_overrides(argv: list[str]) -> list[str]:
-    """`data.urls=x-{000000..000009}.tar` -> quoted, so Hydra reads the braces as text; and
-    `trainer.worker_resources={a:1}` -> `++...`, since a typed dict only takes new keys that way."""
+    """`data.urls=x-{000000..000009}.tar` -> quoted, so Hydra reads the braces as text;
+    `trainer.worker_resources={a:1}` -> `++...`, since a typed dict only takes new keys that way;
+    `experiment=PATH.yaml` (a preset outside the tree, e.g. a sweep's best config) -> Hydra's
+    search path and the preset's name."""
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") == "experiment" and value.endswith((".yaml", ".yml")):
+            out += experiment_file(value)
+            continue
         if sep and _in_dict_field(key):
             arg = f"++{arg}"
         if sep and key.lstrip("+").endswith("urls") and "{" in value and value[:1] not in ("'", '"', "["):
             arg = f"{key}='{value}'"
         out.append(arg)
     return out
+
+
+def experiment_file(path: str) -> list[str]:
+    """The overrides that select the preset file `path`: its folder's parent joins Hydra's
+    search path, so the file must lie in a folder named `experiment` (as a sweep writes it)."""
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise ConfigError(f"experiment={path}: no such file; give a preset name or an existing YAML file")
+    if file.parent.name != "experiment":
+        raise ConfigError(
+            f"experiment={path}: a preset file must lie in a folder named 'experiment' (Hydra reads it "
+            f"as that group); move it to {file.parent / 'experiment' / file.name}"
+        )
+    return [f"hydra.searchpath=[file://{file.parent.parent}]", f"experiment={file.stem}"]

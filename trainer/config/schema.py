@@ -37,6 +37,7 @@ __all__ = [
     "StabilityConfig",
     "TrackingConfig",
     "TrainerConfig",
+    "TuneConfig",
     "allowed_keys",
     "dict_keys",
     "exit_on_config_error",
@@ -459,6 +460,34 @@ class ClusterConfig:
 
 
 @dataclass
+class TuneConfig:
+    """A sweep (`stablegan tune`, trainer/services/sweep.py); training alone ignores it. Each
+    trial is a whole run of the composed config with the searched keys set."""
+
+    # key -> a distribution: loguniform(lo, hi), uniform(lo, hi), randint(lo, hi), choice(a, b,
+    # ...) or grid(a, b, ...); any key training takes, e.g. optim.g_lr: loguniform(1e-4, 1e-2)
+    space: dict[str, str] = field(default_factory=dict)
+    num_samples: int = at_least(1, 1)  # draws of the space (each grid point is drawn this often)
+    # asha: stops trials behind at a rung; fifo: every trial runs to its end (a diverged trial
+    # is stopped either way). Population based training is not built yet.
+    scheduler: str = one_of("asha", "asha", "fifo")
+    max_concurrent: int = at_least(0, 0)  # trials at once; 0 = as many as the cluster's CPUs fit
+    metric: str = "auto"  # auto = eval/mmd for 2-D points, eval/fid for images; lower is better
+    grace_steps: int = at_least(0, 0)  # ASHA: no stop before this step; 0 = a quarter of max_steps
+    reduction_factor: int = at_least(3, 2)  # ASHA: a rung keeps 1 / this of the trials
+    name: str = ""  # "" = tune-<experiment>; the same name again resumes the sweep
+    storage_path: str = "runs/tune"  # the sweep's state, trials' runs, table and best config
+
+    def check(self) -> None:
+        _check_fields(self, "tune")
+        if self.metric != "auto" and not self.metric.startswith("eval/"):
+            raise ConfigError(
+                f"tune.metric={self.metric!r} is invalid: a sweep ranks trials by an in-training "
+                "evaluation metric, e.g. eval/fid, eval/kid or eval/mmd (or auto)"
+            )
+
+
+@dataclass
 class Config:
     name: str = "grid25"  # experiment preset name, recorded with the run
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -474,6 +503,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def check(self) -> Config:
         """Every section's own checks, then the rules that span sections; raises `ConfigError`
@@ -488,7 +518,15 @@ class Config:
             self.data,
         ):
             section.check()
-        for section in (self.trainer, self.stability, self.tracking, self.eval, self.registry, self.cluster):
+        for section in (
+            self.trainer,
+            self.stability,
+            self.tracking,
+            self.eval,
+            self.registry,
+            self.cluster,
+            self.tune,
+        ):
             section.check()
         self._check_compile()
         self._check_across()

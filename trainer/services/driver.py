@@ -36,10 +36,11 @@ def run(cfg: Config) -> dict[str, str]:
     return conclude(plan, result.checkpoint, result.metrics or {}, run_id)
 
 
-def fit(plan: RunPlan, run_id: str) -> Result:
-    """Ray Train's fit of the plan; a failure ends the MLflow run as FAILED."""
+def fit(plan: RunPlan, run_id: str, callbacks: list | None = None) -> Result:
+    """Ray Train's fit of the plan (`callbacks`: Ray Train's, e.g. a sweep's report to Tune);
+    a failure ends the MLflow run as FAILED."""
     try:
-        result = make_trainer(plan, run_id).fit()
+        result = make_trainer(plan, run_id, callbacks).fit()
     except Exception as exc:
         tracking.end_run(plan.tracking_uri, run_id, status="FAILED")
         raise RuntimeError(f"training run {plan.run_name} failed: {exc}") from exc
@@ -70,7 +71,7 @@ def open_tracking(plan: RunPlan) -> str:
     return run_id
 
 
-def make_trainer(plan: RunPlan, run_id: str) -> TorchTrainer:
+def make_trainer(plan: RunPlan, run_id: str, callbacks: list | None = None) -> TorchTrainer:
     """Ray Train's trainer: one `train_loop` per worker; a new one with the same name and
     storage hands the workers the latest checkpoint (a resume)."""
     t = plan.cfg.trainer
@@ -101,6 +102,7 @@ def make_trainer(plan: RunPlan, run_id: str) -> TorchTrainer:
             **plan.ray_storage(),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            callbacks=callbacks,
         ),
     )
 

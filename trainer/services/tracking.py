@@ -132,6 +132,16 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED", tags: dict | None =
     client.set_terminated(run_id, status=status)
 
 
+def child_runs(uri: str, experiment: str, parent_id: str) -> list[tuple[str, str, str]]:
+    """(run id, run name, status) of every run whose MLflow parent is `parent_id`."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    return [(r.info.run_id, r.info.run_name, r.info.status) for r in found]
+
+
 class RunLogger:
     """Buffered, retrying metric/artifact sender for one run (used by rank 0)."""
 

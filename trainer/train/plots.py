@@ -101,3 +101,38 @@ def report_png(history: dict[str, list[tuple[int, float]]], summary: dict, title
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     return buf.getvalue()
+
+
+def sweep_png(rows: list[dict], keys: list[str], log_keys: set[str], metric: str, title: str = "") -> bytes:
+    """A sweep's robustness picture: `metric` against each searched key, one panel per key;
+    completed trials as dots, stopped-early ones grey, diverged or failed ones red crosses
+    along the top (their metric is not a score)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6), dpi=100, squeeze=False)
+    scored = [r[metric] for r in rows if r["ended"] != "diverged" and math.isfinite(r.get(metric, math.nan))]
+    top = max(scored) * 1.2 if scored else 1.0
+    style = {
+        "completed": {"color": "tab:blue", "marker": "o"},
+        "stopped early": {"color": "0.6", "marker": "o"},
+        "diverged": {"color": "tab:red", "marker": "x"},
+        "failed": {"color": "tab:red", "marker": "x"},
+    }
+    for ax, key in zip(axes[0], keys, strict=True):
+        for ended, st in style.items():
+            picked = [r for r in rows if r["ended"] == ended]
+            ys = [r[metric] if ended in ("completed", "stopped early") else top for r in picked]
+            ax.scatter([r[key] for r in picked], ys, s=30, label=f"{ended} ({len(picked)})", **st)
+        if key in log_keys:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"{metric} at the trial's last step")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()

@@ -361,6 +361,8 @@ class Worker:
                 sample_picture(self.ema.module, self.cfg, step), f"samples/step_{step:07d}.png"
             )
         report: dict = {"step": step}
+        if self.logger is not None:  # rank 0: what a sweep ranks and stops trials by
+            report |= self.verdict()
         if step == last and self.logger is not None and self.cfg.stability.summary:
             report["stability"] = json.dumps(self.write_summary())  # the driver turns it into run tags
         if due["checkpoint"]:
@@ -451,6 +453,18 @@ class Worker:
             return False
         self.rollback(event["target"])
         return True
+
+    def verdict(self) -> dict[str, float]:
+        """Rank 0's latest evaluation values (a non-finite one as inf) and whether the run has
+        diverged so far: the stability summary's test, or a loss in the last log non-finite or
+        beyond the guard's `max_loss` (whether or not the guard is on)."""
+        latest = {k: v[-1][1] for k, v in self.history.items() if k.startswith("eval/") and v}
+        latest = {k: v if math.isfinite(v) else math.inf for k, v in latest.items()}
+        bound = self.guard.cfg.max_loss or math.inf  # 0 (off, and always for wasserstein): none
+        losses = [abs(self.last_metrics.get(k, 0.0)) for k in ("d_loss", "g_loss")]
+        blown = not all(v <= bound for v in losses)  # NaN compares False: blown too
+        diverged = probe.summarize(self.history)["diverged"] or blown
+        return latest | {"diverged": float(diverged)}
 
     def write_summary(self) -> dict:
         """Rank 0's end-of-run stability summary: stability.json and stability.png."""

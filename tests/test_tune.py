@@ -1,0 +1,231 @@
+"""Sweeps on Ray Tune (trainer/services/sweep.py, space.py): the search space checked before
+anything starts, and a real sweep of tiny grid25 runs on the embedded Ray: a diverging lr
+stopped and flagged, a too-small lr stopped early by ASHA, the driver killed midway and the
+same command resuming it, the best config written, trained again and registered once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, start_module
+from trainer.config import ConfigError
+from trainer.main import compose
+from trainer.services.space import Dimension, parse_space
+from trainer.services.sweep import best_row, changed
+
+
+def test_the_shipped_spaces_parse():
+    for group, keys in (
+        ("lr", {"optim.g_lr", "optim.d_lr"}),
+        ("lr_gamma", {"optim.g_lr", "optim.d_lr", "penalty.weight"}),
+    ):
+        cfg = compose(["experiment=grid25", f"tune={group}"])
+        dims = parse_space(cfg.tune.space, cfg)
+        assert {d.key for d in dims} == keys
+        assert all(d.kind == "loguniform" and d.log_scale() for d in dims)
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"optim.g_rate": "uniform(0.1, 0.2)"}, "unknown key 'optim.g_rate'; keys of optim: .*g_lr"),
+        ({"optimizer.g_lr": "uniform(0.1, 0.2)"}, "unknown key 'optimizer.g_lr'"),
+        ({"optim": "choice(1, 2)"}, "unknown key 'optim'"),
+        ({"stability.guard": "choice(1, 2)"}, "'stability.guard' is a section"),
+        ({"tune.num_samples": "grid(1, 2)"}, "belongs to the sweep"),
+        ({"trainer.run_name": "choice('a', 'b')"}, "belongs to the sweep"),
+        ({"optim.g_lr": "gaussian(0, 1)"}, "not a distribution"),
+        ({"optim.g_lr": "loguniform(1e-2, 1e-4)"}, "needs low < high"),
+        ({"optim.g_lr": "loguniform(0, 1e-2)"}, "needs low > 0"),
+        ({"optim.g_lr": "uniform(1e-4)"}, "takes two finite numbers"),
+        ({"model.g_width": "randint(8.5, 64)"}, "randint takes integers"),
+        ({"optim.g_lr": "choice()"}, "needs at least one value"),
+        ({"optim.g_lr": "grid(1e-3, 3.0)"}, "the value 3.0 fails: optim.g_lr=3.0 is invalid"),
+        ({"loss.kind": "choice('hinge', 'hinj')"}, "the value 'hinj' fails: loss.kind='hinj' is invalid"),
+        ({}, "tune.space is empty"),
+    ],
+)
+def test_a_bad_space_is_named_before_anything_starts(space, message):
+    cfg = compose(["experiment=grid25"])
+    with pytest.raises(ConfigError, match=message):
+        parse_space(space, cfg)
+
+
+def test_a_good_space_becomes_tune_domains():
+    cfg = compose(["experiment=grid25"])
+    dims = parse_space(
+        {
+            "optim.g_lr": "loguniform(1e-4, 1e-2)",
+            "trainer.seed": "grid(1, 2, 3)",
+            "model.g_width": "randint(64, 129)",
+        },
+        cfg,
+    )
+    by_key = {d.key: d for d in dims}
+    assert by_key["trainer.seed"].domain() == {"grid_search": [1, 2, 3]}
+    assert by_key["model.g_width"].probes() == [64, 128]  # Ray's randint leaves out its upper end
+    lr = by_key["optim.g_lr"].domain()
+    assert (lr.lower, lr.upper) == (1e-4, 1e-2)
+    assert not by_key["trainer.seed"].log_scale() and Dimension("k", "grid", (1e-3, 1e-1)).log_scale()
+
+
+def test_the_best_trial_is_one_that_ran_to_its_end():
+    rows = [
+        {"trial": "a", "eval/mmd": 0.01, "ended": "stopped early"},  # better, but judged early
+        {"trial": "b", "eval/mmd": 0.001, "ended": "diverged"},
+        {"trial": "c", "eval/mmd": 0.3, "ended": "completed"},
+        {"trial": "d", "eval/mmd": 0.2, "ended": "completed"},
+        {"trial": "e", "eval/mmd": float("nan"), "ended": "completed"},
+    ]
+    assert best_row(rows, "eval/mmd")["trial"] == "d"
+    assert best_row(rows[:2], "eval/mmd") is None
+
+
+def test_the_best_config_holds_what_differs_and_nothing_of_the_machine():
+    values = {"optim": {"g_lr": 0.5, "beta1": 0.5}, "tracking": {"uri": "sqlite:///x", "experiment": "e"}}
+    defaults = {"optim": {"g_lr": 0.1, "beta1": 0.5}, "tracking": {"uri": "", "experiment": "stablegan"}}
+    assert changed(values, defaults) == {"optim": {"g_lr": 0.5}, "tracking": {"experiment": "e"}}
+
+
+def test_experiment_takes_a_preset_file(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    preset = tmp_path / "experiment" / "mine.yaml"
+    preset.write_text("# @package _global_\nname: mine\noptim:\n  g_lr: 0.0042\n")
+    cfg = compose([f"experiment={preset}"])
+    assert (cfg.name, cfg.optim.g_lr) == ("mine", 0.0042)
+    loose = tmp_path / "loose.yaml"
+    loose.write_text(preset.read_text())
+    with pytest.raises(ConfigError, match="must lie in a folder named 'experiment'"):
+        compose([f"experiment={loose}"])
+    with pytest.raises(ConfigError, match="no such file"):
+        compose([f"experiment={tmp_path / 'none.yaml'}"])
+
+
+def test_pbt_is_refused_until_it_exists():
+    with pytest.raises(ConfigError, match="tune.scheduler='pbt' is invalid; allowed values: asha, fifo"):
+        compose(["experiment=grid25", "tune.scheduler=pbt"])
+
+
+# ---- a real sweep ---------------------------------------------------------------------------
+
+
+def sweep_args(tmp_path: Path) -> list[str]:
+    """Three tiny grid25 trials one at a time: a good lr, one too small to move G in 50 steps,
+    one that blows D's loss up at once."""
+    return [
+        "experiment=grid25",
+        "trainer.max_steps=150",
+        "trainer.checkpoint_every=50",
+        "trainer.log_every=50",
+        "data.batch_size=64",
+        "eval.during_num=1000",
+        'tune.space={optim.g_lr: "grid(1e-3, 1e-7, 0.9)"}',
+        "tune.grace_steps=50",
+        "tune.reduction_factor=2",
+        "tune.max_concurrent=1",
+        f"tune.storage_path={tmp_path / 'tune'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "cluster.num_cpus=2",
+    ]
+
+
+def finished_in_state(state_dir: Path) -> int:
+    """How many trials Tune's saved experiment state holds as TERMINATED."""
+    count = 0
+    for path in state_dir.glob("experiment_state-*.json"):
+        try:
+            trials = json.loads(path.read_text())["trial_data"]
+        except (OSError, ValueError, KeyError):
+            continue
+        count = max(count, sum('"TERMINATED"' in t[0] for t in trials))
+    return count
+
+
+@pytest.mark.slow
+def test_a_sweep_stops_bad_trials_resumes_and_writes_its_best(tmp_path):
+    import mlflow
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env |= {"PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Tune saves its state every second
+    args = sweep_args(tmp_path)
+    root = tmp_path / "tune" / "tune-grid25"
+
+    first = start_module("trainer.tune", args, env)
+    deadline = time.time() + 300
+    # Killed once the good trial and the one ASHA stops are done (a restored sweep's scheduler
+    # starts without the rung values of trials before it), the diverging one still to come.
+    while finished_in_state(root / "tuner") < 2 and time.time() < deadline and first.poll() is None:
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver (and its embedded Ray) stopped midway
+    log = first.communicate()[0]
+    assert finished_in_state(root / "tuner") >= 2, log[-3000:]
+    first_trial = next((root / "trials").glob("tune-grid25-*_00000"))
+    kept = {p.name: p.stat().st_mtime for p in first_trial.glob("checkpoint_*")}
+
+    again = subprocess.run(
+        [sys.executable, "-m", "trainer.tune", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-4000:]
+    assert "resuming sweep tune-grid25" in out
+    assert {p.name: p.stat().st_mtime for p in first_trial.glob("checkpoint_*")} == kept  # not rerun
+
+    rows = {r["optim.g_lr"]: r for r in csv_rows(root / "trials.csv")}
+    assert rows["0.001"]["ended"] == "completed" and rows["0.001"]["step"] == "150"
+    assert rows["0.9"]["ended"] == "diverged" and int(rows["0.9"]["step"]) < 150  # stopped at once
+    assert rows["1e-07"]["ended"] == "stopped early" and int(rows["1e-07"]["step"]) < 150  # by ASHA
+    assert "trials: 3 (1 completed, 1 stopped early, 1 diverged, 0 failed)" in out
+
+    best = Path(
+        next(line.split(": ", 1)[1] for line in out.splitlines() if line.strip().startswith("best_config:"))
+    )
+    cfg = compose([f"experiment={best}"])
+    assert (cfg.optim.g_lr, cfg.trainer.max_steps, cfg.tracking.uri) == (0.001, 150, "")
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = next(r for r in runs if r.info.run_name == "tune-grid25")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3  # the resumed sweep made no second run of any trial
+    ends = {
+        r.data.tags["tune.optim.g_lr"]: (r.info.status, r.data.tags.get("stablegan.sweep_end"))
+        for r in children
+    }
+    assert ends["0.001"] == ("FINISHED", "completed")
+    assert ends["0.9"][1] == "diverged" and ends["1e-07"] == ("KILLED", "stopped early")
+    versions = client.search_model_versions("name='stablegan-generator'")
+    assert len(versions) == 1 and versions[0].run_id == next(
+        r.info.run_id for r in children if r.data.tags["tune.optim.g_lr"] == "0.001"
+    )
+    assert (
+        client.get_model_version_by_alias("stablegan-generator", "candidate").version == versions[0].version
+    )
+
+    trained = subprocess.run(
+        [sys.executable, "-m", "trainer.main", f"experiment={best}", "trainer.max_steps=50",
+         f"tracking.uri=sqlite:///{tmp_path / 'again.db'}", f"trainer.storage_path={tmp_path / 'again'}",
+         "cluster.num_cpus=2"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert trained.returncode == 0, (trained.stdout + trained.stderr)[-3000:]
+    assert "finished 50 steps" in trained.stdout
+
+
+def csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))
