@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ import pytest
 from tests.conftest import ROOT, start_module
 from trainer.config import ConfigError
 from trainer.main import compose
-from trainer.services.space import Dimension, parse_space
+from trainer.services.space import Dimension, parse_space, with_values
 from trainer.services.sweep import best_row, changed
 
 
@@ -77,6 +78,15 @@ def test_a_good_space_becomes_tune_domains():
     assert not by_key["trainer.seed"].log_scale() and Dimension("k", "grid", (1e-3, 1e-1)).log_scale()
 
 
+def test_tied_keys_take_one_value():
+    cfg = compose(["experiment=grid25"])
+    (dim,) = parse_space({"optim.g_lr+optim.d_lr": "grid(1e-4, 2e-3)"}, cfg)
+    both = with_values(asdict(cfg), {dim.key: 2e-3})
+    assert (both.optim.g_lr, both.optim.d_lr) == (2e-3, 2e-3)
+    with pytest.raises(ConfigError, match="unknown key 'optim.e_lr'"):
+        parse_space({"optim.g_lr+optim.e_lr": "grid(1e-4)"}, cfg)
+
+
 def test_the_best_trial_is_one_that_ran_to_its_end():
     rows = [
         {"trial": "a", "eval/mmd": 0.01, "ended": "stopped early"},  # better, but judged early
@@ -107,11 +117,6 @@ def test_experiment_takes_a_preset_file(tmp_path):
         compose([f"experiment={loose}"])
     with pytest.raises(ConfigError, match="no such file"):
         compose([f"experiment={tmp_path / 'none.yaml'}"])
-
-
-def test_pbt_is_refused_until_it_exists():
-    with pytest.raises(ConfigError, match="tune.scheduler='pbt' is invalid; allowed values: asha, fifo"):
-        compose(["experiment=grid25", "tune.scheduler=pbt"])
 
 
 # ---- a real sweep ---------------------------------------------------------------------------

@@ -468,13 +468,15 @@ class TuneConfig:
     # ...) or grid(a, b, ...); any key training takes, e.g. optim.g_lr: loguniform(1e-4, 1e-2)
     space: dict[str, str] = field(default_factory=dict)
     num_samples: int = at_least(1, 1)  # draws of the space (each grid point is drawn this often)
-    # asha: stops trials behind at a rung; fifo: every trial runs to its end (a diverged trial
-    # is stopped either way). Population based training is not built yet.
-    scheduler: str = one_of("asha", "asha", "fifo")
+    # asha: stops trials behind at a rung; fifo: every trial runs to its end; pbt: population-
+    # based training (a lagging trial takes a leader's checkpoint over and perturbs its
+    # settings). A diverged trial is stopped under each.
+    scheduler: str = one_of("asha", "asha", "fifo", "pbt")
     max_concurrent: int = at_least(0, 0)  # trials at once; 0 = as many as the cluster's CPUs fit
     metric: str = "auto"  # auto = eval/mmd for 2-D points, eval/fid for images; lower is better
     grace_steps: int = at_least(0, 0)  # ASHA: no stop before this step; 0 = a quarter of max_steps
     reduction_factor: int = at_least(3, 2)  # ASHA: a rung keeps 1 / this of the trials
+    perturbation_steps: int = at_least(0, 0)  # PBT: steps between exploits; 0 = a quarter of max_steps
     name: str = ""  # "" = tune-<experiment>; the same name again resumes the sweep
     storage_path: str = "runs/tune"  # the sweep's state, trials' runs, table and best config
 

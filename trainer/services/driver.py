@@ -36,11 +36,12 @@ def run(cfg: Config) -> dict[str, str]:
     return conclude(plan, result.checkpoint, result.metrics or {}, run_id)
 
 
-def fit(plan: RunPlan, run_id: str, callbacks: list | None = None) -> Result:
-    """Ray Train's fit of the plan (`callbacks`: Ray Train's, e.g. a sweep's report to Tune);
-    a failure ends the MLflow run as FAILED."""
+def fit(plan: RunPlan, run_id: str, callbacks: list | None = None, start_from: str | None = None) -> Result:
+    """Ray Train's fit of the plan (`callbacks`: Ray Train's, e.g. a sweep's report to Tune;
+    `start_from`: a checkpoint folder of another run to continue from, population-based
+    training's exploit); a failure ends the MLflow run as FAILED."""
     try:
-        result = make_trainer(plan, run_id, callbacks).fit()
+        result = make_trainer(plan, run_id, callbacks, start_from).fit()
     except Exception as exc:
         tracking.end_run(plan.tracking_uri, run_id, status="FAILED")
         raise RuntimeError(f"training run {plan.run_name} failed: {exc}") from exc
@@ -71,7 +72,9 @@ def open_tracking(plan: RunPlan) -> str:
     return run_id
 
 
-def make_trainer(plan: RunPlan, run_id: str, callbacks: list | None = None) -> TorchTrainer:
+def make_trainer(
+    plan: RunPlan, run_id: str, callbacks: list | None = None, start_from: str | None = None
+) -> TorchTrainer:
     """Ray Train's trainer: one `train_loop` per worker; a new one with the same name and
     storage hands the workers the latest checkpoint (a resume)."""
     t = plan.cfg.trainer
@@ -84,6 +87,7 @@ def make_trainer(plan: RunPlan, run_id: str, callbacks: list | None = None) -> T
         "run_dir": str(plan.run_dir),  # where Ray Train puts the checkpoints
         "init": {"G": init.generator, "D": init.discriminator} if init else None,
         "progress_bar": plan.progress_bar,
+        "start_from": start_from,
     }
     return TorchTrainer(
         train_loop,
@@ -123,8 +127,10 @@ def train_loop(config: dict) -> None:
             config["init"],
         )
         handed = ray.train.get_checkpoint()
-        if handed is not None:
+        if handed is not None:  # this run's own: a resume (it wins over start_from)
             worker.resume(local_checkpoint(handed, Path(config["run_dir"])))
+        elif config.get("start_from"):
+            worker.inherit(Path(config["start_from"]))
     except BaseException:
         if logger is not None:
             logger.close(timeout=0)

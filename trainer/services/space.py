@@ -3,6 +3,7 @@ distribution written as text, parsed and checked before anything starts.
 
     optim.g_lr: loguniform(1e-4, 1e-2)     penalty.weight: choice(0.1, 1, 10)
     trainer.seed: grid(1, 2, 3)            model.g_width: randint(64, 257)
+    optim.g_lr+optim.d_lr: grid(1e-4, 1e-3)   (keys tied: each trial sets both to one value)
 
 Every value a distribution can take at its ends (and each choice) is put into the config and
 checked as a run's config is, so a range that would fail a trial fails here, with the key named.
@@ -43,6 +44,11 @@ class Dimension:
             return tune.choice(list(self.args))
         return getattr(tune, self.kind)(*self.args)
 
+    def mutation(self) -> Any:
+        """What population-based training perturbs this dimension over: the distribution
+        (a continuous value is scaled by 0.8 or 1.2, or drawn again), or the list of values."""
+        return list(self.args) if self.kind in ("choice", "grid") else self.domain()
+
     def probes(self) -> list:
         """The values checked before a sweep starts: the range's ends, or every choice."""
         if self.kind == "randint":  # Ray's randint excludes its upper end
@@ -77,7 +83,8 @@ def parse_space(space: dict[str, str], base: Config) -> list[Dimension]:
 
 def parse_one(key: str, spec: str) -> Dimension:
     """One `key: kind(args)` entry, its key and arguments checked."""
-    check_key(key)
+    for each in key.split("+"):
+        check_key(each)
     match = _SPEC.fullmatch(spec.strip())
     if match is None or match.group(1) not in KINDS:
         raise ConfigError(
@@ -123,9 +130,10 @@ def check_key(key: str) -> None:
 
 
 def with_values(base: dict, values: dict[str, Any]) -> Config:
-    """The checked `Config` of `base` (its dict form) with dotted `values` set."""
+    """The checked `Config` of `base` (its dict form) with dotted `values` set (a key of tied
+    keys, `a.b+c.d`, sets each of them)."""
     data = copy.deepcopy(base)
-    for key, value in values.items():
+    for key, value in ((k, v) for tied, v in values.items() for k in tied.split("+")):
         *path, leaf = key.split(".")
         node = data
         for part in path:

@@ -13,27 +13,27 @@ whatever it scored before (a GAN's best at step 2,000 can blow up by 2,500).
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import ray
 from omegaconf import OmegaConf
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 from ray.tune.stopper import FunctionStopper
 
 from trainer.config import Config
 from trainer.services import tracking
-from trainer.services.conclude import conclude, evaluate_final, register_saved
-from trainer.services.driver import fit, init_ray, open_tracking
+from trainer.services.conclude import evaluate_final, register_saved
+from trainer.services.driver import init_ray
 from trainer.services.plan import prepare
-from trainer.services.space import Dimension, parse_space, with_values
+from trainer.services.space import parse_space, with_values
+from trainer.services.trial import RUNG, SWEEP_TAG, SweepSpec, run_trial
 from trainer.train import plots
 
-SWEEP_TAG = "stablegan.sweep"
 REGISTERED_TAG = "stablegan.sweep_registered"
 # A trial's own settings and the machine's (where it tracks, which cluster): the best config
 # leaves them out.
@@ -41,23 +41,6 @@ TRIAL_ONLY = ("tune", "trainer.run_name", "trainer.storage_path", "tracking.uri"
 # A trial's own process only waits on its Ray Train run, which asks for the CPUs itself; Tune
 # wants some resource per trial, so it takes a token of memory (bytes), not a CPU.
 TRIAL_DRIVER = {"memory": 1 << 20}
-
-
-@dataclass(frozen=True)
-class SweepSpec:
-    """What every trial of a sweep shares; travels to the trial actors."""
-
-    name: str
-    root: str  # the sweep's folder: Tune's state, the trials' runs, the outputs
-    base: dict  # the trials' config (data resolved once, evaluated in training at each checkpoint)
-    dims: tuple[Dimension, ...]
-    metric: str
-    parent_run_id: str
-    tracking_uri: str
-
-    @property
-    def keys(self) -> list[str]:
-        return [d.key for d in self.dims]
 
 
 def run_sweep(cfg: Config) -> dict[str, str]:
@@ -91,11 +74,13 @@ def for_trials(cfg: Config, root: Path) -> Config:
     with no separate final evaluation and no registration (the sweep registers its best)."""
     t, e = cfg.trainer, cfg.eval
     every = e.every if e.every and t.checkpoint_every % e.every == 0 else t.checkpoint_every
+    # A leader's run checkpoint must outlive the moment a trial copies it over (PBT).
+    keep = max(t.keep_checkpoints, 4) if cfg.tune.scheduler == "pbt" else t.keep_checkpoints
     return replace(
         cfg,
         eval=replace(e, every=every, at_end=False),
         tracking=replace(cfg.tracking, register=False),
-        trainer=replace(t, storage_path=str(root / "trials")),
+        trainer=replace(t, storage_path=str(root / "trials"), keep_checkpoints=keep),
     )
 
 
@@ -121,26 +106,37 @@ def make_tuner(spec: SweepSpec, cfg: Config) -> tune.Tuner:
             mode="min",
             num_samples=t.num_samples,
             max_concurrent_trials=t.max_concurrent or fitting_trials(cfg),
-            scheduler=scheduler(cfg),
+            scheduler=scheduler(cfg, spec.dims),
         ),
         run_config=tune.RunConfig(
             name="tuner",
             storage_path=spec.root,
             stop=FunctionStopper(lambda _trial, result: result.get("diverged", 0.0) > 0),
+            # Tune's checkpoints here are pointers of a few bytes to run checkpoints: all kept,
+            # so that population-based training finds a leader's whenever it exploits it.
             verbose=1,
         ),
     )
 
 
-def scheduler(cfg: Config) -> FIFOScheduler | ASHAScheduler:
+def scheduler(cfg: Config, dims: tuple) -> FIFOScheduler | ASHAScheduler | PopulationBasedTraining:
     t, steps = cfg.tune, cfg.trainer.max_steps
     if t.scheduler == "fifo":
         return FIFOScheduler()
-    # ASHA stops a trial that reaches max_t at once, before its run concludes (weights saved,
-    # MLflow run ended): one step beyond the last, so it stops only the trials it judges.
+    if t.scheduler == "pbt":
+        # Every `perturbation_steps` a trial in the bottom quarter takes a top-quarter trial's
+        # checkpoint over and perturbs the searched settings (x0.8 / x1.2, or a new draw).
+        return PopulationBasedTraining(
+            time_attr=RUNG,
+            perturbation_interval=t.perturbation_steps or max(1, steps // 4),
+            hyperparam_mutations={d.key: d.mutation() for d in dims},
+            quantile_fraction=0.25,
+            resample_probability=0.25,
+            require_attrs=False,  # a trial's last report carries no rung_step
+        )
     return ASHAScheduler(
-        time_attr="step",
-        max_t=steps + 1,
+        time_attr=RUNG,
+        max_t=steps,
         grace_period=t.grace_steps or max(1, steps // 4),
         reduction_factor=t.reduction_factor,
     )
@@ -150,20 +146,6 @@ def fitting_trials(cfg: Config) -> int:
     """How many trials' worker groups the connected cluster's CPUs hold at once."""
     t = cfg.trainer
     return max(1, int(ray.cluster_resources().get("CPU", 1)) // (t.num_workers * t.cpus_per_worker))
-
-
-def run_trial(params: dict, spec: SweepSpec) -> None:
-    """One trial: a whole run of the sweep's config with `params` set, tracked as a child of
-    the sweep's MLflow run; its checkpoints' reports reach Tune's scheduler."""
-    trial_id = tune.get_context().get_trial_id()
-    cfg = with_values(spec.base, params)
-    cfg = replace(cfg, trainer=replace(cfg.trainer, run_name=f"{spec.name}-{trial_id}"))
-    plan = prepare(cfg)  # a restored trial finds its own checkpoint here and resumes from it
-    run_id = open_tracking(plan)
-    tags = {"mlflow.parentRunId": spec.parent_run_id, SWEEP_TAG: spec.name, "stablegan.trial": trial_id}
-    tracking.set_run_tags(plan.tracking_uri, run_id, tags | {f"tune.{k}": v for k, v in params.items()})
-    result = fit(plan, run_id, callbacks=[TuneReportCallback()])
-    conclude(plan, result.checkpoint, result.metrics or {}, run_id)
 
 
 def table(grid: tune.ResultGrid, spec: SweepSpec, max_steps: int) -> list[dict]:
@@ -198,13 +180,15 @@ def conclude_sweep(spec: SweepSpec, rows: list[dict], cfg: Config) -> dict[str, 
     """The table, picture and best config written and logged to the parent run; trials that
     did not finish marked in MLflow; the best trial's generator registered as a candidate."""
     root = Path(spec.root)
-    out = {"sweep": spec.name, "mlflow_run_id": spec.parent_run_id} | write_table(rows, spec, root)
+    out = {"sweep": spec.name, "mlflow_run_id": spec.parent_run_id}
     picture = root / "robustness.png"
     log_keys = {d.key for d in spec.dims if d.log_scale()}
     picture.write_bytes(plots.sweep_png(rows, spec.keys, log_keys, spec.metric, spec.name))
     out["robustness_picture"] = str(picture)
     out |= robustness(rows, spec.metric)
     end_children(spec, cfg, rows)
+    add_lineage(rows, spec, cfg)
+    out |= write_table(rows, spec, root)
     best = best_row(rows, spec.metric)
     files = [root / "trials.csv", picture]
     if best is not None:
@@ -225,7 +209,7 @@ def conclude_sweep(spec: SweepSpec, rows: list[dict], cfg: Config) -> dict[str, 
 
 def write_table(rows: list[dict], spec: SweepSpec, root: Path) -> dict[str, str]:
     path = root / "trials.csv"
-    columns = ["trial", *spec.keys, "step", spec.metric, "ended"]
+    columns = ["trial", *spec.keys, "step", spec.metric, "ended", "lineage"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -246,19 +230,35 @@ def robustness(rows: list[dict], metric: str) -> dict[str, str]:
     return {"trials": trials, "spread": spread}
 
 
+def final_runs(spec: SweepSpec, cfg: Config) -> dict[str, dict]:
+    """Each trial's last MLflow run (a trial that took a leader's checkpoint over has more)."""
+    runs = tracking.child_runs(spec.tracking_uri, cfg.tracking.experiment, spec.parent_run_id)
+    return {r["tags"].get("stablegan.trial", ""): r for r in runs}  # oldest first: the last wins
+
+
 def end_children(spec: SweepSpec, cfg: Config, rows: list[dict]) -> None:
     """Every trial's MLflow run tagged with how it ended; one Tune stopped (early, or diverged)
-    is ended as KILLED, whatever its interrupted run managed to record."""
-    ended = {f"{spec.name}-{r['trial']}": r["ended"] for r in rows}
-    for run_id, name, status in tracking.child_runs(
-        spec.tracking_uri, cfg.tracking.experiment, spec.parent_run_id
-    ):
-        why = ended.get(name, "")
-        if why in ("stopped early", "diverged") or (status == "RUNNING" and why):
+    is ended as KILLED, whatever its interrupted run managed to record, and so is a run whose
+    trial went on from another trial's checkpoint."""
+    ended = {r["trial"]: r["ended"] for r in rows}
+    last = {r["id"] for r in final_runs(spec, cfg).values()}
+    for run in tracking.child_runs(spec.tracking_uri, cfg.tracking.experiment, spec.parent_run_id):
+        why = ended.get(run["tags"].get("stablegan.trial", ""), "")
+        if run["id"] not in last:
+            why = "handed over to another trial's checkpoint (population-based training)"
+        if why and run["status"] != "FINISHED":
             final = "FAILED" if why == "failed" else "KILLED"
-            tracking.end_run(spec.tracking_uri, run_id, status=final, tags={"stablegan.sweep_end": why})
+            tracking.end_run(spec.tracking_uri, run["id"], status=final, tags={"stablegan.sweep_end": why})
         elif why:
-            tracking.set_run_tags(spec.tracking_uri, run_id, {"stablegan.sweep_end": why})
+            tracking.set_run_tags(spec.tracking_uri, run["id"], {"stablegan.sweep_end": why})
+
+
+def add_lineage(rows: list[dict], spec: SweepSpec, cfg: Config) -> None:
+    """Each row's `lineage`: the trials (and steps) its final weights were taken over from."""
+    runs = final_runs(spec, cfg)
+    for row in rows:
+        chain = json.loads(runs.get(row["trial"], {}).get("tags", {}).get("stablegan.lineage", "[]"))
+        row["lineage"] = " > ".join(f"{link['trial']}@{link['step']}" for link in chain)
 
 
 def write_best_config(best: Config, root: Path, spec: SweepSpec, row: dict) -> Path:
@@ -310,10 +310,9 @@ def register_once(spec: SweepSpec, best: Config, row: dict) -> str:
 def register_best(spec: SweepSpec, best: Config, row: dict) -> str:
     """The best trial's EMA generator registered through the same gate as any run's: evaluated
     at the end as a run is, tagged with its stability flags, put to promotion."""
-    run_name = f"{spec.name}-{row['trial']}"
-    weights = Path(spec.root) / "trials" / run_name / "generator_ema.pt"
-    runs = tracking.child_runs(spec.tracking_uri, best.tracking.experiment, spec.parent_run_id)
-    run_id = next(r for r, name, _ in runs if name == run_name)
+    run = final_runs(spec, best)[row["trial"]]
+    run_id = run["id"]
+    weights = Path(spec.root) / "trials" / run["name"] / "generator_ema.pt"
     flags_tag = tracking.run_tags(spec.tracking_uri, run_id).get("stablegan.stability_flags")
     flags = None if flags_tag is None else tuple(f for f in flags_tag.split(",") if f)
     urls = spec.base["data"]["urls"]

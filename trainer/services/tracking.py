@@ -80,10 +80,11 @@ def _client(uri: str):
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    """{'a': {'b': 1}} -> {'a.b': 1}; a character MLflow refuses in a key (a search space's
+    `optim.g_lr+optim.d_lr`) becomes '/'."""
     out: dict[str, Any] = {}
     for k, v in d.items():
-        key = f"{prefix}{k}"
+        key = re.sub(r"[^\w\-. :/]", "/", f"{prefix}{k}")
         if isinstance(v, dict):
             out.update(flatten(v, key + "."))
         else:
@@ -132,14 +133,21 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED", tags: dict | None =
     client.set_terminated(run_id, status=status)
 
 
-def child_runs(uri: str, experiment: str, parent_id: str) -> list[tuple[str, str, str]]:
-    """(run id, run name, status) of every run whose MLflow parent is `parent_id`."""
+def child_runs(uri: str, experiment: str, parent_id: str) -> list[dict]:
+    """Every run whose MLflow parent is `parent_id`, oldest first: id, name, status, tags."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    found = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
-    return [(r.info.run_id, r.info.run_name, r.info.status) for r in found]
+    found = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+        order_by=["start_time ASC"],
+    )
+    return [
+        {"id": r.info.run_id, "name": r.info.run_name, "status": r.info.status, "tags": r.data.tags}
+        for r in found
+    ]
 
 
 class RunLogger:

@@ -278,6 +278,14 @@ class Worker:
             self.logger.skip_through = self.logger.last_step("d_loss")
         log.warning("rank %d resumed from checkpoint at step %d", self.rank, self.step)
 
+    def inherit(self, path: Path) -> None:
+        """Population-based training's exploit: continue from another run's checkpoint (G, D,
+        EMA, optimizers, data position, augmentation strength) under this run's own settings:
+        the guard starts afresh, so the perturbed learning rates and penalty weight apply."""
+        checkpoint.verify(path, self.world)
+        self.restore(path, with_guard_state=False)
+        log.warning("rank %d took over checkpoint %s at step %d", self.rank, path, self.step)
+
     def rollback(self, target: str) -> None:
         """The guard's rollback: restore `target`, new latents, and history cut to the branch that survives."""
         self.restore(Path(target), with_guard_state=False)
