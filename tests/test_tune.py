@@ -6,6 +6,7 @@ same command resuming it, the best config written, trained again and registered 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -105,6 +106,20 @@ def test_the_best_config_holds_what_differs_and_nothing_of_the_machine():
     assert changed(values, defaults) == {"optim": {"g_lr": 0.5}, "tracking": {"experiment": "e"}}
 
 
+def test_the_best_config_composes_back_to_the_best_trial(tmp_path):
+    """A value equal to the schema's default but not to the default groups' (penalty.weight=1
+    under penalty=r1_light's 0.1) must be written, or the preset would train something else."""
+    from trainer.services.sweep import write_best_config
+    from trainer.services.trial import SweepSpec
+
+    best = compose(["experiment=grid25", "penalty.weight=1.0", "optim.g_lr=0.003", "trainer.max_steps=77"])
+    spec = SweepSpec("s", str(tmp_path), {}, (), "eval/mmd", "", "")
+    path = write_best_config(best, tmp_path, spec, {"trial": "t", "eval/mmd": 0.1, "step": 77})
+    again = compose([f"experiment={path}"])
+    assert (again.penalty.weight, again.optim.g_lr, again.trainer.max_steps) == (1.0, 0.003, 77)
+    assert again.name == "s-best" and again.model == best.model and again.optim == best.optim
+
+
 def test_experiment_takes_a_preset_file(tmp_path):
     (tmp_path / "experiment").mkdir()
     preset = tmp_path / "experiment" / "mine.yaml"
@@ -117,6 +132,42 @@ def test_experiment_takes_a_preset_file(tmp_path):
         compose([f"experiment={loose}"])
     with pytest.raises(ConfigError, match="no such file"):
         compose([f"experiment={tmp_path / 'none.yaml'}"])
+
+
+def test_the_robustness_report_pools_seeds_per_setting(tmp_path):
+    from trainer.services import sweep_report as report
+
+    condition = report.parse_condition("eval/modes>=990")
+    assert condition == ("eval/modes", ">=", 990.0)
+    rows = [
+        {"optim.g_lr": 1e-3, "trainer.seed": 1, "eval/fid": 10.0, "eval/modes": 995.0, "ended": "completed"},
+        {"optim.g_lr": 1e-3, "trainer.seed": 2, "eval/fid": 14.0, "eval/modes": 980.0, "ended": "completed"},
+        {
+            "optim.g_lr": 3e-3,
+            "trainer.seed": 1,
+            "eval/fid": 2.0,
+            "eval/modes": 999.0,
+            "ended": "stopped early",
+        },
+        {"optim.g_lr": 3e-3, "trainer.seed": 2, "eval/fid": math.inf, "eval/modes": 0.0, "ended": "diverged"},
+    ]
+    assert report.summary(rows, "eval/fid", condition)["converged"] == "1 of 4 (eval/modes>=990.0)"
+    text = report.write_report(
+        rows, ["optim.g_lr", "trainer.seed"], "eval/fid", condition, tmp_path, "t"
+    ).read_text()
+    assert "| 0.001 | 2 | 1 of 2 | 12 ± 2.8 | 0 | 0 |" in text
+    assert "| 0.003 | 2 | 0 of 2 | n/a | 1 | 1 |" in text
+    with pytest.raises(ConfigError, match="write METRIC OP VALUE"):
+        report.parse_condition("modes >= 990")
+
+
+def test_a_sweep_refuses_what_it_cannot_keep():
+    with pytest.raises(ConfigError, match="tune.storage_path='s3://b/tune': a sweep keeps its state"):
+        compose(["experiment=grid25", "tune.storage_path=s3://b/tune"])
+    with pytest.raises(
+        ConfigError, match="tune.metric='fid' is invalid: a sweep ranks trials by an in-training"
+    ):
+        compose(["experiment=grid25", "tune.metric=fid"])
 
 
 # ---- a real sweep ---------------------------------------------------------------------------
@@ -234,3 +285,61 @@ def csv_rows(path: Path) -> list[dict]:
 
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_pbt_hands_a_leaders_checkpoint_to_the_lagging_trial(tmp_path):
+    """Two grid25 trials, one with an lr too small to learn: at a perturbation step it takes the
+    other's checkpoint over (its copy holds the leader's weights bit for bit), continues under
+    its own settings, and its lineage names the leader and the step."""
+    import mlflow
+
+    from trainer.train.checkpoint import load_parameters
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    replaced = ("tune.space=", "tune.max_concurrent=")
+    args = [
+        *(a for a in sweep_args(tmp_path) if not a.startswith(replaced)),
+        'tune.space={optim.g_lr: "grid(1e-3, 1e-7)"}',
+        "tune.scheduler=pbt",
+        "tune.perturbation_steps=50",
+        "tune.max_concurrent=2",
+        "tracking.register=false",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer.tune", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    root = tmp_path / "tune" / "tune-grid25"
+    rows = {r["optim.g_lr"]: r for r in csv_rows(root / "trials.csv")}
+    leader = rows["0.001"]["trial"]
+    assert rows["0.001"]["lineage"] == ""
+    assert rows["1e-07"]["lineage"].startswith(f"{leader}@")  # took the leader's weights over
+    assert rows["1e-07"]["ended"] == "completed"
+
+    copies = sorted((root / "trials").glob("tune-grid25-*_00001-*/inherited_checkpoint_*"))
+    assert copies, "no inherited checkpoint"
+    for copy in copies:
+        original = next((root / "trials").glob(f"tune-grid25-{leader}")) / copy.name.removeprefix(
+            "inherited_"
+        )
+        if original.is_dir():  # the leader keeps its newest few
+            ours, theirs = load_parameters(copy), load_parameters(original)
+            assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    lagging = [r for r in runs if r.data.tags.get("stablegan.trial", "").endswith("_00001")]
+    assert len(lagging) >= 2  # its first run, then one per takeover
+    last = max(lagging, key=lambda r: r.info.start_time)
+    chain = json.loads(last.data.tags["stablegan.lineage"])
+    assert chain[-1]["trial"] == leader and chain[-1]["step"] % 50 == 0
+    assert last.info.status == "FINISHED"
+    handed = [r for r in lagging if r.info.run_id != last.info.run_id]
+    assert all(r.data.tags["stablegan.sweep_end"].startswith("handed over") for r in handed)

@@ -477,11 +477,21 @@ class TuneConfig:
     grace_steps: int = at_least(0, 0)  # ASHA: no stop before this step; 0 = a quarter of max_steps
     reduction_factor: int = at_least(3, 2)  # ASHA: a rung keeps 1 / this of the trials
     perturbation_steps: int = at_least(0, 0)  # PBT: steps between exploits; 0 = a quarter of max_steps
+    # When a trial counts as converged in the robustness report, at its last step: METRIC OP
+    # VALUE over in-training metrics, e.g. eval/modes>=990 for stacked digits; "" = completed
+    # without diverging
+    converged: str = ""
+    seed: int = 0  # the draws from the space (two sweeps with one seed start from the same settings)
     name: str = ""  # "" = tune-<experiment>; the same name again resumes the sweep
     storage_path: str = "runs/tune"  # the sweep's state, trials' runs, table and best config
 
     def check(self) -> None:
         _check_fields(self, "tune")
+        if "://" in self.storage_path:
+            raise ConfigError(
+                f"tune.storage_path={self.storage_path!r}: a sweep keeps its state and trials on a "
+                "filesystem path (a shared mount on a cluster); object storage is not supported for sweeps"
+            )
         if self.metric != "auto" and not self.metric.startswith("eval/"):
             raise ConfigError(
                 f"tune.metric={self.metric!r} is invalid: a sweep ranks trials by an in-training "

@@ -3,8 +3,10 @@ whole stablegan run (its own Ray Train worker group, checkpoints, in-training ev
 guard), as many at once as the cluster fits.
 
     run_sweep(cfg) = plan (space checked, data prepared once, parent MLflow run)
-                     -> Tuner.fit (ASHA or FIFO; a diverged trial stopped at once)
-                     -> table, robustness picture, best config, the best generator registered
+                     -> Tuner.fit (ASHA, FIFO or PBT; a diverged trial stopped at once;
+                        each trial in trainer/services/trial.py)
+                     -> table, robustness report and picture (sweep_report.py), best config,
+                        the best generator registered
 
 Trials are ranked at their last step only: a trial stopped early or diverged is no candidate,
 whatever it scored before (a GAN's best at step 2,000 can blow up by 2,500).
@@ -12,7 +14,6 @@ whatever it scored before (a GAN's best at step 2,000 can blow up by 2,500).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -23,16 +24,18 @@ import ray
 from omegaconf import OmegaConf
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.stopper import FunctionStopper
 
 from trainer.config import Config
+from trainer.services import sweep_report as report
 from trainer.services import tracking
+from trainer.services.compose import compose
 from trainer.services.conclude import evaluate_final, register_saved
 from trainer.services.driver import init_ray
 from trainer.services.plan import prepare
 from trainer.services.space import parse_space, with_values
 from trainer.services.trial import RUNG, SWEEP_TAG, SweepSpec, run_trial
-from trainer.train import plots
 
 REGISTERED_TAG = "stablegan.sweep_registered"
 # A trial's own settings and the machine's (where it tracks, which cluster): the best config
@@ -54,6 +57,7 @@ def run_sweep(cfg: Config) -> dict[str, str]:
 def plan_sweep(cfg: Config) -> SweepSpec:
     """The checked sweep: a bad key or range fails before Ray or MLflow start."""
     dims = tuple(parse_space(cfg.tune.space, cfg))
+    report.parse_condition(cfg.tune.converged)  # a bad condition fails here, not after the sweep
     name = cfg.tune.name or f"tune-{cfg.name}"
     root = (Path(cfg.tune.storage_path).expanduser() / name).resolve()
     trial_cfg = for_trials(cfg, root)
@@ -107,13 +111,14 @@ def make_tuner(spec: SweepSpec, cfg: Config) -> tune.Tuner:
             num_samples=t.num_samples,
             max_concurrent_trials=t.max_concurrent or fitting_trials(cfg),
             scheduler=scheduler(cfg, spec.dims),
+            search_alg=BasicVariantGenerator(random_state=t.seed),
         ),
         run_config=tune.RunConfig(
             name="tuner",
             storage_path=spec.root,
             stop=FunctionStopper(lambda _trial, result: result.get("diverged", 0.0) > 0),
-            # Tune's checkpoints here are pointers of a few bytes to run checkpoints: all kept,
-            # so that population-based training finds a leader's whenever it exploits it.
+            # No CheckpointConfig: Tune's checkpoints here are pointers of a few bytes to run
+            # checkpoints, all kept, so population-based training finds a leader's when it exploits.
             verbose=1,
         ),
     )
@@ -149,7 +154,7 @@ def fitting_trials(cfg: Config) -> int:
 
 
 def table(grid: tune.ResultGrid, spec: SweepSpec, max_steps: int) -> list[dict]:
-    """One row per trial: its settings, last step and metric, and how it ended."""
+    """One row per trial: its settings, last step, its in-training metrics there, how it ended."""
     rows = []
     for result in grid:
         m = result.metrics or {}
@@ -161,7 +166,9 @@ def table(grid: tune.ResultGrid, spec: SweepSpec, max_steps: int) -> list[dict]:
             ended = "failed"
         value = float(m.get(spec.metric, math.nan))
         trial = m.get("trial_id") or Path(result.path).name
-        rows.append({"trial": trial, **result.config, "step": step, spec.metric: value, "ended": ended})
+        evals = {k: float(v) for k, v in m.items() if k.startswith("eval/")}
+        row = {"trial": trial, **result.config, "step": step, **evals, spec.metric: value, "ended": ended}
+        rows.append(row | {"node": m.get("node", "")})  # where rank 0 of its last run trained
     return sorted(rows, key=lambda r: (r["ended"] != "completed", _score(r, spec.metric)))
 
 
@@ -177,20 +184,25 @@ def best_row(rows: list[dict], metric: str) -> dict | None:
 
 
 def conclude_sweep(spec: SweepSpec, rows: list[dict], cfg: Config) -> dict[str, str]:
-    """The table, picture and best config written and logged to the parent run; trials that
-    did not finish marked in MLflow; the best trial's generator registered as a candidate."""
-    root = Path(spec.root)
-    out = {"sweep": spec.name, "mlflow_run_id": spec.parent_run_id}
-    picture = root / "robustness.png"
-    log_keys = {d.key for d in spec.dims if d.log_scale()}
-    picture.write_bytes(plots.sweep_png(rows, spec.keys, log_keys, spec.metric, spec.name))
-    out["robustness_picture"] = str(picture)
-    out |= robustness(rows, spec.metric)
+    """The table, robustness report and picture, and the best config, written and logged to
+    the parent run; every trial's MLflow run marked with how it ended; the best trial's
+    generator registered as a candidate."""
+    root, condition = Path(spec.root), report.parse_condition(cfg.tune.converged)
+    out = {"sweep": spec.name, "mlflow_run_id": spec.parent_run_id} | report.summary(
+        rows, spec.metric, condition
+    )
     end_children(spec, cfg, rows)
     add_lineage(rows, spec, cfg)
-    out |= write_table(rows, spec, root)
+    metrics = [spec.metric] + ([condition[0]] if condition and condition[0] != spec.metric else [])
+    files = [
+        report.write_table(rows, spec.keys, metrics, root),
+        report.write_report(rows, spec.keys, spec.metric, condition, root, spec.name),
+        report.write_picture(
+            rows, spec.keys, {d.key for d in spec.dims if d.log_scale()}, spec.metric, root, spec.name
+        ),
+    ]
+    out |= {"table": str(files[0]), "robustness_report": str(files[1]), "robustness_picture": str(files[2])}
     best = best_row(rows, spec.metric)
-    files = [root / "trials.csv", picture]
     if best is not None:
         best_cfg = with_values(asdict(cfg), {k: best[k] for k in spec.keys})
         out["best"] = f"trial {best['trial']}: {spec.metric} {best[spec.metric]:.4g} with " + ", ".join(
@@ -205,29 +217,6 @@ def conclude_sweep(spec: SweepSpec, rows: list[dict], cfg: Config) -> dict[str, 
         spec.tracking_uri, spec.parent_run_id, tags={"stablegan.sweep_best": out.get("best", "none")}
     )
     return out
-
-
-def write_table(rows: list[dict], spec: SweepSpec, root: Path) -> dict[str, str]:
-    path = root / "trials.csv"
-    columns = ["trial", *spec.keys, "step", spec.metric, "ended", "lineage"]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    return {"table": str(path)}
-
-
-def robustness(rows: list[dict], metric: str) -> dict[str, str]:
-    """How many trials ended how, and the spread of the metric over the completed ones."""
-    counts = {
-        e: sum(r["ended"] == e for r in rows) for e in ("completed", "stopped early", "diverged", "failed")
-    }
-    values = sorted(r[metric] for r in rows if r["ended"] == "completed" and math.isfinite(r[metric]))
-    spread = "no completed trial"
-    if values:
-        spread = f"{metric} min {values[0]:.4g}, median {values[len(values) // 2]:.4g}, max {values[-1]:.4g}"
-    trials = f"{len(rows)} (" + ", ".join(f"{n} {e}" for e, n in counts.items()) + ")"
-    return {"trials": trials, "spread": spread}
 
 
 def final_runs(spec: SweepSpec, cfg: Config) -> dict[str, dict]:
@@ -262,18 +251,32 @@ def add_lineage(rows: list[dict], spec: SweepSpec, cfg: Config) -> None:
 
 
 def write_best_config(best: Config, root: Path, spec: SweepSpec, row: dict) -> Path:
-    """The best trial's settings as an experiment preset (what differs from the schema's
-    defaults), for `experiment=PATH`; the shards stay the user's (built-in ones are rebuilt)."""
-    values = {"name": f"{spec.name}-best"} | changed(asdict(best), asdict(Config()))
+    """The best trial's settings as an experiment preset, for `experiment=PATH`: what differs
+    from what a preset is composed over (the schema's defaults and the root config's default
+    groups). Composed back, it must give the trial's settings; the shards stay the user's."""
     folder = root / "experiment"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{spec.name}.yaml"
+    values = changed(asdict(best), preset_base(folder)) | {"name": f"{spec.name}-best"}
     header = (
         f"# @package _global_\n# The best trial ({row['trial']}) of sweep {spec.name}: {spec.metric} "
         f"{row[spec.metric]:.4g} at step {row['step']}.\n# Train it: stablegan train experiment={path}\n"
     )
     path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(values)))
+    again = changed(asdict(compose([f"experiment={path}"])), asdict(best))
+    if set(again) - {"name"}:
+        raise RuntimeError(f"{path} composes to other settings than the best trial's: {again}")
     return path
+
+
+def preset_base(folder: Path) -> dict:
+    """What `experiment=PRESET` composes to before the preset's own values."""
+    empty = folder / "_empty.yaml"
+    empty.write_text("# @package _global_\n")
+    try:
+        return asdict(compose([f"experiment={empty}"]))
+    finally:
+        empty.unlink()
 
 
 def changed(values: dict, defaults: dict, prefix: str = "") -> dict:

@@ -369,8 +369,8 @@ class Worker:
                 sample_picture(self.ema.module, self.cfg, step), f"samples/step_{step:07d}.png"
             )
         report: dict = {"step": step}
-        if self.logger is not None:  # rank 0: what a sweep ranks and stops trials by
-            report |= self.verdict()
+        if self.logger is not None:  # rank 0: what a sweep ranks and stops trials by, and where
+            report |= self.verdict() | {"node": ray.util.get_node_ip_address()}
         if step == last and self.logger is not None and self.cfg.stability.summary:
             report["stability"] = json.dumps(self.write_summary())  # the driver turns it into run tags
         if due["checkpoint"]:
