@@ -36,10 +36,11 @@ def main(store: Path) -> int:
         "STABLEGAN_MLFLOW_PORT": str(free_port()),
         "STABLEGAN_MLFLOW_DIR": str(store / "mlflow"),
         "STABLEGAN_STATE_DIR": str(store / "cluster"),
+        "RAY_AUTH_MODE": "token",  # the cluster's jobs and clients authenticate (up makes the token)
     }
     try:
         up = subprocess.run([script, "up"], env=env, capture_output=True, text=True, timeout=300)
-        print(up.stdout, up.stderr, flush=True)
+        print(up.stdout, flush=True)
         info = dict(line.split("=", 1) for line in up.stdout.splitlines() if "=" in line and line[0] != "#")
         args = [
             "experiment=grid25",

@@ -317,11 +317,11 @@ def test_pbt_hands_a_leaders_checkpoint_to_the_lagging_trial(tmp_path):
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     root = tmp_path / "tune" / "tune-grid25"
-    rows = {r["optim.g_lr"]: r for r in csv_rows(root / "trials.csv")}
-    leader = rows["0.001"]["trial"]
-    assert rows["0.001"]["lineage"] == ""
-    assert rows["1e-07"]["lineage"].startswith(f"{leader}@")  # took the leader's weights over
-    assert rows["1e-07"]["ended"] == "completed"
+    rows = {r["trial"][-5:]: r for r in csv_rows(root / "trials.csv")}  # its lr is perturbed
+    leader = rows["00000"]["trial"]
+    assert rows["00000"]["lineage"] == ""
+    assert rows["00001"]["lineage"].startswith(f"{leader}@")  # took the leader's weights over
+    assert rows["00001"]["ended"] == "completed" and rows["00001"]["step"] == "150"
 
     copies = sorted((root / "trials").glob("tune-grid25-*_00001-*/inherited_checkpoint_*"))
     assert copies, "no inherited checkpoint"

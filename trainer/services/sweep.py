@@ -109,9 +109,11 @@ def make_tuner(spec: SweepSpec, cfg: Config) -> tune.Tuner:
             metric=spec.metric,
             mode="min",
             num_samples=t.num_samples,
-            max_concurrent_trials=t.max_concurrent or fitting_trials(cfg),
             scheduler=scheduler(cfg, spec.dims),
-            search_alg=BasicVariantGenerator(random_state=t.seed),
+            # The limit goes to the generator: Tune ignores max_concurrent_trials beside one.
+            search_alg=BasicVariantGenerator(
+                random_state=t.seed, max_concurrent=t.max_concurrent or fitting_trials(cfg)
+            ),
         ),
         run_config=tune.RunConfig(
             name="tuner",
