@@ -8,6 +8,7 @@ trials' table with the node each trained on, then stops the cluster.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import socket
@@ -80,4 +81,6 @@ def main(store: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(ROOT / "runs" / "experiments" / "sweep_cluster"))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", default=str(ROOT / "runs" / "experiments" / "sweep_cluster"))
+    sys.exit(main(Path(ap.parse_args().store)))
