@@ -57,17 +57,24 @@ def run(store: Path, steps: int, seed: int) -> None:
     timings = {}
     for scheduler in ("fifo", "asha"):
         args = sweep_args(scheduler, store, steps, seed)
-        print("+ python -m trainer.tune", " ".join(args), flush=True)
-        cpu0, t0 = machine_cpu_seconds(), time.time()
-        done = subprocess.run(
-            [sys.executable, "-m", "trainer.tune", *args], env=env, cwd=ROOT, capture_output=True, text=True
-        )
-        timings[scheduler] = {"cpu_s": machine_cpu_seconds() - cpu0, "wall_s": time.time() - t0}
-        tail = [line for line in done.stdout.splitlines() if line.startswith("  ")]
-        print(f"  exit {done.returncode}, {timings[scheduler]}", *tail, sep="\n", flush=True)
-        if done.returncode:
-            print(done.stdout[-3000:] + done.stderr[-3000:], flush=True)
+        timings[scheduler] = timed_tune(args, env)
     (store / "timings.json").write_text(json.dumps({"steps": steps, "seed": seed, **timings}, indent=1))
+
+
+def timed_tune(args: list[str], env: dict) -> dict[str, float]:
+    """`python -m trainer.tune ARGS` to its end, its summary printed; the machine's CPU seconds
+    and the wall seconds it took."""
+    print("+ python -m trainer.tune", " ".join(args), flush=True)
+    cpu0, t0 = machine_cpu_seconds(), time.time()
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer.tune", *args], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    timing = {"cpu_s": machine_cpu_seconds() - cpu0, "wall_s": time.time() - t0}
+    tail = [line for line in done.stdout.splitlines() if line.startswith("  ")]
+    print(f"  exit {done.returncode}, {timing}", *tail, sep="\n", flush=True)
+    if done.returncode:
+        print(done.stdout[-3000:] + done.stderr[-3000:], flush=True)
+    return timing
 
 
 def table(store: Path) -> None:

@@ -14,13 +14,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from experiments.common import ROOT
-from experiments.sweep_asha import METRIC, machine_cpu_seconds, rows
+from experiments.sweep_asha import METRIC, rows, timed_tune
 
 
 def sweep_args(scheduler: str, store: Path, steps: int, seed: int) -> list[str]:
@@ -50,23 +47,7 @@ def run(store: Path, steps: int, seeds: list[int]) -> None:
     for seed in seeds:
         for scheduler in ("fifo", "pbt"):
             args = sweep_args(scheduler, store, steps, seed)
-            print("+ python -m trainer.tune", " ".join(args), flush=True)
-            cpu0, t0 = machine_cpu_seconds(), time.time()
-            done = subprocess.run(
-                [sys.executable, "-m", "trainer.tune", *args],
-                env=env,
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-            )
-            timings[f"{scheduler}-{seed}"] = {
-                "cpu_s": machine_cpu_seconds() - cpu0,
-                "wall_s": time.time() - t0,
-            }
-            tail = [line for line in done.stdout.splitlines() if line.startswith("  ")]
-            print(f"  exit {done.returncode}", *tail, sep="\n", flush=True)
-            if done.returncode:
-                print(done.stdout[-3000:] + done.stderr[-3000:], flush=True)
+            timings[f"{scheduler}-{seed}"] = timed_tune(args, env)
     (store / "timings.json").write_text(json.dumps({"steps": steps, "seeds": seeds, **timings}, indent=1))
 
 

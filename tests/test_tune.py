@@ -193,6 +193,18 @@ def sweep_args(tmp_path: Path) -> list[str]:
     ]
 
 
+def run_tune(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    """`python -m trainer.tune ARGS` to its end, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.tune", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def finished_in_state(state_dir: Path) -> int:
     """How many trials Tune's saved experiment state holds as TERMINATED."""
     count = 0
@@ -226,14 +238,7 @@ def test_a_sweep_stops_bad_trials_resumes_and_writes_its_best(tmp_path):
     first_trial = next((root / "trials").glob("tune-grid25-*_00000"))
     kept = {p.name: p.stat().st_mtime for p in first_trial.glob("checkpoint_*")}
 
-    again = subprocess.run(
-        [sys.executable, "-m", "trainer.tune", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    again = run_tune(args, env)
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-4000:]
     assert "resuming sweep tune-grid25" in out
@@ -306,14 +311,7 @@ def test_pbt_hands_a_leaders_checkpoint_to_the_lagging_trial(tmp_path):
         "tune.max_concurrent=2",
         "tracking.register=false",
     ]
-    done = subprocess.run(
-        [sys.executable, "-m", "trainer.tune", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_tune(args, env)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     root = tmp_path / "tune" / "tune-grid25"

@@ -193,8 +193,10 @@ def conclude_sweep(spec: SweepSpec, rows: list[dict], cfg: Config) -> dict[str, 
     out = {"sweep": spec.name, "mlflow_run_id": spec.parent_run_id} | report.summary(
         rows, spec.metric, condition
     )
-    end_children(spec, cfg, rows)
-    add_lineage(rows, spec, cfg)
+    runs = tracking.child_runs(spec.tracking_uri, cfg.tracking.experiment, spec.parent_run_id)
+    last = final_runs(runs)
+    end_children(spec, runs, last, rows)
+    add_lineage(rows, last)
     metrics = [spec.metric] + ([condition[0]] if condition and condition[0] != spec.metric else [])
     files = [
         report.write_table(rows, spec.keys, metrics, root),
@@ -213,7 +215,7 @@ def conclude_sweep(spec: SweepSpec, rows: list[dict], cfg: Config) -> dict[str, 
         out["best_config"] = str(write_best_config(best_cfg, root, spec, best))
         files.append(Path(out["best_config"]))
         if cfg.tracking.register:
-            out["registered_model"] = register_once(spec, best_cfg, best)
+            out["registered_model"] = register_once(spec, best_cfg, last[best["trial"]])
     tracking.log_files(spec.tracking_uri, spec.parent_run_id, files, "sweep")
     tracking.end_run(
         spec.tracking_uri, spec.parent_run_id, tags={"stablegan.sweep_best": out.get("best", "none")}
@@ -221,21 +223,21 @@ def conclude_sweep(spec: SweepSpec, rows: list[dict], cfg: Config) -> dict[str, 
     return out
 
 
-def final_runs(spec: SweepSpec, cfg: Config) -> dict[str, dict]:
-    """Each trial's last MLflow run (a trial that took a leader's checkpoint over has more)."""
-    runs = tracking.child_runs(spec.tracking_uri, cfg.tracking.experiment, spec.parent_run_id)
+def final_runs(runs: list[dict]) -> dict[str, dict]:
+    """Each trial's last MLflow run of the sweep's `runs` (a trial that took a leader's
+    checkpoint over has more than one)."""
     return {r["tags"].get("stablegan.trial", ""): r for r in runs}  # oldest first: the last wins
 
 
-def end_children(spec: SweepSpec, cfg: Config, rows: list[dict]) -> None:
+def end_children(spec: SweepSpec, runs: list[dict], last: dict[str, dict], rows: list[dict]) -> None:
     """Every trial's MLflow run tagged with how it ended; one Tune stopped (early, or diverged)
     is ended as KILLED, whatever its interrupted run managed to record, and so is a run whose
     trial went on from another trial's checkpoint."""
     ended = {r["trial"]: r["ended"] for r in rows}
-    last = {r["id"] for r in final_runs(spec, cfg).values()}
-    for run in tracking.child_runs(spec.tracking_uri, cfg.tracking.experiment, spec.parent_run_id):
+    last_ids = {r["id"] for r in last.values()}
+    for run in runs:
         why = ended.get(run["tags"].get("stablegan.trial", ""), "")
-        if run["id"] not in last:
+        if run["id"] not in last_ids:
             why = "handed over to another trial's checkpoint (population-based training)"
         if why and run["status"] != "FINISHED":
             final = "FAILED" if why == "failed" else "KILLED"
@@ -244,11 +246,10 @@ def end_children(spec: SweepSpec, cfg: Config, rows: list[dict]) -> None:
             tracking.set_run_tags(spec.tracking_uri, run["id"], {"stablegan.sweep_end": why})
 
 
-def add_lineage(rows: list[dict], spec: SweepSpec, cfg: Config) -> None:
+def add_lineage(rows: list[dict], last: dict[str, dict]) -> None:
     """Each row's `lineage`: the trials (and steps) its final weights were taken over from."""
-    runs = final_runs(spec, cfg)
     for row in rows:
-        chain = json.loads(runs.get(row["trial"], {}).get("tags", {}).get("stablegan.lineage", "[]"))
+        chain = json.loads(last.get(row["trial"], {}).get("tags", {}).get("stablegan.lineage", "[]"))
         row["lineage"] = " > ".join(f"{link['trial']}@{link['step']}" for link in chain)
 
 
@@ -302,23 +303,23 @@ def changed(values: dict, defaults: dict, prefix: str = "") -> dict:
     return out
 
 
-def register_once(spec: SweepSpec, best: Config, row: dict) -> str:
+def register_once(spec: SweepSpec, best: Config, run: dict) -> str:
     """`register_best`, unless this sweep registered already (its finished state restored)."""
     done = tracking.run_tags(spec.tracking_uri, spec.parent_run_id).get(REGISTERED_TAG)
     if done:
         return f"{done} (registered when the sweep first finished)"
-    registered = register_best(spec, best, row)
+    registered = register_best(spec, best, run)
     tracking.set_run_tags(spec.tracking_uri, spec.parent_run_id, {REGISTERED_TAG: registered})
     return registered
 
 
-def register_best(spec: SweepSpec, best: Config, row: dict) -> str:
-    """The best trial's EMA generator registered through the same gate as any run's: evaluated
-    at the end as a run is, tagged with its stability flags, put to promotion."""
-    run = final_runs(spec, best)[row["trial"]]
+def register_best(spec: SweepSpec, best: Config, run: dict) -> str:
+    """The best trial's EMA generator (its final MLflow `run`'s) registered through the same
+    gate as any run's: evaluated at the end as a run is, with its stability flags, put to
+    promotion."""
     run_id = run["id"]
     weights = Path(spec.root) / "trials" / run["name"] / "generator_ema.pt"
-    flags_tag = tracking.run_tags(spec.tracking_uri, run_id).get("stablegan.stability_flags")
+    flags_tag = run["tags"].get("stablegan.stability_flags")
     flags = None if flags_tag is None else tuple(f for f in flags_tag.split(",") if f)
     urls = spec.base["data"]["urls"]
     evaluation = evaluate_final(best, weights, best.eval.urls or urls)
