@@ -37,6 +37,19 @@ def train_each(store: Path, runs: list[tuple[str, list[str]]]) -> None:
             print(done.stdout[-2000:] + done.stderr[-2000:], flush=True)
 
 
+def multirun(store: Path, label: str, args: list[str], env: dict, jobs: int) -> int:
+    """`python -m trainer.main -m ARGS`, `jobs` runs at a time (joblib's launcher), runs and
+    sweep folders under the store; its exit status, printed with the time it took."""
+    cmd = [sys.executable, "-m", "trainer.main", "-m", *args, "hydra/launcher=joblib"]
+    cmd += [f"hydra.launcher.n_jobs={jobs}", f"trainer.storage_path={store / 'runs'}"]
+    cmd += [f"hydra.sweep.dir={store / 'multirun' / label}"]
+    print("+", " ".join(cmd[1:]), flush=True)
+    t0 = time.time()
+    done = subprocess.run(cmd, env=env, cwd=store)
+    print(f"  {label}: exit {done.returncode}, {time.time() - t0:.0f}s", flush=True)
+    return done.returncode
+
+
 def finished_runs(store: Path, experiment: str) -> list:
     """The store's FINISHED MLflow runs of `experiment`, oldest first (a rerun comes later)."""
     from mlflow.tracking import MlflowClient

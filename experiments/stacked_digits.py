@@ -28,12 +28,9 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from experiments.common import mean_sd
+from experiments.common import mean_sd, multirun
 from experiments.mode_collapse import ray_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,22 +91,14 @@ def run(store: Path, seeds: str, steps: int, jobs: int, methods: list[str], lrs:
         client.create_experiment("stacked-digits")
     with contextlib.ExitStack() as stack:
         env.update(stack.enter_context(ray_cluster(store, jobs)))
-        launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
         for method in methods:
             args = {**METHODS, **TUNING}[method]
             args = [*args, f"name={method}"] if method in TUNING else args
-            cmd = [sys.executable, "-m", "trainer.main", "-m", f"trainer.seed={seeds}", *args, *COMMON]
+            args = [f"trainer.seed={seeds}", *args, *COMMON]
             if lrs:  # the learning-rate sweep: G's and D's lr together
-                cmd += [f"optim.g_lr={lrs}", "optim.d_lr=${optim.g_lr}"]
-            cmd += [f"trainer.max_steps={steps}", "tracking.experiment=stacked-digits", *launcher]
-            cmd += [
-                f"trainer.storage_path={store / 'runs'}",
-                f"hydra.sweep.dir={store / 'multirun' / method}",
-            ]
-            print("+", " ".join(cmd[1:]), flush=True)
-            t0 = time.time()
-            done = subprocess.run(cmd, env=env, cwd=store)
-            print(f"  {method}: exit {done.returncode}, {time.time() - t0:.0f}s", flush=True)
+                args += [f"optim.g_lr={lrs}", "optim.d_lr=${optim.g_lr}"]
+            args += [f"trainer.max_steps={steps}", "tracking.experiment=stacked-digits"]
+            multirun(store, method, args, env, jobs)
 
 
 def collect(store: Path) -> list[dict]:
@@ -139,11 +128,15 @@ def collect(store: Path) -> list[dict]:
 
 
 def data_row(store: Path) -> dict:
-    """The real shards scored as a generator would be (half against half; modes on 26,000)."""
+    """The store's stacked-digit shards scored as a generator would be (`real_row`)."""
+    return real_row(next((store / "runs" / "datasets").glob("stacked_digits-*")))
+
+
+def real_row(shards: Path) -> dict:
+    """Real shards scored as a generator would be (half against half; modes on 26,000)."""
     from trainer.config import EvalConfig
     from trainer.eval.evaluator import Evaluator
 
-    shards = next((store / "runs" / "datasets").glob("stacked_digits-*"))
     ev = Evaluator(str(shards), EvalConfig(features="digits", num=20_000), progress=False)
     return ev.data_row().metrics
 

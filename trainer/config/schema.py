@@ -106,6 +106,9 @@ class ModelConfig:
     # labels come from the shards (their manifest's classes)
     conditional: bool = False
     num_classes: int = at_least(0, 0)  # conditional: 0 = as many as the shards' manifest lists
+    # PacGAN (Lin et al. 2018): D scores this many samples at once, concatenated along channels
+    # (1 = each sample alone); data.batch_size must be a multiple of it
+    pack: int = at_least(1, 1)
 
     def check(self) -> None:
         if self.conditional and self.arch == "mlp":
@@ -125,6 +128,11 @@ class ModelConfig:
         _check_fields(self, "model")  # first: a value out of its choices is the root cause
         if self.g_experts:
             self._check_experts()
+        if self.pack > 1 and self.conditional:
+            raise ConfigError(
+                f"model.pack={self.pack} does not combine with model.conditional=true (a pack would "
+                "mix classes): set model.pack=1 or model.conditional=false"
+            )
         if self.g_expert_prior == "learned" and not self.g_experts:
             raise ConfigError(
                 "model.g_expert_prior=learned needs an experts G: set model.g_experts (e.g. 50), or "
@@ -150,7 +158,8 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = one_of("nonsaturating", "nonsaturating", "hinge", "wasserstein", "lsgan")
+    # relativistic: RpGAN (Jolicoeur-Martineau 2019; R3GAN's loss), each real paired with a fake
+    kind: str = one_of("nonsaturating", "nonsaturating", "hinge", "wasserstein", "lsgan", "relativistic")
 
     def check(self) -> None:
         _check_fields(self, "loss")
@@ -158,9 +167,14 @@ class LossConfig:
 
 @dataclass
 class PenaltyConfig:
-    # r1: on reals; r2: on fakes; wgan_gp: on interpolates; dragan: around reals
-    kind: str = one_of("r1", "none", "r1", "r2", "wgan_gp", "dragan")
-    weight: float = at_least(1.0, 0.0)  # r1/r2: gamma (term = gamma/2 * E|grad|^2); wgan_gp/dragan: lambda
+    # r1: on reals; r2: on fakes; r1r2: both, one gamma (R3GAN); wgan_gp: on interpolates;
+    # dragan: around reals
+    kind: str = one_of("r1", "none", "r1", "r2", "r1r2", "wgan_gp", "dragan")
+    # r1/r2/r1r2: gamma (term = gamma/2 * E|grad|^2); wgan_gp/dragan: lambda. auto: StyleGAN2-ADA's
+    # heuristic gamma = 0.0002 * resolution^2 / global batch (images; 2-D points: resolution 1)
+    weight: Any = 1.0
+    # Set: the weight follows a cosine from `weight` to this over optim.schedule_steps (R3GAN)
+    weight_end: float | None = None
     interval: int = at_least(1, 1)  # lazy regularization: every k D steps with gain k
     # D's cheaper double backward (trainer/gan/ops): on | off (PyTorch's own layers) | auto (on,
     # except the 2-D MLP's Linear layers: its presets were tuned with PyTorch's). Same values.
@@ -168,6 +182,21 @@ class PenaltyConfig:
 
     def check(self) -> None:
         _check_fields(self, "penalty")
+        w = self.weight
+        if w != "auto" and (isinstance(w, (bool, str)) or not isinstance(w, (int, float)) or w < 0):
+            raise ConfigError(
+                f"penalty.weight={w!r} is invalid; give a number >= 0 or auto (StyleGAN2-ADA's "
+                "heuristic gamma from the resolution and batch)"
+            )
+        if self.weight_end is not None and self.weight_end < 0:
+            raise ConfigError(f"penalty.weight_end={self.weight_end} is invalid; it must be >= 0")
+
+    def gamma(self, resolution: int, global_batch: int) -> float:
+        """The weight as a number: `auto` is 0.0002 * resolution^2 / global_batch (StyleGAN2-ADA's
+        train.py, its `auto` config), resolution 1 for 2-D points."""
+        if self.weight == "auto":
+            return 0.0002 * max(resolution, 1) ** 2 / global_batch
+        return float(self.weight)
 
 
 AUGMENT_POLICIES = ("color", "translation", "cutout")  # trainer/gan/augment.py's transforms
@@ -211,7 +240,18 @@ class OptimConfig:
     d_steps: int = at_least(1, 1)  # D updates per G update
     grad_clip: float = at_least(0.0, 0.0)  # 0 = off
     ema_decay: float = 0.999  # EMA of G's weights; the EMA generator is sampled and registered
-    lr_schedule: str = one_of("constant", "constant", "linear")  # linear: both lrs decay to 0 at max_steps
+    # > 0: the EMA's half-life in thousands of images instead of ema_decay (StyleGAN2-ADA's
+    # ema_kimg; decay per step = 0.5 ** (global batch / (ema_kimg * 1000)))
+    ema_kimg: float = at_least(0.0, 0.0)
+    # > 0 with ema_kimg: the half-life is at most this fraction of the images seen so far
+    # (StyleGAN2-ADA's ema_rampup, e.g. 0.05), so the average forgets the early weights
+    ema_rampup: float = at_least(0.0, 0.0)
+    # linear / cosine: both lrs go from g_lr / d_lr to lr_final_scale times them over
+    # schedule_steps, then stay
+    lr_schedule: str = one_of("constant", "constant", "linear", "cosine")
+    lr_final_scale: float = at_least(0.0, 0.0)
+    beta2_end: float | None = None  # set: beta2 follows a cosine from beta2 to this (R3GAN: 0.9 -> 0.99)
+    schedule_steps: int = at_least(0, 0)  # length of the lr / beta2 / penalty schedules; 0 = max_steps
 
     def check(self) -> None:
         _check_fields(self, "optim")
@@ -219,10 +259,15 @@ class OptimConfig:
             value = getattr(self, key)
             if not 0 < value < 1:
                 raise ConfigError(f"optim.{key}={value} is invalid; a learning rate must be in (0, 1)")
-        for key in ("beta1", "beta2", "ema_decay"):
+        for key in ("beta1", "beta2", "ema_decay", "beta2_end"):
             value = getattr(self, key)
-            if not 0 <= value < 1:
+            if value is not None and not 0 <= value < 1:
                 raise ConfigError(f"optim.{key}={value} is invalid; it must be in [0, 1)")
+        if self.lr_final_scale > 1:
+            raise ConfigError(
+                f"optim.lr_final_scale={self.lr_final_scale} is invalid: the schedule ends at this "
+                "fraction of g_lr / d_lr, in [0, 1]"
+            )
 
 
 @dataclass
@@ -575,11 +620,16 @@ class Config:
                 f"augment={self.augment.kind} transforms images; model.arch=mlp trains on 2-D points: "
                 "use augment=none"
             )
-        g = self.model.mbstd_group
-        if g and self.data.batch_size % g:
+        g, pack = self.model.mbstd_group, self.model.pack
+        if g and self.data.batch_size % (g * pack):
             raise ConfigError(
-                f"model.mbstd_group={g} must divide data.batch_size={self.data.batch_size}, so that no "
-                "minibatch-stddev group mixes real and generated samples"
+                f"model.mbstd_group={g} (times model.pack={pack}) must divide data.batch_size="
+                f"{self.data.batch_size}, so that no minibatch-stddev group mixes real and generated samples"
+            )
+        if self.data.batch_size % pack:
+            raise ConfigError(
+                f"model.pack={pack} must divide data.batch_size={self.data.batch_size} (D scores packs "
+                "of that many samples): change one of them"
             )
         if self.parallel.precision == "fp16" and not t.use_gpu:
             raise ConfigError(

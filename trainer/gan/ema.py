@@ -7,21 +7,25 @@ import copy
 import torch
 from torch import nn
 
+from trainer.gan.schedule import EMADecay
+
 
 class EMA:
     """An fp32 copy of G updated as ema <- d * ema + (1 - d) * G after every G step.
 
-    The decay ramps up as min(decay, (1 + t) / (10 + t)) so that early on the average does
-    not hold on to the random initialisation (t = number of updates).
+    The decay `d` comes from `schedule.EMADecay`: a fixed decay ramped up as
+    min(decay, (1 + t) / (10 + t)) so that early on the average does not hold on to the random
+    initialisation (t = number of updates), or a half-life in images (StyleGAN2-ADA's ema_kimg).
     """
 
-    def __init__(self, module: nn.Module, decay: float):
+    def __init__(self, module: nn.Module, decay: float | EMADecay):
         self.module = copy.deepcopy(module).float().eval().requires_grad_(False)
-        self.decay = decay
+        self.schedule = decay if isinstance(decay, EMADecay) else EMADecay(decay)
+        self.decay = self.schedule.decay
         self.num_updates = 0
 
     def current_decay(self) -> float:
-        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        return self.schedule.at(self.num_updates)
 
     @torch.no_grad()
     def update(self, source: nn.Module) -> None:

@@ -20,6 +20,7 @@ from trainer.gan.augment import Augment
 from trainer.gan.models import MLPDiscriminator
 
 log = logging.getLogger("stablegan.step")
+R_PENALTIES = ("r1", "r2", "r1r2")  # zero-centred gradient penalties: gamma / 2 * E|grad|^2
 
 
 class Network(Protocol):
@@ -56,8 +57,8 @@ class GANStep:
         self.d_iters = 0  # D steps so far: step x d_steps (the lazy schedule's phase)
         self.share_backward = self._apply_fast_ops(cfg.penalty.fast_ops)
         self._scores_per_sample: bool | None = None
-        self.lr_scale = 1.0
-        self.set_penalty(cfg.penalty.kind, cfg.penalty.weight)
+        self.lr_scale, self.beta2, self.penalty_scale = 1.0, cfg.optim.beta2, 1.0
+        self.set_penalty(cfg.penalty.kind, self.gamma(cfg))
         # What D sees, in both phases (augment.kind); ADA starts at augment.p and moves by
         # `adapt`. It draws from the latents' generator, which checkpoints hold: a resumed run
         # augments exactly as an unbroken one (and at p = 0 draws nothing).
@@ -66,6 +67,13 @@ class GANStep:
         # A conditional pair (model.conditional): D's calls carry this phase's labels `_y`.
         self.num_classes = cfg.model.num_classes if cfg.model.conditional else 0
         self._y: torch.Tensor | None = None
+
+    @staticmethod
+    def gamma(cfg: Config) -> float:
+        """The configured penalty weight as a number (`penalty.weight=auto` resolved from the
+        resolution and the global batch; 2-D points count as resolution 1)."""
+        res = cfg.model.resolution if cfg.model.arch != "mlp" else 1
+        return cfg.penalty.gamma(res, cfg.data.batch_size * cfg.trainer.num_workers)
 
     def _apply_fast_ops(self, mode: str) -> bool:
         """`penalty.fast_ops`, the one switch: D's layers get the cheaper double backward
@@ -76,7 +84,8 @@ class GANStep:
         needs recording Linear layers too); `_can_share_backward` still checks D on each step."""
         if mode == "off":
             return False
-        linear = mode == "on" or not isinstance(self.D.module, MLPDiscriminator)
+        d = getattr(self.D.module, "inner", self.D.module)  # a packed D's own network
+        linear = mode == "on" or not isinstance(d, MLPDiscriminator)
         ops.apply(self.D.module, linear=linear)
         return linear
 
@@ -86,17 +95,21 @@ class GANStep:
         self.penalty = replace(self.cfg.penalty, kind=kind, weight=weight)
         k = self.penalty.interval if kind != "none" else 1
         self.reg_interval = k  # D_reg runs on every k-th D step (D_main every step, G_main after d_steps)
-        o = self.cfg.optim
+        self.set_hparams(self.lr_scale, self.beta2, self.penalty_scale)
+
+    def set_hparams(self, lr_scale: float, beta2: float, penalty_scale: float = 1.0) -> None:
+        """Both learning rates times `lr_scale` (schedule x guard), Adam's beta2, the penalty
+        weight times `penalty_scale` (its schedule); D's lazy-regularization correction kept:
+        lr x c, betas ** c with c = k / (k + 1) for a penalty every k-th step."""
+        o, k = self.cfg.optim, self.reg_interval
         c = k / (k + 1) if k > 1 else 1.0
-        self._d_hparams = (o.d_lr * c, (o.beta1**c, o.beta2**c))
-        self.set_lr_scale(self.lr_scale)
+        self.lr_scale, self.beta2, self.penalty_scale = lr_scale, beta2, penalty_scale
+        self.D.set_hparams(o.d_lr * c * lr_scale, (o.beta1**c, beta2**c))
+        self.G.set_hparams(o.g_lr * lr_scale, (o.beta1, beta2))
 
     def set_lr_scale(self, scale: float) -> None:
-        """Both learning rates times `scale` (schedule x guard), D's lazy correction kept."""
-        o = self.cfg.optim
-        self.lr_scale = scale
-        self.D.set_hparams(self._d_hparams[0] * scale, self._d_hparams[1])
-        self.G.set_hparams(o.g_lr * scale, (o.beta1, o.beta2))
+        """Both learning rates times `scale`, beta2 and the penalty's schedule kept."""
+        self.set_hparams(scale, self.beta2, self.penalty_scale)
 
     def adapt(self, r_t: float, images: int) -> float:
         """ADA (augment.kind=ada): move p by D's overfitting signal `r_t` measured over
@@ -135,6 +148,11 @@ class GANStep:
     def _d_fp32(self, x: torch.Tensor) -> torch.Tensor:
         return self._d(x, fp32=True)
 
+    @torch.no_grad()
+    def _real_logits(self, real: torch.Tensor) -> torch.Tensor:
+        """D's logits of (augmented) reals, for a paired G loss: a constant to G."""
+        return self._d(self.augment(real.to(self.D.device)))
+
     def d_step(self, real: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """D main phase, fused with the penalty when it is due; a conditional pair's fakes take
         the reals' `labels`, so every D call (and WGAN-GP's interpolates) has one class per row."""
@@ -149,7 +167,7 @@ class GANStep:
         real, fake = self.augment(real), self.augment(fake)
         # Under fp16 the penalty gets its own fp32 forward; otherwise R1 / R2 reuse the main one.
         fp16 = self.cfg.parallel.precision == "fp16"
-        fused = reg_due and kind in ("r1", "r2") and not fp16
+        fused = reg_due and kind in ("r1", "r2", "r1r2") and not fp16
         real_logits, fake_logits, records = self._d_logits(real, fake, kind if fused else "")
         penalty = torch.zeros((), device=real_logits.device)
         if reg_due:
@@ -161,7 +179,7 @@ class GANStep:
             adversarial = self.d_loss(real_logits, fake_logits)
         loss = adversarial
         if reg_due:
-            gain = self.penalty.weight / (2 if kind in ("r1", "r2") else 1)
+            gain = self.penalty.weight * self.penalty_scale / (2 if kind in R_PENALTIES else 1)
             loss = loss + gain * self.reg_interval * penalty
         self.D.backward(loss)
         for r in records:
@@ -188,17 +206,22 @@ class GANStep:
         "r2" or "") names the penalty that takes its input gradient from this forward."""
         if not fused:
             # No per-sample penalty graph: one forward of real and fake together (D has no
-            # batch statistics; minibatch-stddev groups never straddle the two halves).
-            return (*self._d(torch.cat([real, fake])).split(real.shape[0]), [])
+            # batch statistics; minibatch-stddev groups and packs never straddle the halves).
+            return (*self._d(torch.cat([real, fake])).chunk(2), [])
         # R1 / R2 take their input gradient from the adversarial forward of the reals /
         # fakes: one forward fewer than a separate penalty pass. Real and fake go through
         # D separately here, so the double backward spans only the penalized half (a
         # forward of the concatenation made the penalty step slower than the textbook one).
-        share = self._can_share_backward(real)
-        (real if fused == "r1" else fake).requires_grad_(True)
+        # R1 + R2 penalize both halves: the loss takes the plain backward (the shared one
+        # covers one half).
+        share = fused != "r1r2" and self._can_share_backward(real)
+        on_real, on_fake = fused in ("r1", "r1r2"), fused in ("r2", "r1r2")
+        for x, on in ((real, on_real), (fake, on_fake)):
+            if on:
+                x.requires_grad_(True)
         with ops.record_outputs(share) as records:
-            real_logits = self._d_forward(real, penalized=fused == "r1")
-            fake_logits = self._d_forward(fake, penalized=fused == "r2")
+            real_logits = self._d_forward(real, penalized=on_real)
+            fake_logits = self._d_forward(fake, penalized=on_fake)
         return real_logits, fake_logits, records
 
     def _can_share_backward(self, real: torch.Tensor) -> bool:
@@ -226,32 +249,43 @@ class GANStep:
         return penalties.penalty_logits(self._d_eager, x) if penalized else self._d(x)
 
     def _penalty(self, kind, real, fake, real_logits, fake_logits, fused: bool, fp16: bool) -> torch.Tensor:
-        if fused:
-            if kind == "r1":
-                return penalties.r1_from_logits(real_logits, real)
-            return penalties.r2_from_logits(fake_logits, fake)
         d_fn = self._d_fp32 if fp16 else self._d_eager
-        if kind == "r1":
-            return penalties.r1(d_fn, real)
-        if kind == "r2":
-            return penalties.r2(d_fn, fake)
+        if kind in R_PENALTIES:  # fused: from the main forward's logits; else a forward of its own
+            terms = []
+            if kind != "r2":
+                terms.append(
+                    penalties.r1_from_logits(real_logits, real) if fused else penalties.r1(d_fn, real)
+                )
+            if kind != "r1":
+                terms.append(
+                    penalties.r2_from_logits(fake_logits, fake) if fused else penalties.r2(d_fn, fake)
+                )
+            return sum(terms[1:], terms[0])
         if kind == "dragan":
             return penalties.dragan(d_fn, real, generator=self.noise)
         return penalties.wgan_gp(d_fn, real, fake, generator=self.noise)
 
-    def g_step(self, batch_size: int) -> dict[str, torch.Tensor]:
-        """G main phase: D is frozen so no gradient lands in D, and D's engine is not touched."""
+    def g_step(
+        self, batch_size: int, real: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """G main phase: D is frozen so no gradient lands in D, and D's engine is not touched.
+        A paired loss (`losses.PAIRED`, RpGAN) also has D score `real`, a real batch of
+        `batch_size` (the fakes then take its `labels`); the other losses ignore it."""
+        paired = self.cfg.loss.kind in losses.PAIRED
+        if paired and real is None:
+            raise ValueError(f"loss={self.cfg.loss.kind} pairs fakes with reals: pass g_step a real batch")
         self.D.requires_grad_(False)
         try:
             z = self.latent(batch_size)
-            self._y = self.labels(batch_size)
+            self._y = self.labels(batch_size, labels if paired else None)
+            real_logits = self._real_logits(real) if paired else None
             logits = self._d(self.augment(self.G(z, y=self._y)))
             if getattr(self.G.module, "prior_logits", None) is None:
-                loss = self.g_loss(logits)
+                loss = self.g_loss(logits, real_logits)
             else:  # an experts G with a learned prior (model.g_expert_prior=learned)
                 # z in G's dtype, as its forward sees it: the same expert for each sample.
                 log_prior = self.G.module.log_prior(z.to(self.G.dtype))
-                loss = losses.with_learned_prior(self.g_term, logits, log_prior)
+                loss = losses.with_learned_prior(self.g_term, logits, log_prior, real_logits)
             self.G.backward(loss)
             grad_norm = self.G.step()
         finally:

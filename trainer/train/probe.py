@@ -220,8 +220,9 @@ class Probe:
         z = torch.randn(len(real), self.latent_dim, generator=torch.Generator().manual_seed(99)).to(dev)
         out = {}
         fake = self.G(z.to(next(self.G.parameters()).dtype))
-        d = group_grad_norms(self.D, self.d_loss(self.D(real), self.D(fake.detach().to(dtype))))
-        g = group_grad_norms(self.G, self.g_loss(self.D(fake.to(dtype))))
+        real_logits = self.D(real)
+        d = group_grad_norms(self.D, self.d_loss(real_logits, self.D(fake.detach().to(dtype))))
+        g = group_grad_norms(self.G, self.g_loss(self.D(fake.to(dtype)), real_logits.detach()))
         out.update({f"grad/D/{k}": v for k, v in d.items()})
         out.update({f"grad/G/{k}": v for k, v in g.items()})
         return out

@@ -29,8 +29,10 @@ from data_pipeline.sources import MIXTURES
 from data_pipeline.stream import ShardLoader, StreamConfig
 from trainer.config import Config, from_dict
 from trainer.eval.evaluator import Evaluator
+from trainer.gan import schedule
 from trainer.gan.ema import EMA
 from trainer.gan.models import build_pair
+from trainer.gan.schedule import EMADecay
 from trainer.gan.step import GANStep
 from trainer.train import checkpoint, plots, probe
 from trainer.train.engines import Engine
@@ -82,7 +84,9 @@ def build_engines(
     o, p, b = cfg.optim, cfg.parallel, cfg.data.batch_size
     g_engine = Engine(G.to(device), o.g_lr, (o.beta1, o.beta2), p, b, o.grad_clip)
     d_engine = Engine(D.to(device), o.d_lr, (o.beta1, o.beta2), p, b, o.grad_clip)
-    return g_engine, d_engine, EMA(g_engine.module, o.ema_decay)
+    images_per_step = b * cfg.trainer.num_workers
+    ema = EMA(g_engine.module, EMADecay(o.ema_decay, o.ema_kimg, o.ema_rampup, images_per_step))
+    return g_engine, d_engine, ema
 
 
 def make_loader(cfg: Config, urls: str | list, rank: int, world: int) -> ShardLoader:
@@ -212,7 +216,8 @@ class Worker:
         guard = cfg.stability.guard
         if cfg.loss.kind == "wasserstein":  # a critic's values are unbounded: no absolute bound
             guard = replace(guard, max_loss=0.0)
-        self.guard = Guard(guard, cfg.penalty.kind, cfg.penalty.weight)
+        self.gamma = GANStep.gamma(cfg)  # the penalty weight as configured (`auto` resolved)
+        self.guard = Guard(guard, cfg.penalty.kind, self.gamma)
         # Per-rank latents; a rollback may reseed them (guard.noise_seed counts rollbacks).
         self.noise = torch.Generator().manual_seed(self.guard.noise_seed(t.seed, self.rank))
         self.gan = GANStep(self.G, self.D, cfg, self.noise)
@@ -320,19 +325,26 @@ class Worker:
     def train_step(self) -> None:
         """d_steps D updates, one G update, the EMA: one step."""
         cfg = self.cfg
-        schedule = 1.0 - self.step / cfg.trainer.max_steps if cfg.optim.lr_schedule == "linear" else 1.0
-        scale = self.guard.lr_scale * schedule
-        if scale != self.gan.lr_scale:
-            self.gan.set_lr_scale(scale)
+        self.apply_schedules()
         for _ in range(cfg.optim.d_steps):
             self.batch = self.next_batch()
             self.meter.add(self.gan.d_step(self.batch["x"], self.batch.get("y")))
             self.images_done += len(self.batch["x"])
-        self.meter.add(self.gan.g_step(cfg.data.batch_size))
+        self.meter.add(self.gan.g_step(cfg.data.batch_size, self.batch["x"], self.batch.get("y")))
         self.ema.update(self.G.module)
         self.step += 1
         if self.bar is not None:
             self.bar.update(1)
+
+    def apply_schedules(self) -> None:
+        """This step's learning rates (schedule x the guard's scale), beta2 and penalty factor
+        (`trainer.gan.schedule`), set on the engines only when one changed."""
+        o, t = self.cfg.optim, self.cfg.trainer
+        lr = self.guard.lr_scale * schedule.lr_scale(o, self.step, t.max_steps)
+        beta2 = schedule.beta2(o, self.step, t.max_steps)
+        penalty = schedule.penalty_scale(self.cfg.penalty, self.gamma, o, self.step, t.max_steps)
+        if (lr, beta2, penalty) != (self.gan.lr_scale, self.gan.beta2, self.gan.penalty_scale):
+            self.gan.set_hparams(lr, beta2, penalty)
 
     def next_batch(self) -> dict:
         """The next batch, recorded for the data audit; NaN once under `trainer.inject_nan_at`."""

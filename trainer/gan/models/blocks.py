@@ -88,3 +88,22 @@ class Projection(nn.Module):
         if y is None:
             return phi.new_zeros(phi.shape[0])
         return (self.embed(y).to(phi.dtype) * phi).sum(1)
+
+
+class Packed(nn.Module):
+    """PacGAN's discriminator (Lin et al. 2018): `inner` scores packs of `m` samples, each pack
+    the consecutive samples concatenated along channels (N, C, ...) -> (N / m, m * C, ...), so
+    D sees whether a set of samples is diverse and G is penalised for collapse. Logits: (N / m,)."""
+
+    def __init__(self, inner: nn.Module, m: int):
+        super().__init__()
+        self.inner, self.m = inner, m
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        n = x.shape[0]
+        if n % self.m:
+            raise ValueError(
+                f"a packed D (model.pack={self.m}) needs a batch that is a multiple of it, got {n}"
+            )
+        packed = x.reshape(n // self.m, self.m * x.shape[1], *x.shape[2:])
+        return self.inner(packed) if y is None else self.inner(packed, y)

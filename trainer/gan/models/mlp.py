@@ -129,12 +129,13 @@ class MLPExpertsGenerator(nn.Module):
 
 
 class MLPDiscriminator(nn.Module):
-    """points (N, 2) -> logits (N,); optionally with minibatch stddev before the last layer."""
+    """points (N, `points`) -> logits (N,); optionally with minibatch stddev before the last
+    layer (`points` > 2: packs of 2-D points, `Packed`)."""
 
-    def __init__(self, width: int, depth: int, mbstd_group: int):
+    def __init__(self, width: int, depth: int, mbstd_group: int, points: int = 2):
         super().__init__()
         # PyTorch layers; trainer.gan.ops gives the activations a cheaper double backward.
-        self.net = _mlp([2] + [width] * depth, nn.LeakyReLU(0.2))
+        self.net = _mlp([points] + [width] * depth, nn.LeakyReLU(0.2))
         self.act = nn.LeakyReLU(0.2)
         self.mbstd = MinibatchStd(mbstd_group) if mbstd_group else None
         self.head = nn.Linear(width + (1 if mbstd_group else 0), 1)
