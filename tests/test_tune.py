@@ -318,6 +318,8 @@ def test_pbt_hands_a_leaders_checkpoint_to_the_lagging_trial(tmp_path):
     rows = {r["trial"][-5:]: r for r in csv_rows(root / "trials.csv")}  # its lr is perturbed
     leader = rows["00000"]["trial"]
     assert rows["00000"]["lineage"] == ""
+    # the leader, paused while the laggard took its checkpoint, still ran to its end
+    assert rows["00000"]["ended"] == "completed" and rows["00000"]["step"] == "150"
     assert rows["00001"]["lineage"].startswith(f"{leader}@")  # took the leader's weights over
     assert rows["00001"]["ended"] == "completed" and rows["00001"]["step"] == "150"
 

@@ -190,11 +190,12 @@ def conclude_sweep(spec: SweepSpec, rows: list[dict], cfg: Config) -> dict[str, 
     the parent run; every trial's MLflow run marked with how it ended; the best trial's
     generator registered as a candidate."""
     root, condition = Path(spec.root), report.parse_condition(cfg.tune.converged)
+    runs = tracking.child_runs(spec.tracking_uri, cfg.tracking.experiment, spec.parent_run_id)
+    last = final_runs(runs)
+    settle_from_runs(rows, last, cfg.trainer.max_steps, spec.metric)
     out = {"sweep": spec.name, "mlflow_run_id": spec.parent_run_id} | report.summary(
         rows, spec.metric, condition
     )
-    runs = tracking.child_runs(spec.tracking_uri, cfg.tracking.experiment, spec.parent_run_id)
-    last = final_runs(runs)
     end_children(spec, runs, last, rows)
     add_lineage(rows, last)
     metrics = [spec.metric] + ([condition[0]] if condition and condition[0] != spec.metric else [])
@@ -227,6 +228,20 @@ def final_runs(runs: list[dict]) -> dict[str, dict]:
     """Each trial's last MLflow run of the sweep's `runs` (a trial that took a leader's
     checkpoint over has more than one)."""
     return {r["tags"].get("stablegan.trial", ""): r for r in runs}  # oldest first: the last wins
+
+
+def settle_from_runs(rows: list[dict], last: dict[str, dict], max_steps: int, metric: str) -> None:
+    """A row Tune last saw before its trial's end whose final run still finished takes that
+    run's end: population-based training pauses a leader while a laggard takes its checkpoint
+    over, and the leader's run goes on to its last step after Tune's last result. A finished
+    run concluded after its last step (a stopped trial's run never concludes), and its latest
+    in-training evaluation is the one at that step."""
+    for row in rows:
+        run = last.get(row["trial"])
+        if row["ended"] == "stopped early" and run is not None and run["status"] == "FINISHED":
+            evals = {k: v for k, v in run["metrics"].items() if k.startswith("eval/")}
+            row |= evals | {"step": max_steps, "ended": "completed"}
+    rows.sort(key=lambda r: (r["ended"] != "completed", _score(r, metric)))
 
 
 def end_children(spec: SweepSpec, runs: list[dict], last: dict[str, dict], rows: list[dict]) -> None:

@@ -134,7 +134,8 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED", tags: dict | None =
 
 
 def child_runs(uri: str, experiment: str, parent_id: str) -> list[dict]:
-    """Every run whose MLflow parent is `parent_id`, oldest first: id, name, status, tags."""
+    """Every run whose MLflow parent is `parent_id`, oldest first: id, name, status, tags and
+    the latest value of each metric."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -145,7 +146,13 @@ def child_runs(uri: str, experiment: str, parent_id: str) -> list[dict]:
         order_by=["start_time ASC"],
     )
     return [
-        {"id": r.info.run_id, "name": r.info.run_name, "status": r.info.status, "tags": r.data.tags}
+        {
+            "id": r.info.run_id,
+            "name": r.info.run_name,
+            "status": r.info.status,
+            "tags": r.data.tags,
+            "metrics": r.data.metrics,
+        }
         for r in found
     ]
 
