@@ -17,7 +17,7 @@ run: setup
 
 test: setup-dev
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
 
 test-fast: setup-dev
 	$(PY) -m pytest -q -m "not slow"

@@ -23,6 +23,7 @@ configs/experiment/recipe_*.yaml and the README's recipe table.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import re
@@ -130,6 +131,11 @@ def report(store: Path, kimg: float, seeds: str, methods: list[str]) -> None:
         raise SystemExit(f"--seeds {seeds}: held-out seeds are 1000 and up (tuning used lower ones)")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
     env.pop("RAY_ADDRESS", None)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])  # once: parallel runs race on a new sqlite schema
+    if client.get_experiment_by_name("recipes") is None:
+        client.create_experiment("recipes")
     with ray_cluster(store, 2) as cluster:
         env.update(cluster)
         for method in methods:
@@ -192,8 +198,32 @@ def table(store: Path) -> dict:
         )
     for name, modes, kl in PUBLISHED:
         lines.append(f"| {name} | | | | | {modes:.0f} | {kl} | | | | | |")
+    lines += tuning_lines(store)
     print("\n".join(lines))
     return {"rows": found, "seeds": seeds, "markdown": "\n".join(lines)}
+
+
+def tuning_lines(store: Path) -> list[str]:
+    """Each method's tuning sweep (its trials.csv beside the best config): FD-digits at the last
+    step per learning rate, and how each trial ended."""
+    best_path = store / "best_configs.json"
+    if not best_path.exists():
+        return []
+    out = [
+        "",
+        "Tuning (seed as given to `tune`; in-training FD-digits on 2,000 samples at the last step):",
+        "",
+    ]
+    out += ["| method | lr: FD-digits (how it ended) |", "|---|---|"]
+    for method, config in json.loads(best_path.read_text()).items():
+        with open(Path(config).parent.parent / "trials.csv") as f:
+            trials = sorted(csv.DictReader(f), key=lambda r: float(r["optim.g_lr+optim.d_lr"]))
+        cells = [
+            f"{float(r['optim.g_lr+optim.d_lr']):.3g}: {float(r['eval/fid']):.1f} ({r['ended']})"
+            for r in trials
+        ]
+        out.append(f"| {method} | {'; '.join(cells)} |")
+    return out
 
 
 def main() -> None:
