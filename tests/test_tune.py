@@ -21,7 +21,7 @@ from tests.conftest import ROOT, start_module
 from trainer.config import ConfigError
 from trainer.main import compose
 from trainer.services.space import Dimension, parse_space, with_values
-from trainer.services.sweep import best_row, changed
+from trainer.services.sweep import best_row, changed, settle_from_runs
 
 
 def test_the_shipped_spaces_parse():
@@ -98,6 +98,24 @@ def test_the_best_trial_is_one_that_ran_to_its_end():
     ]
     assert best_row(rows, "eval/mmd")["trial"] == "d"
     assert best_row(rows[:2], "eval/mmd") is None
+
+
+def test_a_trial_whose_final_run_finished_counts_as_completed():
+    """Tune's last result for a PBT leader can predate its run's end; a FINISHED final run (one
+    that concluded) settles the row with that run's last evaluation, a killed one does not."""
+    rows = [
+        {"trial": "a", "step": 100, "eval/mmd": 0.5, "ended": "stopped early"},
+        {"trial": "b", "step": 100, "eval/mmd": 0.1, "ended": "stopped early"},
+        {"trial": "c", "step": 150, "eval/mmd": 0.3, "ended": "completed"},
+    ]
+    last = {
+        "a": {"status": "FINISHED", "metrics": {"eval/mmd": 0.2, "d_loss": 1.0}},
+        "b": {"status": "KILLED", "metrics": {"eval/mmd": 0.05}},
+    }
+    settle_from_runs(rows, last, 150, "eval/mmd")
+    assert rows[0] == {"trial": "a", "step": 150, "eval/mmd": 0.2, "ended": "completed"}
+    assert rows[2]["trial"] == "b" and rows[2]["ended"] == "stopped early"
+    assert best_row(rows, "eval/mmd")["trial"] == "a"
 
 
 def test_the_best_config_holds_what_differs_and_nothing_of_the_machine():
