@@ -169,6 +169,14 @@ def rows(store: Path) -> list[dict]:
     return list(out.values())
 
 
+def cell(values: list[float], key: str) -> str:
+    """Mean ± sd (a lone value alone); mode counts as whole numbers."""
+    if key != "modes":
+        return mean_sd(values) if len(values) > 1 else f"{values[0]:.3g}"
+    sd = f" ± {statistics.stdev(values):.0f}" if len(values) > 1 else ""
+    return f"{statistics.fmean(values):.0f}{sd}"
+
+
 def cached_data_row(store: Path) -> dict:
     """The real data's row (`real_row`), scored once per store."""
     path = store / "data_row.json"
@@ -191,14 +199,14 @@ def table(store: Path) -> dict:
     if found:
         data = cached_data_row(store)
         lines.append(
-            "| real data (half vs half) | | | | | " + " | ".join(f"{data[k]:.3g}" for k in KEYS) + " | |"
+            "| real data (half vs half) | | | | | " + " | ".join(cell([data[k]], k) for k in KEYS) + " | |"
         )
     for method in METHODS:
         sub = [r for r in found if r["method"] == method]
         if not sub:
             continue
         hit = sum(r["modes"] >= 990 for r in sub)
-        cells = " | ".join(mean_sd([r[k] for r in sub]) for k in KEYS)
+        cells = " | ".join(cell([r[k] for r in sub], k) for k in KEYS)
         cpu = statistics.fmean(r["cpu_seconds"] for r in sub)
         lines.append(
             f"| {method} | {sub[0]['lr']:.3g} | {sub[0]['steps']} | {len(sub)} | {hit} of {len(sub)} | {cells} "
