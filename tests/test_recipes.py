@@ -195,14 +195,9 @@ def test_each_piece_trains_through_engines(ds_dist, piece, precision):
     g0 = [p.detach().float().clone() for p in g.module.parameters()]
     d0 = [p.detach().float().clone() for p in d.module.parameters()]
     data = torch.Generator().manual_seed(2)
+    cfg.trainer.max_steps = 3
     for t in range(3):
-        o = cfg.optim
-        gamma = GANStep.gamma(cfg)
-        step.set_hparams(
-            schedule.lr_scale(o, t, 3),
-            schedule.beta2(o, t, 3),
-            schedule.penalty_scale(cfg.penalty, gamma, o, t, 3),
-        )
+        step.set_hparams(*schedule.at_step(cfg, GANStep.gamma(cfg), t))
         real = torch.randn(8, 1, 32, 32, generator=data)
         out = {**step.d_step(real), **step.g_step(8, real)}
         ema.update(g.module)
@@ -283,12 +278,9 @@ def test_every_recipe_composes_and_trains_a_few_steps(ds_dist, recipe):
     step = GANStep(g, d, cfg, torch.Generator().manual_seed(0))
     g0 = [p.detach().clone() for p in g.module.parameters()]
     o, gamma = cfg.optim, GANStep.gamma(cfg)
+    cfg.trainer.max_steps = 3
     for t in range(3):
-        step.set_hparams(
-            schedule.lr_scale(o, t, 3),
-            schedule.beta2(o, t, 3),
-            schedule.penalty_scale(cfg.penalty, gamma, o, t, 3),
-        )
+        step.set_hparams(*schedule.at_step(cfg, gamma, t))
         for _ in range(o.d_steps):
             real = torch.rand(8, 3, 32, 32) * 2 - 1
             out = step.d_step(real)

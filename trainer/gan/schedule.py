@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from trainer.config import OptimConfig, PenaltyConfig
+from trainer.config import Config, OptimConfig, PenaltyConfig
 
 
 def cosine(start: float, end: float, step: int, steps: int) -> float:
@@ -44,6 +44,13 @@ def penalty_scale(p: PenaltyConfig, gamma: float, o: OptimConfig, step: int, max
     if p.weight_end is None or gamma <= 0:
         return 1.0
     return cosine(1.0, p.weight_end / gamma, step, o.schedule_steps or max_steps)
+
+
+def at_step(cfg: Config, gamma: float, step: int) -> tuple[float, float, float]:
+    """(lr factor, beta2, penalty factor) at `step`, as `GANStep.set_hparams` takes them (the
+    guard's own lr scale multiplies the first)."""
+    o, t = cfg.optim, cfg.trainer.max_steps
+    return lr_scale(o, step, t), beta2(o, step, t), penalty_scale(cfg.penalty, gamma, o, step, t)
 
 
 @dataclass(frozen=True)

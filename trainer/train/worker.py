@@ -339,10 +339,8 @@ class Worker:
     def apply_schedules(self) -> None:
         """This step's learning rates (schedule x the guard's scale), beta2 and penalty factor
         (`trainer.gan.schedule`), set on the engines only when one changed."""
-        o, t = self.cfg.optim, self.cfg.trainer
-        lr = self.guard.lr_scale * schedule.lr_scale(o, self.step, t.max_steps)
-        beta2 = schedule.beta2(o, self.step, t.max_steps)
-        penalty = schedule.penalty_scale(self.cfg.penalty, self.gamma, o, self.step, t.max_steps)
+        lr, beta2, penalty = schedule.at_step(self.cfg, self.gamma, self.step)
+        lr *= self.guard.lr_scale
         if (lr, beta2, penalty) != (self.gan.lr_scale, self.gan.beta2, self.gan.penalty_scale):
             self.gan.set_hparams(lr, beta2, penalty)
 
