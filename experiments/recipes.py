@@ -14,7 +14,12 @@ in the table.
 
     python -m experiments.recipes tune   [--kimg 64] [--tuning-seed 0] [--methods ...] [--store DIR]
     python -m experiments.recipes report [--kimg 64] [--seeds 1000,1001,1002] [--store DIR]
+    python -m experiments.recipes robust [--kimg 64] [--seeds 1000,1001,1002] [--store DIR]
     python -m experiments.recipes table  [--store DIR]
+
+`robust` runs each tuned method over a 10x lr range about its chosen lr on the held-out seeds
+(how many runs converge). `--data digits` (all 1,797 real digits, one channel) or `digits180`
+(a seeded 180-image subset) on a store's first command runs the whole comparison on real digits.
 
 Methods and their papers' learning rates: `METHODS`. The recipes' settings and sources:
 configs/experiment/recipe_*.yaml and the README's recipe table.
@@ -65,13 +70,34 @@ PUBLISHED = [  # PacGAN (Lin et al. 2018) Table 3, Stacked MNIST, 26,000 samples
 KEYS = ("modes", "mode_kl", "fid", "recall", "coverage", "memorization")
 
 
+DATASETS = {  # --data: what make_shards writes (stacked digits as `data.builtin=stacked_digits` does)
+    "stacked": ["source=stacked_digits", "channels=3", "num_samples=50000", "shard_size=3125"],
+    "digits": ["source=digits", "channels=1"],  # all 1,797 real digits, one channel
+    "digits180": ["source=digits", "channels=1", "fraction=0.1"],  # a seeded 10 % (180): small data
+}
+
+TITLES = {"stacked": "Stacked digits", "digits": "Real digits (1,797)", "digits180": "Real digits, 180"}
+
+
+def dataset(store: Path, name: str | None = None) -> str:
+    """The store's dataset: set by its first command, and a later command asking for another
+    refused (a store's tuning and reports compare on one dataset)."""
+    path = store / "dataset.txt"
+    held = path.read_text().strip() if path.exists() else "stacked"  # stores from before --data
+    if name is not None and name != held and (store / "best_configs.json").exists():
+        raise SystemExit(f"--data {name}: {store} holds runs on {held}; give another --store")
+    if name is not None:
+        path.write_text(name + "\n")
+        return name
+    return held
+
+
 def shards(store: Path) -> Path:
-    """Stacked digits written once for every sweep and run (what `data.builtin=stacked_digits`
-    writes: the same source, size and shard layout)."""
-    out = store / "datasets" / "stacked_digits-32px"
+    """The store's dataset written once for every sweep and run, at 32 x 32."""
+    name = dataset(store)
+    out = store / "datasets" / ("stacked_digits-32px" if name == "stacked" else f"{name}-32px")
     if not (out / "manifest.json").exists():
-        args = ["source=stacked_digits", f"out={out}", "resolution=32", "channels=3"]
-        args += ["num_samples=50000", "shard_size=3125"]
+        args = [*DATASETS[name], f"out={out}", "resolution=32"]
         subprocess.run([sys.executable, "-m", "data_pipeline.make_shards", *args], cwd=ROOT, check=True)
     return out
 
@@ -84,56 +110,110 @@ def steps_for(preset: str, kimg: float) -> tuple[int, int]:
     return max(1, round(kimg * 1000 / (64 * d_steps))), d_steps
 
 
+def sweep(store: Path, method: str, preset: list[str], steps: int, space: str, tune: list[str]) -> dict:
+    """`trainer.tune` (FIFO, two trials at a time, ranked by in-training FD-digits at the last
+    step) over `space` for one method; its summary lines as a dict ({} when it failed)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    args = [
+        *preset,
+        f"data.urls={shards(store)}",
+        *COMMON,
+        f"trainer.max_steps={steps}",
+        f"trainer.checkpoint_every={max(1, steps // 4)}",
+        f"trainer.log_every={max(1, steps // 20)}",
+        f"tune.space={{{space}}}",
+        "tune.scheduler=fifo",
+        "tune.metric=eval/fid",
+        "tune.max_concurrent=2",
+        *tune,
+        f"tune.storage_path={store / 'tune'}",
+        f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
+        "tracking.experiment=recipes-tuning",
+        "cluster.num_cpus=2",
+    ]
+    print(f"+ [{method}] python -m trainer.tune", " ".join(args), flush=True)
+    t0 = time.time()
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer.tune", *args], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    print(f"  exit {done.returncode}, {time.time() - t0:.0f} s", flush=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("  ")]
+    print("\n".join(lines), flush=True)
+    summary = dict(re.findall(r"^ *(\w+): (\S+)$", done.stdout, re.M))
+    if done.returncode or "best_config" not in summary:
+        print(done.stdout[-3000:] + done.stderr[-3000:], flush=True)
+        return {}
+    return summary
+
+
+def grid(values: list[float]) -> str:
+    return "grid(" + ", ".join(f"{v:.3g}" for v in values) + ")"
+
+
 def tune(store: Path, kimg: float, seed: int, methods: list[str], factors: list[float]) -> None:
-    """One FIFO sweep per method over its lr times each factor ({lr / 3, lr, 3 lr} by default) on
-    the tuning seed; its best config path saved to best_configs.json."""
+    """One sweep per method over its lr times each factor ({lr / 3, lr, 3 lr} by default) on the
+    tuning seed; its best config path saved to best_configs.json."""
     best_path = store / "best_configs.json"
     best = json.loads(best_path.read_text()) if best_path.exists() else {}
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     for method in methods:
         preset, lr = METHODS[method]
         steps, _ = steps_for(preset, kimg)
-        grid = ", ".join(f"{lr * f:.3g}" for f in factors)
-        args = [
-            f"experiment={preset}",
-            *EXTRA.get(method, []),
-            f"data.urls={shards(store)}",
-            *COMMON,
-            f"trainer.max_steps={steps}",
-            f"trainer.checkpoint_every={max(1, steps // 4)}",
-            f"trainer.log_every={max(1, steps // 20)}",
-            f"trainer.seed={seed}",
-            f'tune.space={{optim.g_lr+optim.d_lr: "grid({grid})"}}',
-            "tune.scheduler=fifo",
-            "tune.metric=eval/fid",
-            "tune.max_concurrent=2",
-            f"tune.name=recipes-{method}",
-            f"tune.storage_path={store / 'tune'}",
-            f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
-            "tracking.experiment=recipes-tuning",
-            "cluster.num_cpus=2",
-        ]
-        print(f"+ [{method}] python -m trainer.tune", " ".join(args), flush=True)
-        t0 = time.time()
-        done = subprocess.run(
-            [sys.executable, "-m", "trainer.tune", *args], env=env, cwd=ROOT, capture_output=True, text=True
+        space = f'optim.g_lr+optim.d_lr: "{grid([lr * f for f in factors])}"'
+        found = sweep(
+            store,
+            method,
+            [f"experiment={preset}", *EXTRA.get(method, []), f"trainer.seed={seed}"],
+            steps,
+            space,
+            [f"tune.name=recipes-{method}"],
         )
-        found = re.search(r"best_config: (\S+)", done.stdout)
-        print(f"  exit {done.returncode}, {time.time() - t0:.0f} s", flush=True)
-        print("\n".join(line for line in done.stdout.splitlines() if line.startswith("  ")), flush=True)
-        if done.returncode or not found:
-            print(done.stdout[-3000:] + done.stderr[-3000:], flush=True)
+        if found:
+            best[method] = found["best_config"]
+            best_path.write_text(json.dumps(best, indent=1))
+
+
+def robust(store: Path, kimg: float, seeds: str, methods: list[str]) -> None:
+    """Each tuned method over a 10x lr range about its chosen lr (/ sqrt 10, x 1, x sqrt 10) x
+    the held-out seeds: how many runs converge (stacked digits: >= 990 modes at the last step)
+    and the spread of FD-digits. Sweep folders saved to robust.json."""
+    held_out(seeds)
+    best = json.loads((store / "best_configs.json").read_text())
+    path = store / "robust.json"
+    done = json.loads(path.read_text()) if path.exists() else {}
+    from trainer.services.compose import compose
+
+    for method in methods:
+        if method not in best:
+            print(f"  {method}: no tuned config in best_configs.json (run `tune` first)", flush=True)
             continue
-        best[method] = found.group(1)
-        best_path.write_text(json.dumps(best, indent=1))
+        lr = compose([f"experiment={best[method]}"]).optim.g_lr
+        space = f'optim.g_lr+optim.d_lr: "{grid([lr / 10**0.5, lr, lr * 10**0.5])}", '
+        space += f'trainer.seed: "grid({seeds})"'
+        converged = ["tune.converged=eval/modes>=990"] if dataset(store) == "stacked" else []
+        steps, _ = steps_for(METHODS[method][0], kimg)
+        found = sweep(
+            store,
+            method,
+            [f"experiment={best[method]}"],
+            steps,
+            space,
+            [f"tune.name=recipes-robust-{method}", *converged],
+        )
+        if found:
+            done[method] = str(Path(found["robustness_report"]).parent)
+            path.write_text(json.dumps(done, indent=1))
+
+
+def held_out(seeds: str) -> None:
+    if min(int(s) for s in seeds.split(",")) < 1000:
+        raise SystemExit(f"--seeds {seeds}: held-out seeds are 1000 and up (tuning used lower ones)")
 
 
 def report(store: Path, kimg: float, seeds: str, methods: list[str]) -> None:
     """Each method's tuned preset on the held-out seeds (Hydra multirun, two runs at a time on one
     Ray head), scored by the end-of-run evaluation into the store's `recipes` experiment."""
+    held_out(seeds)
     best = json.loads((store / "best_configs.json").read_text())
-    if min(int(s) for s in seeds.split(",")) < 1000:
-        raise SystemExit(f"--seeds {seeds}: held-out seeds are 1000 and up (tuning used lower ones)")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
     env.pop("RAY_ADDRESS", None)
     from mlflow.tracking import MlflowClient
@@ -161,7 +241,7 @@ def rows(store: Path) -> list[dict]:
     out: dict[tuple[str, int], dict] = {}  # a rerun of (method, seed) replaces the older run
     for r in finished_runs(store, "recipes"):
         m, p = r.data.metrics, r.data.params
-        if "eval/modes" not in m:
+        if "eval/fid" not in m:  # the end-of-run evaluation did not run
             continue
         out[(p["name"], int(p["trainer.seed"]))] = {
             "method": p["name"],
@@ -194,7 +274,7 @@ def table(store: Path) -> dict:
     found = rows(store)
     seeds = sorted({r["seed"] for r in found})
     lines = [
-        f"Stacked digits, held-out seeds {seeds}; mean ± sd over seeds; lr tuned per method on the "
+        f"{TITLES[dataset(store)]}, held-out seeds {seeds}; mean ± sd over seeds; lr tuned per method on the "
         "tuning seed over the grid in the tuning table below",
         "",
         "| method | lr | G steps | runs | >= 990 modes | modes | KL | FD-digits | recall | coverage "
@@ -210,16 +290,16 @@ def table(store: Path) -> dict:
         sub = [r for r in found if r["method"] == method]
         if not sub:
             continue
-        hit = sum(r["modes"] >= 990 for r in sub)
+        hit = f"{sum(r['modes'] >= 990 for r in sub)} of {len(sub)}" if dataset(store) == "stacked" else "n/a"
         cells = " | ".join(cell([r[k] for r in sub], k) for k in KEYS)
         cpu = statistics.fmean(r["cpu_seconds"] for r in sub)
         lines.append(
-            f"| {method} | {sub[0]['lr']:.3g} | {sub[0]['steps']} | {len(sub)} | {hit} of {len(sub)} | {cells} "
+            f"| {method} | {sub[0]['lr']:.3g} | {sub[0]['steps']} | {len(sub)} | {hit} | {cells} "
             f"| {cpu:.0f} |"
         )
-    for name, modes, kl in PUBLISHED:
+    for name, modes, kl in PUBLISHED if dataset(store) == "stacked" else []:
         lines.append(f"| {name} | | | | | {modes:.0f} | {kl} | | | | | |")
-    lines += tuning_lines(store)
+    lines += tuning_lines(store) + robust_lines(store)
     print("\n".join(lines))
     return {"rows": found, "seeds": seeds, "markdown": "\n".join(lines)}
 
@@ -247,18 +327,53 @@ def tuning_lines(store: Path) -> list[str]:
     return out
 
 
+def robust_lines(store: Path) -> list[str]:
+    """Each method's robustness sweep (`robust`): over its lrs and seeds, how many runs converged
+    and FD-digits' spread; then per lr."""
+    path = store / "robust.json"
+    if not path.exists():
+        return []
+    out = ["", "Robustness (lr over a 10x range about the chosen one x held-out seeds, each run judged at "]
+    out[-1] += "its last step; in-training FD-digits on 2,000 samples):"
+    out += [
+        "",
+        "| method | converged | FD-digits mean ± sd (min, max) | per lr: converged |",
+        "|---|---|---|---|",
+    ]
+    for method, root in json.loads(path.read_text()).items():
+        with open(Path(root) / "trials.csv") as f:
+            trials = list(csv.DictReader(f))
+        ok = [r for r in trials if converged_row(r)]
+        fds = [float(r["eval/fid"]) for r in trials if r["ended"] == "completed" and r["eval/fid"]]
+        spread = f"{mean_sd(fds)} ({min(fds):.3g}, {max(fds):.3g})" if fds else "n/a"
+        per_lr: dict[float, list[bool]] = {}
+        for r in trials:
+            per_lr.setdefault(float(r["optim.g_lr+optim.d_lr"]), []).append(converged_row(r))
+        cells = "; ".join(f"{lr:.3g}: {sum(v)} of {len(v)}" for lr, v in sorted(per_lr.items()))
+        out.append(f"| {method} | {len(ok)} of {len(trials)} | {spread} | {cells} |")
+    return out
+
+
+def converged_row(row: dict) -> bool:
+    """A robustness trial converged: it completed, and (stacked digits) reached 990 modes."""
+    modes = row.get("eval/modes")
+    return row["ended"] == "completed" and (modes is None or float(modes or "nan") >= 990)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["tune", "report", "table"])
+    ap.add_argument("command", choices=["tune", "report", "robust", "table"])
     ap.add_argument("--kimg", type=float, default=64.0, help="images shown to D per run, thousands")
     ap.add_argument("--tuning-seed", type=int, default=0)
     ap.add_argument("--lr-factors", default="0.3333,1,3", help="tune: each method's lr times these")
     ap.add_argument("--seeds", default="1000,1001,1002", help="held-out seeds for the report")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"of {', '.join(METHODS)}")
+    ap.add_argument("--data", choices=list(DATASETS), help="the store's dataset (default: stacked)")
     ap.add_argument("--store", default=str(ROOT / "runs" / "experiments" / "recipes"))
     args = ap.parse_args()
     store = Path(args.store).resolve()
     store.mkdir(parents=True, exist_ok=True)
+    dataset(store, args.data)
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -269,6 +384,8 @@ def main() -> None:
         return
     if args.command == "report":
         report(store, args.kimg, args.seeds, methods)
+    if args.command == "robust":
+        robust(store, args.kimg, args.seeds, methods)
     result = table(store)
     (store / "table.json").write_text(json.dumps(result, indent=2))
 

@@ -338,3 +338,30 @@ def test_the_recipes_say_what_they_set():
         0.99,
     )
     assert c("recipe_dcgan").optim.ema_decay == 0.0 and c("recipe_dcgan").penalty.kind == "none"
+
+
+def test_the_comparison_counts_robust_runs_and_keeps_one_dataset_per_store(tmp_path):
+    from experiments import recipes
+
+    sweep = tmp_path / "tune" / "recipes-robust-r3gan"
+    sweep.mkdir(parents=True)
+    rows = [  # lr, seed, FD, modes, ended: a run converges when it completed with >= 990 modes
+        ("0.0002", "1000", "40.0", "995", "completed"),
+        ("0.0002", "1001", "50.0", "989", "completed"),
+        ("0.0006", "1000", "30.0", "1000", "completed"),
+        ("0.0006", "1001", "900.0", "120", "diverged"),
+    ]
+    lines = ["trial,optim.g_lr+optim.d_lr,trainer.seed,step,eval/fid,eval/modes,ended,lineage,node"]
+    lines += [
+        f"t{i},{lr},{seed},100,{fd},{modes},{ended},," for i, (lr, seed, fd, modes, ended) in enumerate(rows)
+    ]
+    (sweep / "trials.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "robust.json").write_text(f'{{"r3gan": "{sweep}"}}')
+    row = recipes.robust_lines(tmp_path)[-1]
+    # two of four converged; FD over the three completed runs: mean 40, sd 10
+    assert row.startswith("| r3gan | 2 of 4 | 40 ± 10 (30, 50) |"), row
+    assert row.endswith("| 0.0002: 1 of 2; 0.0006: 1 of 2 |"), row
+    assert recipes.dataset(tmp_path, "digits") == "digits"  # a new store takes any dataset
+    (tmp_path / "best_configs.json").write_text("{}")
+    with pytest.raises(SystemExit, match="holds runs on digits"):
+        recipes.dataset(tmp_path, "stacked")
