@@ -249,9 +249,35 @@ def rows(store: Path) -> list[dict]:
             "lr": float(p["optim.g_lr"]),
             "steps": int(p["trainer.max_steps"]),
             "cpu_seconds": m.get("train_cpu_seconds", float("nan")),
+            **trips(r),
             **{k: m.get(f"eval/{k}", float("nan")) for k in KEYS},
         }
     return list(out.values())
+
+
+def trips(run) -> dict:
+    """Whether the run was guarded and how often its guard rolled it back."""
+    guarded = run.data.params.get("stability.guard.enabled") == "True"
+    return {"guarded": guarded, "trips": int(float(run.data.tags.get("stablegan.guard.rollbacks", 0)))}
+
+
+def trip_cell(runs: list[dict]) -> str:
+    """`off`, or the guard's rollbacks over the runs (each trip in a healthy run a false alarm)."""
+    if not any(r["guarded"] for r in runs):
+        return "off"
+    return f"{sum(r['trips'] for r in runs)} in {len(runs)} runs"
+
+
+def guard_lines(store: Path) -> list[str]:
+    """The guard's rollbacks over every guarded tuning and robustness trial, per sweep."""
+    sweeps: dict[str, list[dict]] = {}
+    for r in finished_runs(store, "recipes-tuning"):
+        if "stablegan.sweep" in r.data.tags and "trainer.seed" in r.data.params:
+            sweeps.setdefault(r.data.tags["stablegan.sweep"], []).append(trips(r))
+    cells = [
+        f"{name}: {trip_cell(runs)}" for name, runs in sorted(sweeps.items()) if trip_cell(runs) != "off"
+    ]
+    return ["", "Guard rollbacks in the guarded sweeps' trials: " + "; ".join(cells)] if cells else []
 
 
 def cell(values: list[float], key: str) -> str:
@@ -278,13 +304,13 @@ def table(store: Path) -> dict:
         "tuning seed over the grid in the tuning table below",
         "",
         "| method | lr | G steps | runs | >= 990 modes | modes | KL | FD-digits | recall | coverage "
-        "| memorization | CPU s/run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| memorization | CPU s/run | guard trips |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if found:
         data = cached_data_row(store)
         lines.append(
-            "| real data (half vs half) | | | | | " + " | ".join(cell([data[k]], k) for k in KEYS) + " | |"
+            "| real data (half vs half) | | | | | " + " | ".join(cell([data[k]], k) for k in KEYS) + " | | |"
         )
     for method in METHODS:
         sub = [r for r in found if r["method"] == method]
@@ -295,11 +321,11 @@ def table(store: Path) -> dict:
         cpu = statistics.fmean(r["cpu_seconds"] for r in sub)
         lines.append(
             f"| {method} | {sub[0]['lr']:.3g} | {sub[0]['steps']} | {len(sub)} | {hit} | {cells} "
-            f"| {cpu:.0f} |"
+            f"| {cpu:.0f} | {trip_cell(sub)} |"
         )
     for name, modes, kl in PUBLISHED if dataset(store) == "stacked" else []:
-        lines.append(f"| {name} | | | | | {modes:.0f} | {kl} | | | | | |")
-    lines += tuning_lines(store) + robust_lines(store)
+        lines.append(f"| {name} | | | | | {modes:.0f} | {kl} | | | | | | |")
+    lines += tuning_lines(store) + robust_lines(store) + guard_lines(store)
     print("\n".join(lines))
     return {"rows": found, "seeds": seeds, "markdown": "\n".join(lines)}
 
