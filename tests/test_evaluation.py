@@ -17,7 +17,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from data_pipeline.make_shards import MakeShardsConfig, write_shards
 from data_pipeline.sources import grid25_modes, mixture_source
 from data_pipeline.stream import ShardLoader, StreamConfig
-from trainer.config import EvalConfig
+from trainer.config import ConfigError, EvalConfig
 from trainer.eval import digits, features, metrics
 from trainer.eval.evaluator import Evaluator, NonFiniteSamples
 
@@ -332,3 +332,28 @@ def test_neighbour_metrics_in_blocks_equal_prdc_and_catch_copies(monkeypatch):
     fresh = rng.normal(size=(500, 16)).astype(np.float32)
     assert metrics.neighbour_metrics(real, copies, 5)["memorization"] > 0.95
     assert metrics.neighbour_metrics(real, fresh, 5)["memorization"] < 0.15
+
+
+def test_the_inception_file_is_checked_against_its_pinned_digest(monkeypatch, tmp_path):
+    """A user's pin (eval.inception_sha256) or the digest recorded at download: a file that
+    differs is refused before TorchScript loads it."""
+    import hashlib
+
+    standin = tmp_path / "standin.pt"
+    make_standin_inception(standin)
+    digest = hashlib.sha256(standin.read_bytes()).hexdigest()
+    assert features.load("inception", str(standin), digest).name.startswith("inception:")
+    with pytest.raises(ValueError, match="not the pinned"):
+        features.load("inception", str(standin), "0" * 64)
+    with pytest.raises(ConfigError, match="inception_sha256"):
+        EvalConfig(inception_sha256="abc").check()
+    # the download path: the digest is recorded once, and a cached file swapped later is refused
+    monkeypatch.setenv("STABLEGAN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(
+        features.urllib.request, "urlretrieve", lambda url, to: to.write_bytes(standin.read_bytes())
+    )
+    assert features.inception_path("") == tmp_path / "cache" / features.INCEPTION_FILE
+    assert (tmp_path / "cache" / (features.INCEPTION_FILE + ".sha256")).read_text().strip() == digest
+    (tmp_path / "cache" / features.INCEPTION_FILE).write_bytes(b"not the file that was downloaded")
+    with pytest.raises(ValueError, match="recorded at download"):
+        features.inception_path("")

@@ -462,6 +462,9 @@ class EvalConfig:
     # datasets, inception otherwise
     features: str = "auto"
     inception_weights: str = ""  # the FID Inception TorchScript; "" = download once, cached
+    # the Inception file's sha256, checked before it loads; "" = the digest recorded at download
+    # (no published digest exists: pin the one of the file you trust)
+    inception_sha256: str = ""
     num: int = at_least(10_000, 16)  # generated samples per evaluation (and real ones, at most)
     during_num: int = at_least(2_000, 16)  # samples per evaluation during training (eval.every)
     mode_samples: int = at_least(26_000, 16)  # stacked digits: samples whose modes are counted
@@ -473,6 +476,11 @@ class EvalConfig:
 
     def check(self) -> None:
         _check_fields(self, "eval")
+        if self.inception_sha256 and not re.fullmatch(r"[0-9a-fA-F]{64}", self.inception_sha256):
+            raise ConfigError(
+                f"eval.inception_sha256={self.inception_sha256!r} is invalid; give the file's 64-hex "
+                "sha256 (sha256sum inception-2015-12-05.pt) or leave it empty"
+            )
 
 
 @dataclass

@@ -123,7 +123,9 @@ class Evaluator:
         if self.kind == "points":
             self._init_points(manifest)
         else:
-            self.net = features.load(feature_spec(opts, manifest), opts.inception_weights).to(device)
+            self.net = features.load(
+                feature_spec(opts, manifest), opts.inception_weights, opts.inception_sha256
+            ).to(device)
             self.real = self._real_features()
 
     # --- the real side ---------------------------------------------------------------------

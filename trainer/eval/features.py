@@ -89,13 +89,14 @@ class UserFeatures(nn.Module):
         return self.net(x).flatten(1)
 
 
-def inception_path(weights: str) -> Path:
-    """`weights` if given, else the cached download, fetched once where a network exists."""
+def inception_path(weights: str, sha256: str = "") -> Path:
+    """`weights` if given, else the cached download, fetched once where a network exists; its
+    digest checked (`check_digest`) before TorchScript loads it."""
     if weights:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"eval.inception_weights={weights!r} does not exist")
-        return path
+        return check_digest(path, sha256)
     path = cache_root() / INCEPTION_FILE
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,16 +109,38 @@ def inception_path(weights: str) -> Path:
                 f"Fetch {INCEPTION_URL} on a machine with a network and pass eval.inception_weights=PATH "
                 "(or put it in $STABLEGAN_CACHE), or use eval.features=digits for digit data"
             ) from None
+        check_digest(tmp, sha256)
         tmp.replace(path)
+        record(path).write_text(hashlib.sha256(path.read_bytes()).hexdigest() + "\n")
+    return check_digest(path, sha256 or (record(path).read_text().strip() if record(path).is_file() else ""))
+
+
+def record(path: Path) -> Path:
+    """The digest recorded when the cached file was downloaded."""
+    return path.with_name(path.name + ".sha256")
+
+
+def check_digest(path: Path, sha256: str) -> Path:
+    """`path`, if its sha256 is `sha256` (or none is pinned). NVIDIA publishes no digest for the
+    Inception file, so the pin is the user's (`eval.inception_sha256`) or the one recorded at
+    its download: a file swapped or damaged since then is refused, not loaded."""
+    if sha256:
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        if actual != sha256.lower():
+            raise ValueError(
+                f"{path} has sha256 {actual}, not the pinned {sha256} (eval.inception_sha256, or the "
+                f"digest recorded at download in {record(path).name}): a different or damaged file. "
+                f"Fetch {INCEPTION_URL} again, or pin the digest of the file you trust"
+            )
     return path
 
 
-def load(spec: str, inception_weights: str = "") -> nn.Module:
+def load(spec: str, inception_weights: str = "", inception_sha256: str = "") -> nn.Module:
     """The feature network `spec` names: digits, inception, a TorchScript path or pkg.mod:factory."""
     if spec == "digits":
         return DigitsFeatures()
     if spec == "inception":
-        return InceptionFeatures(inception_path(inception_weights))
+        return InceptionFeatures(inception_path(inception_weights, inception_sha256))
     if spec.endswith((".pt", ".pth", ".ts")):
         path = Path(spec).expanduser()
         if not path.is_file():

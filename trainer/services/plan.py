@@ -253,7 +253,9 @@ def check_eval(cfg: Config, urls: str | list) -> None:
     if shards.kind == "points":
         return
     try:
-        features.load(feature_spec(cfg.eval, shards.manifest), cfg.eval.inception_weights)
+        features.load(
+            feature_spec(cfg.eval, shards.manifest), cfg.eval.inception_weights, cfg.eval.inception_sha256
+        )
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(f"{exc} (or turn evaluation off: eval.at_end=false eval.every=0)") from None
 
