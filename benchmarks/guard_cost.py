@@ -155,14 +155,15 @@ def main() -> None:
     ap.add_argument("command", choices=["micro", "runs"])
     ap.add_argument("--log-every", type=int, default=50, help="micro: the guard checks at every log")
     ap.add_argument("--rounds", type=int, default=3, help="runs: pairs of runs (off, on); micro: rounds")
-    ap.add_argument("--steps", type=int, default=300, help="runs: steps per run; micro: the run's length")
+    ap.add_argument("--steps", type=int, help="runs: steps per run (300); micro: the run's length (1000)")
     ap.add_argument("--experiment", default="stable_images")
     ap.add_argument("--store", default=str(ROOT / "runs" / "benchmarks" / "guard_cost"))
     args = ap.parse_args()
     if args.command == "micro":
         print(
             json.dumps(
-                {"machine": platform.node(), **micro(args.steps, args.log_every, args.rounds)}, indent=1
+                {"machine": platform.node(), **micro(args.steps or 1000, args.log_every, args.rounds)},
+                indent=1,
             )
         )
         return
@@ -171,7 +172,7 @@ def main() -> None:
     for r in range(args.rounds):
         order = (False, True) if r % 2 == 0 else (True, False)
         for guarded in order:
-            one_run(store, args.experiment, args.steps, guarded, seed=r)
+            one_run(store, args.experiment, args.steps or 300, guarded, seed=r)
     result = summarize(collect(store))
     print(json.dumps(result, indent=1))
     (store / "result.json").write_text(json.dumps(result, indent=1))
