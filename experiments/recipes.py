@@ -18,9 +18,10 @@ in the table.
     python -m experiments.recipes table  [--store DIR]
 
 `stable_images`, untuned in a store, is reported as shipped (its settings are the
-`r3gan_guarded` candidate's tuning result). `robust` runs each tuned method over a 10x lr range about its chosen lr on the held-out seeds
-(how many runs converge). `--data digits` (all 1,797 real digits, one channel) or `digits180`
-(a seeded 180-image subset) on a store's first command runs the whole comparison on real digits.
+`r3gan_guarded` candidate's tuning result). `robust` runs each tuned method over a 10x lr range
+about its chosen lr on the held-out seeds (how many runs converge). `--data digits` (all 1,797
+real digits, one channel) or `digits180` (a seeded 180-image subset) on a store's first command
+runs the whole comparison on real digits.
 
 Methods and their papers' learning rates: `METHODS`. The recipes' settings and sources:
 configs/experiment/recipe_*.yaml and the README's recipe table.
