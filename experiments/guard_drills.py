@@ -1,14 +1,14 @@
 """The stability guard on images: two drills on stacked digits (1,000 modes) on the same
 held-out seeds and steps: the fault unguarded, the fault guarded (`stability=guarded`), beside
 one fault-free control (the preset as it ships, shared by both drills). Every run starts from
-`experiment=stable_images` as it ships. Use 2,000 steps or more: stacked-digit runs of this
-preset turn over between steps ~1,200 and 2,000 (at 1,200 even the control has not converged).
+`experiment=stable_images` as it ships. Use 2,000 steps or more: stacked-digit runs of the previous
+preset turned over between steps ~1,200 and 2,000 (at 1,200 even the control had not converged).
 
     python -m experiments.guard_drills run [--seeds 1000] [--steps 2000] [--jobs 2] [--store DIR]
     python -m experiments.guard_drills table [--store DIR]
 
 Drills:
-- `lr_blowup`: learning rate 1e-2 for G and D and no penalty (the preset's R1 off). Control:
+- `lr_blowup`: learning rate 1e-2 for G and D and no penalty (the preset's R1 + R2 off). Control:
   the preset. Pass: guarded ends with at least 900 modes where unguarded collapses.
 - `nan_batch`: one all-NaN batch at step 600 (`trainer.inject_nan_at`). Control: no fault.
   Pass: guarded ends within 10 % of the control's FD-digits.
@@ -39,7 +39,7 @@ DRILLS = {
     "lr_blowup": ["optim.g_lr=1e-2", "optim.d_lr=1e-2", "penalty=none"],
     "nan_batch": ["trainer.inject_nan_at=600"],
 }
-GUARD = {"unguarded": [], "guarded": ["stability=guarded"]}
+GUARD = {"unguarded": ["stability=default"], "guarded": ["stability=guarded"]}  # the preset ships guarded
 COMMON = [
     "tracking.register=false",
     "trainer.sample_every=0",

@@ -15,7 +15,8 @@ from the MLflow store and prints the real data's own row (scored the same way) a
 Methods: `dcgan_vanilla` is the seed article's DCGAN with its bugs fixed (model=dcgan32,
 non-saturating loss, no penalty, Adam 1e-4, beta1 0.5, as the article sets it); `digits32` is
 the digits preset (lazy R1 every 4 D steps, Adam 2e-4); `stable_images` the recommended image
-preset, chosen from the `t_*` candidates on tuning seed 0 (store stacked_digits-tuning). The
+preset as it ships (chosen by `experiments/recipes.py` since 2026-12-07; the `t_*` candidates
+below chose the previous one on tuning seed 0, store stacked_digits-tuning). The
 reported seeds are held out (1000 and up). `--lrs 1e-4,3e-4,1e-3,3e-3` sweeps G's and D's
 learning rate together (use its own store, e.g. stacked_digits-lr).
 """
