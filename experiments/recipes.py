@@ -280,7 +280,9 @@ def guard_lines(store: Path) -> list[str]:
         if "stablegan.sweep" in r.data.tags and "trainer.seed" in r.data.params:
             sweeps.setdefault(r.data.tags["stablegan.sweep"], []).append(trips(r))
     cells = [
-        f"{name}: {trip_cell(runs)}" for name, runs in sorted(sweeps.items()) if trip_cell(runs) != "off"
+        f"{name}: {trip_cell(runs)}"
+        for name, runs in sorted(sweeps.items())
+        if any(r["guarded"] for r in runs)
     ]
     return ["", "Guard rollbacks in the guarded sweeps' trials: " + "; ".join(cells)] if cells else []
 
@@ -302,10 +304,10 @@ def cached_data_row(store: Path) -> dict:
 
 
 def table(store: Path) -> dict:
-    found = rows(store)
+    found, data_name = rows(store), dataset(store)
     seeds = sorted({r["seed"] for r in found})
     lines = [
-        f"{TITLES[dataset(store)]}, held-out seeds {seeds}; mean ± sd over seeds; lr tuned per method on the "
+        f"{TITLES[data_name]}, held-out seeds {seeds}; mean ± sd over seeds; lr tuned per method on the "
         "tuning seed over the grid in the tuning table below",
         "",
         "| method | lr | G steps | runs | >= 990 modes | modes | KL | FD-digits | recall | coverage "
@@ -321,14 +323,14 @@ def table(store: Path) -> dict:
         sub = [r for r in found if r["method"] == method]
         if not sub:
             continue
-        hit = f"{sum(r['modes'] >= 990 for r in sub)} of {len(sub)}" if dataset(store) == "stacked" else "n/a"
+        hit = f"{sum(r['modes'] >= 990 for r in sub)} of {len(sub)}" if data_name == "stacked" else "n/a"
         cells = " | ".join(cell([r[k] for r in sub], k) for k in KEYS)
         cpu = statistics.fmean(r["cpu_seconds"] for r in sub)
         lines.append(
             f"| {method} | {sub[0]['lr']:.3g} | {sub[0]['steps']} | {len(sub)} | {hit} | {cells} "
             f"| {cpu:.0f} | {trip_cell(sub)} |"
         )
-    for name, modes, kl in PUBLISHED if dataset(store) == "stacked" else []:
+    for name, modes, kl in PUBLISHED if data_name == "stacked" else []:
         lines.append(f"| {name} | | | | | {modes:.0f} | {kl} | | | | | | |")
     lines += tuning_lines(store) + robust_lines(store) + guard_lines(store)
     print("\n".join(lines))
@@ -348,9 +350,10 @@ def tuning_lines(store: Path) -> list[str]:
     ]
     out += ["| method | lr: FD-digits (how it ended) |", "|---|---|"]
     for method, config in json.loads(best_path.read_text()).items():
-        if not (Path(config).parent.parent / "trials.csv").is_file():  # not a sweep's result
+        table_path = Path(config).parent.parent / "trials.csv"
+        if not table_path.is_file():  # not a sweep's result (a preset reported as shipped)
             continue
-        with open(Path(config).parent.parent / "trials.csv") as f:
+        with open(table_path) as f:
             trials = sorted(csv.DictReader(f), key=lambda r: float(r["optim.g_lr+optim.d_lr"]))
         cells = [
             f"{float(r['optim.g_lr+optim.d_lr']):.3g}: {float(r['eval/fid']):.1f} ({r['ended']})"

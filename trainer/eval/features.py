@@ -37,8 +37,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("STABLEGAN_CACHE") or Path.home() / ".cache" / "stablegan").expanduser()
 
 
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return file_sha256(path)[:12]
 
 
 class DigitsFeatures(nn.Module):
@@ -96,7 +100,9 @@ def inception_path(weights: str, sha256: str = "") -> Path:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"eval.inception_weights={weights!r} does not exist")
-        return check_digest(path, sha256)
+        if sha256:
+            check_digest(path, file_sha256(path), sha256)
+        return path
     path = cache_root() / INCEPTION_FILE
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,10 +115,15 @@ def inception_path(weights: str, sha256: str = "") -> Path:
                 f"Fetch {INCEPTION_URL} on a machine with a network and pass eval.inception_weights=PATH "
                 "(or put it in $STABLEGAN_CACHE), or use eval.features=digits for digit data"
             ) from None
-        check_digest(tmp, sha256)
+        digest = file_sha256(tmp)  # read once: checked against a pin and recorded
+        check_digest(tmp, digest, sha256)
         tmp.replace(path)
-        record(path).write_text(hashlib.sha256(path.read_bytes()).hexdigest() + "\n")
-    return check_digest(path, sha256 or (record(path).read_text().strip() if record(path).is_file() else ""))
+        record(path).write_text(digest + "\n")
+        return path
+    pinned = sha256 or (record(path).read_text().strip() if record(path).is_file() else "")
+    if pinned:
+        check_digest(path, file_sha256(path), pinned)
+    return path
 
 
 def record(path: Path) -> Path:
@@ -120,19 +131,17 @@ def record(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def check_digest(path: Path, sha256: str) -> Path:
-    """`path`, if its sha256 is `sha256` (or none is pinned). NVIDIA publishes no digest for the
-    Inception file, so the pin is the user's (`eval.inception_sha256`) or the one recorded at
-    its download: a file swapped or damaged since then is refused, not loaded."""
-    if sha256:
-        actual = hashlib.sha256(path.read_bytes()).hexdigest()
-        if actual != sha256.lower():
-            raise ValueError(
-                f"{path} has sha256 {actual}, not the pinned {sha256} (eval.inception_sha256, or the "
-                f"digest recorded at download in {record(path).name}): a different or damaged file. "
-                f"Fetch {INCEPTION_URL} again, or pin the digest of the file you trust"
-            )
-    return path
+def check_digest(path: Path, actual: str, pinned: str) -> None:
+    """Refuse a file whose sha256 `actual` is not the `pinned` one (none pinned: any). NVIDIA
+    publishes no digest for the Inception file, so the pin is the user's (`eval.inception_sha256`)
+    or the one recorded at its download: a file swapped or damaged since then is refused, not
+    loaded."""
+    if pinned and actual != pinned.lower():
+        raise ValueError(
+            f"{path} has sha256 {actual}, not the pinned {pinned} (eval.inception_sha256, or the "
+            f"digest recorded at download in {record(path).name}): a different or damaged file. "
+            f"Fetch {INCEPTION_URL} again, or pin the digest of the file you trust"
+        )
 
 
 def load(spec: str, inception_weights: str = "", inception_sha256: str = "") -> nn.Module:
