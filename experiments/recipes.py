@@ -114,9 +114,12 @@ def steps_for(preset: str, kimg: float) -> tuple[int, int]:
     return max(1, round(kimg * 1000 / (64 * d_steps))), d_steps
 
 
-def sweep(store: Path, method: str, preset: list[str], steps: int, space: str, tune: list[str]) -> dict:
-    """`trainer.tune` (FIFO, two trials at a time, ranked by in-training FD-digits at the last
-    step) over `space` for one method; its summary lines as a dict ({} when it failed)."""
+def sweep(
+    store: Path, method: str, preset: list[str], steps: int, space: str, tune: list[str], concurrent: int
+) -> dict:
+    """`trainer.tune` (FIFO, `--concurrent` trials at a time, ranked by in-training FD-digits at
+    the last step) over `space` for one method; its summary lines as a dict ({} when it failed).
+    Three trials at once on two cores leave no core idle while a grid's last trial runs alone."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     args = [
         *preset,
@@ -128,12 +131,12 @@ def sweep(store: Path, method: str, preset: list[str], steps: int, space: str, t
         f"tune.space={{{space}}}",
         "tune.scheduler=fifo",
         "tune.metric=eval/fid",
-        "tune.max_concurrent=2",
+        f"tune.max_concurrent={concurrent}",
         *tune,
         f"tune.storage_path={store / 'tune'}",
         f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
         "tracking.experiment=recipes-tuning",
-        "cluster.num_cpus=2",
+        f"cluster.num_cpus={concurrent}",  # Ray's logical CPUs: one per one-worker trial
     ]
     print(f"+ [{method}] python -m trainer.tune", " ".join(args), flush=True)
     t0 = time.time()
@@ -154,7 +157,9 @@ def grid(values: list[float]) -> str:
     return "grid(" + ", ".join(f"{v:.3g}" for v in values) + ")"
 
 
-def tune(store: Path, kimg: float, seed: int, methods: list[str], factors: list[float]) -> None:
+def tune(
+    store: Path, kimg: float, seed: int, methods: list[str], factors: list[float], concurrent: int
+) -> None:
     """One sweep per method over its lr times each factor ({lr / 3, lr, 3 lr} by default) on the
     tuning seed; its best config path saved to best_configs.json."""
     best_path = store / "best_configs.json"
@@ -170,13 +175,14 @@ def tune(store: Path, kimg: float, seed: int, methods: list[str], factors: list[
             steps,
             space,
             [f"tune.name=recipes-{method}"],
+            concurrent,
         )
         if found:
             best[method] = found["best_config"]
             best_path.write_text(json.dumps(best, indent=1))
 
 
-def robust(store: Path, kimg: float, seeds: str, methods: list[str]) -> None:
+def robust(store: Path, kimg: float, seeds: str, methods: list[str], concurrent: int) -> None:
     """Each tuned method over a 10x lr range about its chosen lr (/ sqrt 10, x 1, x sqrt 10) x
     the held-out seeds: how many runs converge (stacked digits: >= 990 modes at the last step)
     and the spread of FD-digits. Sweep folders saved to robust.json."""
@@ -202,6 +208,7 @@ def robust(store: Path, kimg: float, seeds: str, methods: list[str]) -> None:
             steps,
             space,
             [f"tune.name=recipes-robust-{method}", *converged],
+            concurrent,
         )
         if found:
             done[method] = str(Path(found["robustness_report"]).parent)
@@ -405,6 +412,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="1000,1001,1002", help="held-out seeds for the report")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"of {', '.join(METHODS)}")
     ap.add_argument("--data", choices=list(DATASETS), help="the store's dataset (default: stacked)")
+    ap.add_argument("--concurrent", type=int, default=2, help="tune, robust: trials at once")
     ap.add_argument("--store", default=str(ROOT / "runs" / "experiments" / "recipes"))
     args = ap.parse_args()
     store = Path(args.store).resolve()
@@ -416,12 +424,12 @@ def main() -> None:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     if args.command == "tune":
         factors = [float(f) for f in args.lr_factors.split(",")]
-        tune(store, args.kimg, args.tuning_seed, methods, factors)
+        tune(store, args.kimg, args.tuning_seed, methods, factors, args.concurrent)
         return
     if args.command == "report":
         report(store, args.kimg, args.seeds, methods)
     if args.command == "robust":
-        robust(store, args.kimg, args.seeds, methods)
+        robust(store, args.kimg, args.seeds, methods, args.concurrent)
     result = table(store)
     (store / "table.json").write_text(json.dumps(result, indent=2))
 
