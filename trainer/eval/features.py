@@ -70,10 +70,10 @@ class InceptionFeatures(nn.Module):
 
     num_features = 2048
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, sha256: str = "") -> None:
         super().__init__()
         self.net = torch.jit.load(str(path), map_location="cpu").eval()
-        self.name = f"inception:{file_digest(path)}"
+        self.name = f"inception:{sha256[:12] if sha256 else file_digest(path)}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         img = (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
@@ -93,37 +93,42 @@ class UserFeatures(nn.Module):
         return self.net(x).flatten(1)
 
 
-def inception_path(weights: str, sha256: str = "") -> Path:
-    """`weights` if given, else the cached download, fetched once where a network exists; its
-    digest checked (`check_digest`) before TorchScript loads it."""
+def inception_file(weights: str, sha256: str = "") -> tuple[Path, str]:
+    """The Inception file (`weights` if given, else the cached download, fetched once where a
+    network exists) and its sha256, read once: checked (`check_digest`) before TorchScript loads
+    the file, then naming the features."""
     if weights:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"eval.inception_weights={weights!r} does not exist")
-        if sha256:
-            check_digest(path, file_sha256(path), sha256)
-        return path
+        digest = file_sha256(path)
+        check_digest(path, digest, sha256)
+        return path, digest
     path = cache_root() / INCEPTION_FILE
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".part")
-        try:
-            urllib.request.urlretrieve(INCEPTION_URL, tmp)
-        except OSError as exc:
-            raise FileNotFoundError(
-                f"eval.features=inception needs {INCEPTION_FILE} and it cannot be downloaded here ({exc}). "
-                f"Fetch {INCEPTION_URL} on a machine with a network and pass eval.inception_weights=PATH "
-                "(or put it in $STABLEGAN_CACHE), or use eval.features=digits for digit data"
-            ) from None
-        digest = file_sha256(tmp)  # read once: checked against a pin and recorded
-        check_digest(tmp, digest, sha256)
-        tmp.replace(path)
-        record(path).write_text(digest + "\n")
-        return path
-    pinned = sha256 or (record(path).read_text().strip() if record(path).is_file() else "")
-    if pinned:
-        check_digest(path, file_sha256(path), pinned)
-    return path
+        return path, download(path, sha256)
+    digest = file_sha256(path)
+    check_digest(path, digest, sha256 or (record(path).read_text().strip() if record(path).is_file() else ""))
+    return path, digest
+
+
+def download(path: Path, sha256: str) -> str:
+    """Fetch the Inception file to `path`, its digest checked against a pin and recorded."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    try:
+        urllib.request.urlretrieve(INCEPTION_URL, tmp)
+    except OSError as exc:
+        raise FileNotFoundError(
+            f"eval.features=inception needs {INCEPTION_FILE} and it cannot be downloaded here ({exc}). "
+            f"Fetch {INCEPTION_URL} on a machine with a network and pass eval.inception_weights=PATH "
+            "(or put it in $STABLEGAN_CACHE), or use eval.features=digits for digit data"
+        ) from None
+    digest = file_sha256(tmp)
+    check_digest(tmp, digest, sha256)
+    tmp.replace(path)
+    record(path).write_text(digest + "\n")
+    return digest
 
 
 def record(path: Path) -> Path:
@@ -149,7 +154,7 @@ def load(spec: str, inception_weights: str = "", inception_sha256: str = "") -> 
     if spec == "digits":
         return DigitsFeatures()
     if spec == "inception":
-        return InceptionFeatures(inception_path(inception_weights, inception_sha256))
+        return InceptionFeatures(*inception_file(inception_weights, inception_sha256))
     if spec.endswith((".pt", ".pth", ".ts")):
         path = Path(spec).expanduser()
         if not path.is_file():
