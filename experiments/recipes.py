@@ -39,27 +39,34 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from experiments.common import ROOT, finished_runs, mean_sd, multirun
 from experiments.mode_collapse import ray_cluster
 from experiments.stacked_digits import real_row
+from trainer.services import sweep_report
 
-# method -> (preset, its paper's learning rate for G and D)
+
+class Method(NamedTuple):
+    preset: str
+    lr: float  # its paper's learning rate for G and D
+    settings: tuple[str, ...] = ()  # a candidate's overrides of its preset
+
+
 METHODS = {
-    "dcgan": ("recipe_dcgan", 2e-4),
-    "wgan_gp": ("recipe_wgan_gp", 1e-4),
-    "sngan": ("recipe_sngan", 2e-4),
-    "pacgan2": ("recipe_pacgan2", 2e-4),
-    "stylegan2": ("recipe_stylegan2", 2.5e-3),
-    "r3gan": ("recipe_r3gan", 2e-4),
-    "stable_images": ("stable_images", 1.8e-3),  # ours, as shipped
-    "r3gan_guarded": ("recipe_r3gan", 2e-4),  # a candidate for our preset: R3GAN's pieces, guarded
+    "dcgan": Method("recipe_dcgan", 2e-4),
+    "wgan_gp": Method("recipe_wgan_gp", 1e-4),
+    "sngan": Method("recipe_sngan", 2e-4),
+    "pacgan2": Method("recipe_pacgan2", 2e-4),
+    "stylegan2": Method("recipe_stylegan2", 2.5e-3),
+    "r3gan": Method("recipe_r3gan", 2e-4),
+    "stable_images": Method("stable_images", 1.8e-3),  # ours, as shipped
+    # a candidate for our preset: R3GAN's pieces, minibatch stddev, guarded
+    "r3gan_guarded": Method("recipe_r3gan", 2e-4, ("model.mbstd_group=4", "stability=guarded")),
 }
 # Reported as shipped when not tuned in the store: the preset is r3gan_guarded's tuning result
 SHIPPED = ("stable_images",)
-EXTRA = {  # a candidate's settings over its preset's
-    "r3gan_guarded": ["model.mbstd_group=4", "stability=guarded"],
-}
+CONVERGED = "eval/modes>=990"  # a stacked-digits run converged (robustness): 99 % of the modes
 COMMON = [  # beside data.urls (`shards`)
     "data.batch_size=64",
     "tracking.register=false",
@@ -165,13 +172,13 @@ def tune(
     best_path = store / "best_configs.json"
     best = json.loads(best_path.read_text()) if best_path.exists() else {}
     for method in methods:
-        preset, lr = METHODS[method]
+        preset, lr, settings = METHODS[method]
         steps, _ = steps_for(preset, kimg)
         space = f'optim.g_lr+optim.d_lr: "{grid([lr * f for f in factors])}"'
         found = sweep(
             store,
             method,
-            [f"experiment={preset}", *EXTRA.get(method, []), f"trainer.seed={seed}"],
+            [f"experiment={preset}", *settings, f"trainer.seed={seed}"],
             steps,
             space,
             [f"tune.name=recipes-{method}"],
@@ -199,8 +206,8 @@ def robust(store: Path, kimg: float, seeds: str, methods: list[str], concurrent:
         lr = compose([f"experiment={best[method]}"]).optim.g_lr
         space = f'optim.g_lr+optim.d_lr: "{grid([lr / 10**0.5, lr, lr * 10**0.5])}", '
         space += f'trainer.seed: "grid({seeds})"'
-        converged = ["tune.converged=eval/modes>=990"] if dataset(store) == "stacked" else []
-        steps, _ = steps_for(METHODS[method][0], kimg)
+        converged = [f"tune.converged={CONVERGED}"] if dataset(store) == "stacked" else []
+        steps, _ = steps_for(METHODS[method].preset, kimg)
         found = sweep(
             store,
             method,
@@ -235,11 +242,11 @@ def report(store: Path, kimg: float, seeds: str, methods: list[str]) -> None:
     with ray_cluster(store, 2) as cluster:
         env.update(cluster)
         for method in methods:
-            config = best.get(method) or (METHODS[method][0] if method in SHIPPED else None)
+            config = best.get(method) or (METHODS[method].preset if method in SHIPPED else None)
             if config is None:
                 print(f"  {method}: no tuned config in best_configs.json (run `tune` first)", flush=True)
                 continue
-            steps, _ = steps_for(METHODS[method][0], kimg)
+            steps, _ = steps_for(METHODS[method].preset, kimg)
             args = [f"experiment={config}", f"data.urls={shards(store)}", *COMMON, f"name={method}"]
             args += [f"trainer.seed={seeds}", f"trainer.max_steps={steps}", "tracking.experiment=recipes"]
             args += [
@@ -383,24 +390,26 @@ def robust_lines(store: Path) -> list[str]:
         "| method | converged | FD-digits mean ± sd (min, max) | per lr: converged |",
         "|---|---|---|---|",
     ]
+    condition = sweep_report.parse_condition(CONVERGED if dataset(store) == "stacked" else "")
     for method, root in json.loads(path.read_text()).items():
         with open(Path(root) / "trials.csv") as f:
             trials = list(csv.DictReader(f))
-        ok = [r for r in trials if converged_row(r)]
+        ok = [r for r in trials if converged_row(r, condition)]
         fds = [float(r["eval/fid"]) for r in trials if r["ended"] == "completed" and r["eval/fid"]]
         spread = f"{mean_sd(fds)} ({min(fds):.3g}, {max(fds):.3g})" if fds else "n/a"
         per_lr: dict[float, list[bool]] = {}
         for r in trials:
-            per_lr.setdefault(float(r["optim.g_lr+optim.d_lr"]), []).append(converged_row(r))
+            per_lr.setdefault(float(r["optim.g_lr+optim.d_lr"]), []).append(converged_row(r, condition))
         cells = "; ".join(f"{lr:.3g}: {sum(v)} of {len(v)}" for lr, v in sorted(per_lr.items()))
         out.append(f"| {method} | {len(ok)} of {len(trials)} | {spread} | {cells} |")
     return out
 
 
-def converged_row(row: dict) -> bool:
-    """A robustness trial converged: it completed, and (stacked digits) reached 990 modes."""
-    modes = row.get("eval/modes")
-    return row["ended"] == "completed" and (modes is None or float(modes or "nan") >= 990)
+def converged_row(row: dict, condition: tuple[str, str, float] | None) -> bool:
+    """A robustness trial (a trials.csv row) converged, by the sweep's own rule."""
+    return sweep_report.converged(
+        {k: float(v or "nan") if k.startswith("eval/") else v for k, v in row.items()}, condition
+    )
 
 
 def main() -> None:
