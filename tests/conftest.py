@@ -43,6 +43,16 @@ def pinned(args: list[str], preset: str = "grid25") -> list[str]:
     return args if any(a.startswith("experiment=") for a in args) else [*args, f"experiment={preset}"]
 
 
+def new_user_env(home: Path, **extra: str) -> dict[str, str]:
+    """This process's environment as a new user's: HOME (and so ~/.ray, ~/.cache/stablegan) a
+    fresh folder, no Ray or MLflow address. The compiled-extension cache stays the machine's:
+    DeepSpeed compiles its CPU shared-memory op into it on a first start, a minute of CPU per
+    fresh HOME that says nothing about stablegan."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    build = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
+    return env | {"HOME": str(home), "TORCH_EXTENSIONS_DIR": build, "PYTHONPATH": str(ROOT), **extra}
+
+
 def start_module(module: str, args: list[str], env: dict) -> subprocess.Popen:
     """`python -m MODULE ARGS` in the background, in its own process group, output piped."""
     return subprocess.Popen(

@@ -6,7 +6,6 @@ definitions (not the run's own evaluation). The target (issue 24): every grid25 
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.sources import MIXTURES
-from tests.conftest import ROOT
+from tests.conftest import new_user_env
 from trainer.eval.metrics import mode_metrics
 
 pytestmark = pytest.mark.slow
@@ -24,8 +23,7 @@ pytestmark = pytest.mark.slow
 def test_the_default_run_covers_every_mode_with_samples_as_wide_as_the_data(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env |= {"HOME": str(home), "PYTHONPATH": str(ROOT), "STABLEGAN_CACHE": str(home / ".cache")}
+    env = new_user_env(home, STABLEGAN_CACHE=str(home / ".cache"))
 
     def run(*args: str) -> str:
         proc = subprocess.run(
