@@ -19,6 +19,10 @@ BIN = Path(sys.executable).parent
 # Real-data features and the Inception file are cached per test session, not in the user's
 # home: set before any Ray or MLflow process starts, so they inherit it.
 os.environ["STABLEGAN_CACHE"] = tempfile.mkdtemp(prefix="stablegan-cache-")
+# One compiled-extension cache for every process of the session, those given a new user's HOME
+# included (`new_user_env`): DeepSpeed compiles its CPU shared-memory op on its first start in a
+# HOME, about 40 s of CPU that says nothing about stablegan.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / "tests"))
 
 
 @pytest.fixture(autouse=True)
@@ -45,12 +49,9 @@ def pinned(args: list[str], preset: str = "grid25") -> list[str]:
 
 def new_user_env(home: Path, **extra: str) -> dict[str, str]:
     """This process's environment as a new user's: HOME (and so ~/.ray, ~/.cache/stablegan) a
-    fresh folder, no Ray or MLflow address. The compiled-extension cache stays the machine's:
-    DeepSpeed compiles its CPU shared-memory op into it on a first start, a minute of CPU per
-    fresh HOME that says nothing about stablegan."""
+    fresh folder, no Ray or MLflow address; the session's compiled-extension cache kept."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    build = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
-    return env | {"HOME": str(home), "TORCH_EXTENSIONS_DIR": build, "PYTHONPATH": str(ROOT), **extra}
+    return env | {"HOME": str(home), "PYTHONPATH": str(ROOT), **extra}
 
 
 def start_module(module: str, args: list[str], env: dict) -> subprocess.Popen:
