@@ -12,7 +12,8 @@ Compute: the budget is images shown to D (`--kimg`), as StyleGAN counts it, so a
 5 D steps per G step (WGAN-GP, SNGAN) gets a fifth of the G steps; CPU seconds per run are
 in the table.
 
-    python -m experiments.recipes tune   [--kimg 64] [--tuning-seed 0] [--methods ...] [--store DIR]
+    python -m experiments.recipes tune   [--kimg 64] [--tuning-seed 0] [--methods ...] [--lr-factors 0.3333,1,3]
+                                         [--concurrent 2] [--store DIR]
     python -m experiments.recipes report [--kimg 64] [--seeds 1000,1001,1002] [--store DIR]
     python -m experiments.recipes robust [--kimg 64] [--seeds 1000,1001,1002] [--store DIR]
     python -m experiments.recipes table  [--store DIR]
