@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import re
 import statistics
@@ -169,25 +170,58 @@ def tune(
     store: Path, kimg: float, seed: int, methods: list[str], factors: list[float], concurrent: int
 ) -> None:
     """One sweep per method over its lr times each factor ({lr / 3, lr, 3 lr} by default) on the
-    tuning seed; its best config path saved to best_configs.json."""
+    tuning seed, named by its factors (the same command resumes it; other factors add a sweep,
+    e.g. one point beyond a best at the edge of the grid); the method's best over all its
+    sweeps saved to best_configs.json."""
     best_path = store / "best_configs.json"
     best = json.loads(best_path.read_text()) if best_path.exists() else {}
     for method in methods:
         preset, lr, settings = METHODS[method]
         steps, _ = steps_for(preset, kimg)
         space = f'optim.g_lr+optim.d_lr: "{grid([lr * f for f in factors])}"'
-        found = sweep(
+        name = f"recipes-{method}-x" + "-".join(f"{f:g}" for f in factors)
+        sweep(
             store,
             method,
             [f"experiment={preset}", *settings, f"trainer.seed={seed}"],
             steps,
             space,
-            [f"tune.name=recipes-{method}"],
+            [f"tune.name={name}"],
             concurrent,
         )
-        if found:
-            best[method] = found["best_config"]
+        if found := best_of(store, method):
+            best[method] = found
             best_path.write_text(json.dumps(best, indent=1))
+
+
+def method_sweeps(store: Path, method: str) -> list[Path]:
+    """Every tuning sweep of `method` in the store (`recipes-METHOD-xFACTORS`; `recipes-METHOD`
+    from before sweeps were named by their factors)."""
+    own = (f"recipes-{method}", f"recipes-{method}-x")
+    found = (store / "tune").glob(f"recipes-{method}*")
+    return sorted(p for p in found if p.name == own[0] or p.name.startswith(own[1]))
+
+
+def tuning_trials(store: Path, method: str) -> list[tuple[Path, dict]]:
+    """(sweep, trials.csv row) of every trial of the method's sweeps, by lr."""
+    rows = []
+    for root in method_sweeps(store, method):
+        if (root / "trials.csv").is_file():
+            with open(root / "trials.csv") as f:
+                rows += [(root, r) for r in csv.DictReader(f)]
+    return sorted(rows, key=lambda pair: float(pair[1]["optim.g_lr+optim.d_lr"]))
+
+
+def best_of(store: Path, method: str) -> str | None:
+    """The best config over all the method's sweeps: that of the sweep holding the best trial
+    that ran to its last step (each sweep's own rule, `sweep.best_row`, over their union)."""
+    scored = []
+    for root, row in tuning_trials(store, method):
+        fd = float(row["eval/fid"] or "nan")
+        config = next(iter(sorted((root / "experiment").glob("*.yaml"))), None)  # the sweep's best
+        if row["ended"] == "completed" and math.isfinite(fd) and config is not None:
+            scored.append((fd, str(config)))
+    return min(scored)[1] if scored else None
 
 
 def robust(store: Path, kimg: float, seeds: str, methods: list[str], concurrent: int) -> None:
@@ -353,8 +387,8 @@ def table(store: Path) -> dict:
 
 
 def tuning_lines(store: Path) -> list[str]:
-    """Each method's tuning sweep (its trials.csv beside the best config): FD-digits at the last
-    step per learning rate, and how each trial ended."""
+    """Each method's tuning trials over all its sweeps: FD-digits at the last step per learning
+    rate, and how each trial ended."""
     best_path = store / "best_configs.json"
     if not best_path.exists():
         return []
@@ -364,12 +398,10 @@ def tuning_lines(store: Path) -> list[str]:
         "",
     ]
     out += ["| method | lr: FD-digits (how it ended) |", "|---|---|"]
-    for method, config in json.loads(best_path.read_text()).items():
-        table_path = Path(config).parent.parent / "trials.csv"
-        if not table_path.is_file():  # not a sweep's result (a preset reported as shipped)
+    for method in json.loads(best_path.read_text()):
+        trials = [row for _, row in tuning_trials(store, method)]
+        if not trials:  # not tuned here (a preset reported as shipped)
             continue
-        with open(table_path) as f:
-            trials = sorted(csv.DictReader(f), key=lambda r: float(r["optim.g_lr+optim.d_lr"]))
         cells = [
             f"{float(r['optim.g_lr+optim.d_lr']):.3g}: {float(r['eval/fid']):.1f} ({r['ended']})"
             for r in trials

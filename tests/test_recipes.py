@@ -365,3 +365,31 @@ def test_the_comparison_counts_robust_runs_and_keeps_one_dataset_per_store(tmp_p
     (tmp_path / "best_configs.json").write_text("{}")
     with pytest.raises(SystemExit, match="holds runs on digits"):
         recipes.dataset(tmp_path, "stacked")
+
+
+def test_a_method_tuned_in_two_sweeps_takes_the_best_of_both(tmp_path):
+    """A second grid (one point beyond the first's edge) adds a sweep; the method's best config
+    is the best completed trial's over both, and the tuning table lists every point by lr."""
+    from experiments import recipes
+
+    def sweep(name: str, rows: list[tuple[str, str, str]]) -> None:
+        root = tmp_path / "tune" / name
+        (root / "experiment").mkdir(parents=True)
+        (root / "experiment" / f"{name}.yaml").write_text("# best\n")
+        lines = ["trial,optim.g_lr+optim.d_lr,step,eval/fid,ended,lineage,node"]
+        lines += [f"t{i},{lr},200,{fd},{ended},," for i, (lr, fd, ended) in enumerate(rows)]
+        (root / "trials.csv").write_text("\n".join(lines) + "\n")
+
+    sweep("recipes-sngan-x1-3-9", [("0.0002", "699", "completed"), ("0.0018", "124", "completed")])
+    best = tmp_path / "tune" / "recipes-sngan-x1-3-9" / "experiment" / "recipes-sngan-x1-3-9.yaml"
+    assert recipes.best_of(tmp_path, "sngan") == str(best)
+    sweep("recipes-sngan-x27", [("0.0054", "99.8", "completed"), ("0.0162", "20", "diverged")])
+    sweep("recipes-sngan_other-x1", [("0.0001", "1", "completed")])  # another method's sweep
+    best = tmp_path / "tune" / "recipes-sngan-x27" / "experiment" / "recipes-sngan-x27.yaml"
+    assert recipes.best_of(tmp_path, "sngan") == str(best)  # 99.8 beats 124; a diverged 20 does not count
+    (tmp_path / "best_configs.json").write_text(f'{{"sngan": "{best}"}}')
+    row = recipes.tuning_lines(tmp_path)[-1]
+    assert row == (
+        "| sngan | 0.0002: 699.0 (completed); 0.0018: 124.0 (completed); "
+        "0.0054: 99.8 (completed); 0.0162: 20.0 (diverged) |"
+    ), row
