@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import re
 import statistics
@@ -213,15 +212,18 @@ def tuning_trials(store: Path, method: str) -> list[tuple[Path, dict]]:
 
 
 def best_of(store: Path, method: str) -> str | None:
-    """The best config over all the method's sweeps: that of the sweep holding the best trial
-    that ran to its last step (each sweep's own rule, `sweep.best_row`, over their union)."""
-    scored = []
-    for root, row in tuning_trials(store, method):
-        fd = float(row["eval/fid"] or "nan")
-        config = next(iter(sorted((root / "experiment").glob("*.yaml"))), None)  # the sweep's best
-        if row["ended"] == "completed" and math.isfinite(fd) and config is not None:
-            scored.append((fd, str(config)))
-    return min(scored)[1] if scored else None
+    """The best config over all the method's sweeps: that of the sweep holding the best trial,
+    by the sweep's own rule (`best_row`) over their union."""
+    from trainer.services.sweep import best_row
+
+    best = best_row([{**typed(r), "sweep": root} for root, r in tuning_trials(store, method)], "eval/fid")
+    configs = sorted((best["sweep"] / "experiment").glob("*.yaml")) if best else []
+    return str(configs[0]) if configs else None
+
+
+def typed(row: dict) -> dict:
+    """A trials.csv row with its in-training metrics as numbers (empty: nan)."""
+    return {k: float(v or "nan") if k.startswith("eval/") else v for k, v in row.items()}
 
 
 def robust(store: Path, kimg: float, seeds: str, methods: list[str], concurrent: int) -> None:
@@ -440,9 +442,7 @@ def robust_lines(store: Path) -> list[str]:
 
 def converged_row(row: dict, condition: tuple[str, str, float] | None) -> bool:
     """A robustness trial (a trials.csv row) converged, by the sweep's own rule."""
-    return sweep_report.converged(
-        {k: float(v or "nan") if k.startswith("eval/") else v for k, v in row.items()}, condition
-    )
+    return sweep_report.converged(typed(row), condition)
 
 
 def main() -> None:
