@@ -210,13 +210,25 @@ def postgres():
         shutil.rmtree(root, ignore_errors=True)
 
 
+SECRETS = {  # moto takes any credentials; these values must appear nowhere but the environment
+    "AWS_ACCESS_KEY_ID": "AKIAFAKESECRETID7731",
+    "AWS_SECRET_ACCESS_KEY": "fake-aws-secret-value-5f2c",
+    "MLFLOW_TRACKING_USERNAME": "stablegan-user",
+    "MLFLOW_TRACKING_PASSWORD": "fake-mlflow-password-9d41",
+}
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory, request):
+def ray_cluster(tmp_path_factory, s3_server, request):
     """The local stack from launch/local_cluster.sh: a Ray head plus one worker node on loopback
-    and an MLflow server, on PostgreSQL when it is installed (else sqlite)."""
+    and an MLflow server, on PostgreSQL when it is installed (else sqlite). Its processes hold
+    credentials (`SECRETS`, fake) in their environment, as a cluster launcher or KubeRay would
+    give them, and reach the local S3 server (tests/test_secrets.py checks where they leak)."""
     state = tmp_path_factory.mktemp("cluster")
     env = {
         **os.environ,
+        **s3_server,
+        **SECRETS,
         "PATH": f"{BIN}:{os.environ['PATH']}",
         "STABLEGAN_RAY_PORT": str(free_port()),
         "STABLEGAN_DASHBOARD_PORT": str(free_port()),

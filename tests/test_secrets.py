@@ -12,15 +12,8 @@ import time
 
 import pytest
 
-from tests.conftest import BIN, ROOT, free_port, pinned
+from tests.conftest import ROOT, SECRETS, free_port, pinned
 from trainer.services import tracking
-
-SECRETS = {  # moto takes any credentials; these values must appear nowhere but the environment
-    "AWS_ACCESS_KEY_ID": "AKIAFAKESECRETID7731",
-    "AWS_SECRET_ACCESS_KEY": "fake-aws-secret-value-5f2c",
-    "MLFLOW_TRACKING_USERNAME": "stablegan-user",
-    "MLFLOW_TRACKING_PASSWORD": "fake-mlflow-password-9d41",
-}
 
 
 def test_redact_hides_the_user_password_part_of_uris(tmp_path):
@@ -91,46 +84,24 @@ def test_submit_forwards_settings_and_names_what_it_drops(tmp_path):
     assert not any(v in " ".join(args) for v in (*SECRETS.values(), "hunter2"))
 
 
-@pytest.fixture
-def secret_cluster(tmp_path, s3_server):
-    """A one-node cluster from launch/local_cluster.sh (Ray head + MLflow server) whose processes
-    hold the credentials in their environment, as a cluster launcher or KubeRay would give them."""
-    env = {
-        **os.environ,
-        **s3_server,
-        **SECRETS,
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-        "STABLEGAN_RAY_PORT": str(free_port()),
-        "STABLEGAN_DASHBOARD_PORT": str(free_port()),
-        "STABLEGAN_MLFLOW_PORT": str(free_port()),
-        "STABLEGAN_MLFLOW_DIR": str(tmp_path / "mlflow"),
-        "STABLEGAN_STATE_DIR": str(tmp_path / "state"),
-        "STABLEGAN_HEAD_IP": "127.0.0.7",
-        "STABLEGAN_WORKERS": "0",
-        "STABLEGAN_HEAD_CPUS": "2",
-        "RAY_AUTH_MODE": "token",
-    }
-    script = str(ROOT / "launch" / "local_cluster.sh")
-    try:
-        out = subprocess.run([script, "up"], env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr + out.stdout
-        info = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line and line[0] != "#")
-        yield {**env, **info}
-    finally:
-        subprocess.run([script, "down"], env=env, capture_output=True, timeout=120)
-
-
 def process_lines_with(values: tuple[str, ...]) -> list[str]:
     listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     return [line for line in listing.splitlines() if any(v in line for v in values)]
 
 
 @pytest.mark.slow
-def test_a_job_with_secrets_in_the_environment_leaks_them_nowhere(secret_cluster, tmp_path):
+def test_a_job_with_secrets_in_the_environment_leaks_them_nowhere(ray_cluster, tmp_path):
+    """A job submitted to the local cluster (whose nodes and submitter hold the credentials in
+    their environment) trains with its checkpoints in S3 and its run in MLflow."""
     import boto3
     from mlflow.tracking import MlflowClient
 
-    env, values = secret_cluster, tuple(SECRETS.values())
+    env = {
+        **ray_cluster["env"],
+        "MLFLOW_TRACKING_URI": ray_cluster["mlflow"],
+        "RAY_JOB_ADDRESS": ray_cluster["dashboard"],
+    }
+    values = tuple(SECRETS.values())
     s3 = boto3.client(
         "s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
         aws_access_key_id=SECRETS["AWS_ACCESS_KEY_ID"], aws_secret_access_key=SECRETS["AWS_SECRET_ACCESS_KEY"],
