@@ -21,8 +21,9 @@ in the table.
 `stable_images`, untuned in a store, is reported as shipped (its settings are the
 `r3gan_guarded` candidate's tuning result). `robust` runs each tuned method over a 10x lr range
 about its chosen lr on the held-out seeds (how many runs converge). `--data digits` (all 1,797
-real digits, one channel) or `digits180` (a seeded 180-image subset) on a store's first command
-runs the whole comparison on real digits.
+real digits, one channel) or `digits180` (a seeded 180-image subset, scored against all 1,797
+beside the score of a perfect copier of the 180) on a store's first command runs the whole
+comparison on real digits.
 
 Methods and their papers' learning rates: `METHODS`. The recipes' settings and sources:
 configs/experiment/recipe_*.yaml and the README's recipe table.
@@ -89,6 +90,9 @@ DATASETS = {  # --data: what make_shards writes (stacked digits as `data.builtin
 }
 
 TITLES = {"stacked": "Stacked digits", "digits": "Real digits (1,797)", "digits180": "Real digits, 180"}
+# A store whose evaluation is not its training set: the 180-digit subset is scored against all
+# 1,797 digits (1,617 of them never seen), so a copy of the 180 cannot pass for the data.
+EVAL_AGAINST = {"digits180": "digits"}
 
 
 def dataset(store: Path, name: str | None = None) -> str:
@@ -104,14 +108,20 @@ def dataset(store: Path, name: str | None = None) -> str:
     return held
 
 
-def shards(store: Path) -> Path:
-    """The store's dataset written once for every sweep and run, at 32 x 32."""
-    name = dataset(store)
+def shards(store: Path, name: str | None = None) -> Path:
+    """The store's dataset (or the named one) written once for every sweep and run, at 32 x 32."""
+    name = name or dataset(store)
     out = store / "datasets" / ("stacked_digits-32px" if name == "stacked" else f"{name}-32px")
     if not (out / "manifest.json").exists():
         args = [*DATASETS[name], f"out={out}", "resolution=32"]
         subprocess.run([sys.executable, "-m", "data_pipeline.make_shards", *args], cwd=ROOT, check=True)
     return out
+
+
+def data_args(store: Path) -> list[str]:
+    """The training data and, where it differs (`EVAL_AGAINST`), the evaluation's."""
+    against = EVAL_AGAINST.get(dataset(store))
+    return [f"data.urls={shards(store)}"] + ([f"eval.urls={shards(store, against)}"] if against else [])
 
 
 def steps_for(preset: str, kimg: float) -> tuple[int, int]:
@@ -131,7 +141,7 @@ def sweep(
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     args = [
         *preset,
-        f"data.urls={shards(store)}",
+        *data_args(store),
         *COMMON,
         f"trainer.max_steps={steps}",
         f"trainer.checkpoint_every={max(1, steps // 4)}",
@@ -284,7 +294,7 @@ def report(store: Path, kimg: float, seeds: str, methods: list[str]) -> None:
                 print(f"  {method}: no tuned config in best_configs.json (run `tune` first)", flush=True)
                 continue
             steps, _ = steps_for(METHODS[method].preset, kimg)
-            args = [f"experiment={config}", f"data.urls={shards(store)}", *COMMON, f"name={method}"]
+            args = [f"experiment={config}", *data_args(store), *COMMON, f"name={method}"]
             args += [f"trainer.seed={seeds}", f"trainer.max_steps={steps}", "tracking.experiment=recipes"]
             args += [
                 f"trainer.checkpoint_every={max(1, steps // 4)}",
@@ -347,10 +357,27 @@ def cell(values: list[float], key: str) -> str:
 
 
 def cached_data_row(store: Path) -> dict:
-    """The real data's row (`real_row`), scored once per store."""
+    """The evaluation data's own row (`real_row`: half against half), scored once per store."""
     path = store / "data_row.json"
     if not path.exists():
-        path.write_text(json.dumps(real_row(shards(store))))
+        path.write_text(json.dumps(real_row(shards(store, EVAL_AGAINST.get(dataset(store))))))
+    return json.loads(path.read_text())
+
+
+def copier_row(store: Path) -> dict:
+    """A store scored against other data than its training set (`EVAL_AGAINST`): its training
+    images themselves scored as a generator's samples would be, i.e. a perfect copier. Cached."""
+    from trainer.config import EvalConfig
+    from trainer.eval import metrics
+    from trainer.eval.evaluator import Evaluator
+
+    path = store / "copier_row.json"
+    if not path.exists():
+        opts = EvalConfig(features="digits", num=20_000)
+        against = Evaluator(str(shards(store, EVAL_AGAINST[dataset(store)])), opts, progress=False)
+        copies = Evaluator(str(shards(store)), opts, progress=False)
+        row = metrics.image_metrics(against.real, copies.real, opts.nearest_k, opts.seed, opts.kid_subsets)
+        path.write_text(json.dumps(row))
     return json.loads(path.read_text())
 
 
@@ -367,9 +394,11 @@ def table(store: Path) -> dict:
     ]
     if found:
         data = cached_data_row(store)
-        lines.append(
-            "| real data (half vs half) | | | | | " + " | ".join(cell([data[k]], k) for k in KEYS) + " | | |"
-        )
+        lines.append(reference_line("real data (half vs half)", data))
+        if data_name in EVAL_AGAINST:
+            lines.append(
+                reference_line("the training images themselves (a perfect copier)", copier_row(store))
+            )
     for method in METHODS:
         sub = [r for r in found if r["method"] == method]
         if not sub:
@@ -386,6 +415,12 @@ def table(store: Path) -> dict:
     lines += tuning_lines(store) + robust_lines(store) + guard_lines(store)
     print("\n".join(lines))
     return {"rows": found, "seeds": seeds, "markdown": "\n".join(lines)}
+
+
+def reference_line(label: str, row: dict) -> str:
+    """A table line of data scored as a generator would be (mode counts: stacked digits only)."""
+    cells = " | ".join(cell([row[k]], k) if k in row else "" for k in KEYS)
+    return f"| {label} | | | | | {cells} | | |"
 
 
 def tuning_lines(store: Path) -> list[str]:

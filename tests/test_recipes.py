@@ -367,6 +367,24 @@ def test_the_comparison_counts_robust_runs_and_keeps_one_dataset_per_store(tmp_p
         recipes.dataset(tmp_path, "stacked")
 
 
+def test_the_small_data_store_is_scored_against_all_digits_beside_a_perfect_copier(tmp_path):
+    """`--data digits180` trains on 180 digits and evaluates against all 1,797 (a copy of the 180
+    cannot pass for the data); the table's reference rows are the data's own and a copier's."""
+    from experiments import recipes
+
+    recipes.dataset(tmp_path, "digits180")
+    datasets = tmp_path / "datasets"
+    assert recipes.data_args(tmp_path) == [
+        f"data.urls={datasets / 'digits180-32px'}",
+        f"eval.urls={datasets / 'digits-32px'}",
+    ]
+    data, copier = recipes.cached_data_row(tmp_path), recipes.copier_row(tmp_path)
+    assert data["memorization"] < 0.2 and copier["memorization"] > 0.9  # each copy sits on a real image
+    assert copier["fid"] < 10  # what FD alone would take for a good generator
+    line = recipes.reference_line("copier", copier)
+    assert line.startswith("| copier | | | | |  |  | ") and line.endswith(" | | |")  # no mode counts
+
+
 def test_a_method_tuned_in_two_sweeps_takes_the_best_of_both(tmp_path):
     """A second grid (one point beyond the first's edge) adds a sweep; the method's best config
     is the best completed trial's over both, and the tuning table lists every point by lr."""
