@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import re
 import statistics
@@ -349,7 +350,10 @@ def guard_lines(store: Path) -> list[str]:
 
 
 def cell(values: list[float], key: str) -> str:
-    """Mean ± sd (a lone value alone); mode counts as whole numbers."""
+    """Mean ± sd (a lone value alone); mode counts as whole numbers; blank where not measured
+    (mode counts on other data than stacked digits)."""
+    if any(math.isnan(v) for v in values):
+        return ""
     if key != "modes":
         return mean_sd(values) if len(values) > 1 else f"{values[0]:.3g}"
     sd = f" ± {statistics.stdev(values):.0f}" if len(values) > 1 else ""
