@@ -351,9 +351,9 @@ def guard_lines(store: Path) -> list[str]:
 
 def cell(values: list[float], key: str) -> str:
     """Mean ± sd (a lone value alone); mode counts as whole numbers; blank where not measured
-    (mode counts on other data than stacked digits)."""
+    (mode counts on other data than stacked digits), `nan` where some run scored NaN."""
     if any(math.isnan(v) for v in values):
-        return ""
+        return "" if all(math.isnan(v) for v in values) else "nan"
     if key != "modes":
         return mean_sd(values) if len(values) > 1 else f"{values[0]:.3g}"
     sd = f" ± {statistics.stdev(values):.0f}" if len(values) > 1 else ""
