@@ -423,7 +423,7 @@ def table(store: Path) -> dict:
 
 def reference_line(label: str, row: dict) -> str:
     """A table line of data scored as a generator would be (mode counts: stacked digits only)."""
-    cells = " | ".join(cell([row[k]], k) if k in row else "" for k in KEYS)
+    cells = " | ".join(cell([row.get(k, math.nan)], k) for k in KEYS)
     return f"| {label} | | | | | {cells} | | |"
 
 
