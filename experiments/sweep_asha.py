@@ -4,7 +4,7 @@ whether ASHA finds the grid's best configuration (or one within noise of it), an
 share of the CPU time. CPU time is the whole machine's (all cores, from /proc/stat) while a
 sweep runs: run nothing else beside it.
 
-    python -m experiments.sweep_asha run      # both sweeps, then the table
+    python -m experiments.sweep_asha run      # the grid, ASHA in two orders, then the table
     python -m experiments.sweep_asha table    # the table again from the saved timings
 """
 
@@ -32,18 +32,21 @@ def machine_cpu_seconds() -> float:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
-def sweep_args(scheduler: str, store: Path, steps: int, seed: int) -> list[str]:
+def sweep_args(scheduler: str, store: Path, steps: int, seed: int, order: int) -> list[str]:
+    """ASHA in its usual geometry: rungs a factor 3 apart from a ninth of the run (evaluated
+    every eighth: rungs at steps 75 and 225 of 600); the grid with the same evaluations."""
     return [
         "experiment=digits32",
         f"trainer.max_steps={steps}",
-        f"trainer.checkpoint_every={steps // 4}",
+        f"trainer.checkpoint_every={steps // 8}",
         f"trainer.seed={seed}",
         f"tune.space={SPACE}",
         f"tune.scheduler={scheduler}",
-        f"tune.grace_steps={steps // 4}",
-        "tune.reduction_factor=2",
+        f"tune.grace_steps={steps // 9}",
+        "tune.reduction_factor=3",
+        f"tune.seed={order}",  # the order the grid's points run in
         "tune.max_concurrent=2",
-        f"tune.name=asha-vs-grid-{scheduler}",
+        f"tune.name={name(scheduler, order)}",
         f"tune.storage_path={store / 'tune'}",
         f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
         "tracking.register=false",
@@ -51,14 +54,22 @@ def sweep_args(scheduler: str, store: Path, steps: int, seed: int) -> list[str]:
     ]
 
 
-def run(store: Path, steps: int, seed: int) -> None:
+def name(scheduler: str, order: int) -> str:
+    return f"asha-vs-grid-{scheduler}" + (f"-order{order}" if scheduler == "asha" else "")
+
+
+def run(store: Path, steps: int, seed: int, orders: list[int]) -> None:
+    """The grid once (its order changes nothing), ASHA once per order of the same points."""
     store.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    timings = {}
-    for scheduler in ("fifo", "asha"):
-        args = sweep_args(scheduler, store, steps, seed)
-        timings[scheduler] = timed_tune(args, env)
-    (store / "timings.json").write_text(json.dumps({"steps": steps, "seed": seed, **timings}, indent=1))
+    saved = store / "timings.json"
+    timings = json.loads(saved.read_text()) if saved.exists() else {"steps": steps, "seed": seed}
+    for scheduler, order in [("fifo", 0)] + [("asha", k) for k in orders]:
+        if name(scheduler, order) not in timings:
+            timings[name(scheduler, order)] = timed_tune(
+                sweep_args(scheduler, store, steps, seed, order), env
+            )
+            saved.write_text(json.dumps(timings, indent=1))
 
 
 def timed_tune(args: list[str], env: dict) -> dict[str, float]:
@@ -79,33 +90,37 @@ def timed_tune(args: list[str], env: dict) -> dict[str, float]:
 
 def table(store: Path) -> None:
     saved = json.loads((store / "timings.json").read_text())
-    grids = {s: rows(store / "tune" / f"asha-vs-grid-{s}" / "trials.csv") for s in ("fifo", "asha")}
-    key = next(k for k in grids["fifo"][0] if k.startswith("optim."))
-    full = {(r[key], r["penalty.weight"]): r for r in grids["fifo"]}
+    names = [k for k in saved if k.startswith("asha-vs-grid-")]
+    grids = {k: rows(store / "tune" / k / "trials.csv") for k in names}
+    grid, ashas = grids[name("fifo", 0)], [k for k in names if k != name("fifo", 0)]
+    key = next(k for k in grid[0] if k.startswith("optim."))
+    point = lambda r: (r[key], r["penalty.weight"])  # noqa: E731
     print(f"digits32, {saved['steps']} steps, seed {saved['seed']}, 8 configurations ({SPACE})\n")
-    print(f"| lr (G = D) | R1 gamma | grid: {METRIC} | grid: ended | ASHA: {METRIC} | ASHA: ended (step) |")
-    print("|---|---|---|---|---|---|")
-    asha = {(r[key], r["penalty.weight"]): r for r in grids["asha"]}
-    for cfg, r in sorted(full.items(), key=lambda kv: float(kv[1][METRIC])):
-        a = asha[cfg]
+    heads = "".join(f" {k.rsplit('-', 1)[1]}: {METRIC} (ended, step) |" for k in ashas)
+    print(f"| lr (G = D) | R1 gamma | grid: {METRIC} |{heads}")
+    print("|---|---|---|" + "---|" * len(ashas))
+    by_point = {k: {point(r): r for r in grids[k]} for k in ashas}
+    for r in sorted(grid, key=lambda r: float(r[METRIC])):
+        cells = "".join(f" {cell(by_point[k][point(r)])} |" for k in ashas)
+        print(f"| {point(r)[0]} | {point(r)[1]} | {float(r[METRIC]):.2f} |{cells}")
+    full = saved[name("fifo", 0)]
+    print(f"\ngrid: best {best(grid, key)}; CPU {full['cpu_s']:.0f} s, wall {full['wall_s']:.0f} s")
+    for k in ashas:
+        a = saved[k]
         print(
-            f"| {cfg[0]} | {cfg[1]} | {float(r[METRIC]):.2f} | {r['ended']} | {float(a[METRIC]):.2f} | {a['ended']} ({a['step']}) |"
+            f"ASHA {k.rsplit('-', 1)[1]}: best {best(grids[k], key)}; CPU {a['cpu_s']:.0f} s "
+            f"({a['cpu_s'] / full['cpu_s']:.0%} of the grid's), wall {a['wall_s']:.0f} s"
         )
-    best = {
-        s: min((r for r in g if r["ended"] == "completed"), key=lambda r: float(r[METRIC]))
-        for s, g in grids.items()
-    }
-    f, a = saved["fifo"], saved["asha"]
-    print(
-        f"\ngrid's best: lr {best['fifo'][key]}, gamma {best['fifo']['penalty.weight']}: {float(best['fifo'][METRIC]):.2f}"
-    )
-    print(
-        f"ASHA's best: lr {best['asha'][key]}, gamma {best['asha']['penalty.weight']}: {float(best['asha'][METRIC]):.2f}"
-    )
-    print(
-        f"CPU seconds: grid {f['cpu_s']:.0f}, ASHA {a['cpu_s']:.0f} ({a['cpu_s'] / f['cpu_s']:.0%} of the grid's)"
-    )
-    print(f"wall seconds: grid {f['wall_s']:.0f}, ASHA {a['wall_s']:.0f}")
+
+
+def cell(r: dict) -> str:
+    ended = "completed" if r["ended"] == "completed" else f"{r['ended']}, {r['step']}"
+    return f"{float(r[METRIC]):.2f} ({ended})"
+
+
+def best(rows_: list[dict], key: str) -> str:
+    done = min((r for r in rows_ if r["ended"] == "completed"), key=lambda r: float(r[METRIC]))
+    return f"lr {done[key]}, gamma {done['penalty.weight']}: {float(done[METRIC]):.2f}"
 
 
 def rows(path: Path) -> list[dict]:
@@ -118,8 +133,9 @@ if __name__ == "__main__":
     ap.add_argument("command", choices=["run", "table"])
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--orders", default="0,1", help="tune.seed of each ASHA sweep (the grid's order)")
     ap.add_argument("--store", default=str(ROOT / "runs" / "experiments" / "sweep_asha"))
     a = ap.parse_args()
     if a.command == "run":
-        run(Path(a.store), a.steps, a.seed)
+        run(Path(a.store), a.steps, a.seed, [int(k) for k in a.orders.split(",")])
     table(Path(a.store))

@@ -21,7 +21,7 @@ from tests.conftest import ROOT, start_module
 from trainer.config import ConfigError
 from trainer.main import compose
 from trainer.services.space import Dimension, parse_space, with_values
-from trainer.services.sweep import best_row, changed, settle_from_runs
+from trainer.services.sweep import best_row, changed, searcher, settle_from_runs
 
 
 def test_the_shipped_spaces_parse():
@@ -86,6 +86,52 @@ def test_tied_keys_take_one_value():
     assert (both.optim.g_lr, both.optim.d_lr) == (2e-3, 2e-3)
     with pytest.raises(ConfigError, match="unknown key 'optim.e_lr'"):
         parse_space({"optim.g_lr+optim.e_lr": "grid(1e-4)"}, cfg)
+
+
+def trial_configs(tune_cfg, dims: tuple) -> list[dict]:
+    """The configs Tune's generator hands out for this space, in its order."""
+    from ray import tune
+
+    tune.register_trainable("stablegan-test-noop", lambda _config: None)
+    gen = searcher(tune_cfg, dims, max_concurrent=0)
+    gen.add_configurations(
+        {
+            "x": {
+                "run": "stablegan-test-noop",
+                "config": {d.key: d.domain() for d in dims},
+                "num_samples": tune_cfg.num_samples,
+            }
+        }
+    )
+    configs = []
+    while (trial := gen.next_trial()) is not None:
+        configs.append(trial.config)
+    return configs
+
+
+def test_grid_points_run_in_a_seeded_shuffled_order_each_as_often_as_asked():
+    """ASHA judges a trial only against those before it: a grid walked as written (here worst lr
+    first) would pass every trial, so the points come shuffled, each num_samples times, with the
+    other dimensions drawn for each; tune.shuffle=false keeps the written order."""
+    from dataclasses import replace
+
+    cfg = compose(["experiment=grid25"])
+    space = {"optim.g_lr+optim.d_lr": "grid(1e-4, 3e-4, 1e-3, 3e-3)", "penalty.weight": "grid(0.1, 1.0)",
+             "optim.beta1": "uniform(0.0, 0.5)"}  # fmt: skip
+    dims = tuple(parse_space(space, cfg))
+    tied = "optim.g_lr+optim.d_lr"
+    twice = replace(cfg.tune, num_samples=2, seed=0)
+    configs = trial_configs(twice, dims)
+    points = [(c[tied], c["penalty.weight"]) for c in configs]
+    assert len(points) == 16 and all(points.count(p) == 2 for p in points)
+    assert len({c["optim.beta1"] for c in configs}) == 16  # drawn for each trial
+    written = trial_configs(replace(twice, shuffle=False), dims)
+    assert sorted(points) == sorted((c[tied], c["penalty.weight"]) for c in written)
+    assert [(c[tied], c["penalty.weight"]) for c in written[:2]] == [(1e-4, 0.1), (3e-4, 0.1)]
+    assert points != [(c[tied], c["penalty.weight"]) for c in written]
+    assert [(c[tied], c["penalty.weight"]) for c in trial_configs(twice, dims)] == points  # seeded
+    other = [(c[tied], c["penalty.weight"]) for c in trial_configs(replace(twice, seed=1), dims)]
+    assert other != points
 
 
 def test_the_best_trial_is_one_that_ran_to_its_end():
@@ -205,6 +251,7 @@ def sweep_args(tmp_path: Path) -> list[str]:
         "tune.grace_steps=50",
         "tune.reduction_factor=2",
         "tune.max_concurrent=1",
+        "tune.shuffle=false",  # the good lr first: ASHA stops the tiny one against it
         f"tune.storage_path={tmp_path / 'tune'}",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "cluster.num_cpus=2",

@@ -535,6 +535,10 @@ class TuneConfig:
     # without diverging
     converged: str = ""
     seed: int = 0  # the draws from the space (two sweeps with one seed start from the same settings)
+    # Grid points run in an order drawn from `seed`: ASHA judges a trial at a rung only against
+    # the trials that reached it before, so a grid walked as written (often worst to best)
+    # would pass every trial. false = the written order.
+    shuffle: bool = True
     name: str = ""  # "" = tune-<experiment>; the same name again resumes the sweep
     storage_path: str = "runs/tune"  # the sweep's state, trials' runs, table and best config
 

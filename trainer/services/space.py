@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import ast
 import copy
+import itertools
 import math
+import random
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -61,6 +63,20 @@ class Dimension:
             return True
         numbers = [a for a in self.args if isinstance(a, int | float) and not isinstance(a, bool)]
         return len(numbers) == len(self.args) and min(numbers) > 0 and max(numbers) >= 10 * min(numbers)
+
+
+def grid_points(dims: tuple[Dimension, ...], num_samples: int, seed: int) -> list[dict] | None:
+    """Every point of the space's grid dimensions, each `num_samples` times, in an order drawn
+    from `seed` (Tune runs them first, drawing the other dimensions for each); None when no
+    dimension is a grid."""
+    grids = [d for d in dims if d.kind == "grid"]
+    if not grids:
+        return None
+    keys = [d.key for d in grids]
+    points = [dict(zip(keys, values)) for values in itertools.product(*(d.args for d in grids))]
+    points *= num_samples
+    random.Random(seed).shuffle(points)
+    return points
 
 
 def parse_space(space: dict[str, str], base: Config) -> list[Dimension]:

@@ -27,14 +27,14 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTra
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.stopper import FunctionStopper
 
-from trainer.config import Config
+from trainer.config import Config, TuneConfig
 from trainer.services import sweep_report as report
 from trainer.services import tracking
 from trainer.services.compose import compose
 from trainer.services.conclude import evaluate_final, register_saved
 from trainer.services.driver import init_ray
 from trainer.services.plan import prepare
-from trainer.services.space import parse_space, with_values
+from trainer.services.space import grid_points, parse_space, with_values
 from trainer.services.trial import RUNG, SWEEP_TAG, SweepSpec, run_trial
 
 REGISTERED_TAG = "stablegan.sweep_registered"
@@ -111,9 +111,7 @@ def make_tuner(spec: SweepSpec, cfg: Config) -> tune.Tuner:
             num_samples=t.num_samples,
             scheduler=scheduler(cfg, spec.dims),
             # The limit goes to the generator: Tune ignores max_concurrent_trials beside one.
-            search_alg=BasicVariantGenerator(
-                random_state=t.seed, max_concurrent=t.max_concurrent or fitting_trials(cfg)
-            ),
+            search_alg=searcher(t, spec.dims, t.max_concurrent or fitting_trials(cfg)),
         ),
         run_config=tune.RunConfig(
             name="tuner",
@@ -123,6 +121,15 @@ def make_tuner(spec: SweepSpec, cfg: Config) -> tune.Tuner:
             # checkpoints, all kept, so population-based training finds a leader's when it exploits.
             verbose=1,
         ),
+    )
+
+
+def searcher(t: TuneConfig, dims: tuple, max_concurrent: int) -> BasicVariantGenerator:
+    """Tune's variant generator: every grid point `num_samples` times (shuffled unless
+    `tune.shuffle=false`), the other dimensions drawn from `tune.seed`."""
+    points = grid_points(dims, t.num_samples, t.seed) if t.shuffle else None
+    return BasicVariantGenerator(
+        points_to_evaluate=points, random_state=t.seed, max_concurrent=max_concurrent
     )
 
 
