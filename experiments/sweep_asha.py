@@ -111,6 +111,45 @@ def table(store: Path) -> None:
             f"ASHA {k.rsplit('-', 1)[1]}: best {best(grids[k], key)}; CPU {a['cpu_s']:.0f} s "
             f"({a['cpu_s'] / full['cpu_s']:.0%} of the grid's), wall {a['wall_s']:.0f} s"
         )
+    curves(store)
+
+
+def curves(store: Path) -> None:
+    """The grid's in-training metric at every evaluation, per configuration (each run is
+    deterministic, so an ASHA trial's values up to its stop are these), and the least share of
+    the grid's steps any early stopping could spend and still keep the grid's best: every
+    trial up to the first evaluation from which the best leads at every later one, the best
+    alone after it."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        f"tags.`stablegan.sweep` = '{name('fifo', 0)}'",
+    )
+    series = {}
+    for run in (r for r in runs if "stablegan.trial" in r.data.tags):  # not the parent
+        tags = run.data.tags
+        point = (tags["tune.optim.g_lr/optim.d_lr"], tags["tune.penalty.weight"])
+        history = client.get_metric_history(run.info.run_id, METRIC)
+        series[point] = {m.step: m.value for m in history}
+    steps = sorted({s for h in series.values() for s in h})
+    print(f"\n| lr (G = D) | R1 gamma | {METRIC} at step " + " | ".join(map(str, steps)) + " |")
+    print("|---|---|" + "---|" * len(steps))
+    final = max(steps)
+    for point, h in sorted(series.items(), key=lambda kv: kv[1][final]):
+        print(f"| {point[0]} | {point[1]} | " + " | ".join(f"{h[s]:.1f}" for s in steps) + " |")
+    best = min(series, key=lambda p: series[p][final])
+    leads = [
+        s
+        for s in steps
+        if all(series[best][t] == min(h[t] for h in series.values()) for t in steps if t >= s)
+    ]
+    first = min(leads)
+    share = (len(series) * first + (final - first)) / (len(series) * final)
+    print(
+        f"\nthe grid's best leads from step {first} on: early stopping keeps it for at least {share:.0%} of the grid's steps"
+    )
 
 
 def cell(r: dict) -> str:
