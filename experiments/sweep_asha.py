@@ -94,7 +94,10 @@ def table(store: Path) -> None:
     grids = {k: rows(store / "tune" / k / "trials.csv") for k in names}
     grid, ashas = grids[name("fifo", 0)], [k for k in names if k != name("fifo", 0)]
     key = next(k for k in grid[0] if k.startswith("optim."))
-    point = lambda r: (r[key], r["penalty.weight"])  # noqa: E731
+
+    def point(r: dict) -> tuple[str, str]:
+        return r[key], r["penalty.weight"]
+
     print(f"digits32, {saved['steps']} steps, seed {saved['seed']}, 8 configurations ({SPACE})\n")
     heads = "".join(f" {k.rsplit('-', 1)[1]}: {METRIC} (ended, step) |" for k in ashas)
     print(f"| lr (G = D) | R1 gamma | grid: {METRIC} |{heads}")
@@ -111,10 +114,10 @@ def table(store: Path) -> None:
             f"ASHA {k.rsplit('-', 1)[1]}: best {best(grids[k], key)}; CPU {a['cpu_s']:.0f} s "
             f"({a['cpu_s'] / full['cpu_s']:.0%} of the grid's), wall {a['wall_s']:.0f} s"
         )
-    curves(store)
+    curves(store, {r["trial"]: point(r) for r in grid})
 
 
-def curves(store: Path) -> None:
+def curves(store: Path, points: dict[str, tuple[str, str]]) -> None:
     """The grid's in-training metric at every evaluation, per configuration (each run is
     deterministic, so an ASHA trial's values up to its stop are these), and the least share of
     the grid's steps any early stopping could spend and still keep the grid's best: every
@@ -128,22 +131,20 @@ def curves(store: Path) -> None:
         f"tags.`stablegan.sweep` = '{name('fifo', 0)}'",
     )
     series = {}
-    for run in (r for r in runs if "stablegan.trial" in r.data.tags):  # not the parent
-        tags = run.data.tags
-        point = (tags["tune.optim.g_lr/optim.d_lr"], tags["tune.penalty.weight"])
+    for run in (r for r in runs if r.data.tags.get("stablegan.trial") in points):  # not the parent
         history = client.get_metric_history(run.info.run_id, METRIC)
-        series[point] = {m.step: m.value for m in history}
+        series[points[run.data.tags["stablegan.trial"]]] = {m.step: m.value for m in history}
     steps = sorted({s for h in series.values() for s in h})
     print(f"\n| lr (G = D) | R1 gamma | {METRIC} at step " + " | ".join(map(str, steps)) + " |")
     print("|---|---|" + "---|" * len(steps))
     final = max(steps)
     for point, h in sorted(series.items(), key=lambda kv: kv[1][final]):
         print(f"| {point[0]} | {point[1]} | " + " | ".join(f"{h[s]:.1f}" for s in steps) + " |")
-    best = min(series, key=lambda p: series[p][final])
+    leader = min(series, key=lambda p: series[p][final])
     leads = [
         s
         for s in steps
-        if all(series[best][t] == min(h[t] for h in series.values()) for t in steps if t >= s)
+        if all(series[leader][t] == min(h[t] for h in series.values()) for t in steps if t >= s)
     ]
     first = min(leads)
     share = (len(series) * first + (final - first)) / (len(series) * final)
