@@ -49,13 +49,19 @@ class _PassThrough(nn.Module):
 def fid_kid(real: np.ndarray, fake: np.ndarray, seed: int, kid_subsets: int) -> dict[str, float]:
     """FID and KID (mean, std over `kid_subsets` subsets of up to 1,000) by torchmetrics."""
     r, f = torch.from_numpy(real).double(), torch.from_numpy(fake).double()
-    fid = FrechetInceptionDistance(feature=_PassThrough(r.shape[1]))
+    # Rank 0 evaluates alone while the other ranks train: a metric that synced its state over
+    # the workers' process group (torchmetrics' default) would wait in a collective they never
+    # join, and the run would hang at its first evaluation.
+    local = {"sync_on_compute": False}
+    fid = FrechetInceptionDistance(feature=_PassThrough(r.shape[1]), **local)
     fid.update(r, real=True)
     fid.update(f, real=False)
     size = min(1000, len(r), len(f))
     with warnings.catch_warnings():  # "KID keeps every feature in memory": so do we, by design
         warnings.simplefilter("ignore", UserWarning)
-        kid = KernelInceptionDistance(feature=_PassThrough(r.shape[1]), subsets=kid_subsets, subset_size=size)
+        kid = KernelInceptionDistance(
+            feature=_PassThrough(r.shape[1]), subsets=kid_subsets, subset_size=size, **local
+        )
     kid.update(r, real=True)
     kid.update(f, real=False)
     with torch.random.fork_rng(devices=[]):  # KID's subsets come from torch's global RNG
