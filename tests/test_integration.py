@@ -3,6 +3,7 @@ a real `mlflow server`, and real tar shards. Slow: each run starts Ray Train wor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -406,22 +407,27 @@ def _worker_pids(lines: list[str]) -> set[int]:
     return {int(p) for line in lines for p in re.findall(r"RayTrainWorker pid=(\d+)", line)}
 
 
-def test_killed_worker_is_replaced_and_training_resumes(env, ray_cluster, tmp_path):
-    """SIGKILL a training worker mid-run: Ray Train starts a new worker group, which resumes
-    from the newest checkpoint; MLflow gets every step once."""
+def test_killed_workers_are_replaced_and_a_guarded_run_resumes(env, ray_cluster, tmp_path):
+    """SIGKILL a training worker of a guarded run twice. Once Ray Train holds only the guard's
+    step-0 checkpoint: the new worker group resumes from it and must not save it again (Ray
+    Train would hold the folder twice and fail when pruning removed it a second time). Then
+    mid-run: the next group resumes from the newest checkpoint. MLflow gets every step once."""
     import threading
 
     from mlflow.tracking import MlflowClient
 
+    run_dir = tmp_path / "runs" / "killed"
     args = [
         f"cluster.address={ray_cluster['address']}",
         "trainer.num_workers=2",
-        "trainer.max_steps=400",
+        "trainer.max_steps=600",
         "trainer.log_every=20",
-        "trainer.checkpoint_every=40",
+        "trainer.checkpoint_every=200",
+        "trainer.keep_checkpoints=2",  # prunes step 0 once 200 and 400 are in
         "trainer.max_failures=2",
         "trainer.sample_every=0",
         "trainer.run_name=killed",
+        "stability=guarded",
         f"trainer.storage_path={tmp_path}/runs",
         "data.loader_workers=1",
         "tracking.register=false",
@@ -430,14 +436,24 @@ def test_killed_worker_is_replaced_and_training_resumes(env, ray_cluster, tmp_pa
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
-    # The folder of 120 shows that both ranks finished writing 80 (Ray may not have
+
+    def registered(name: str) -> bool:  # Ray Train's own record of the checkpoints it holds
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        return snapshot.exists() and name in snapshot.read_text()
+
+    deadline = time.time() + 300
+    while not registered("checkpoint_00000000") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    first = _worker_pids(lines)
+    assert first and not (run_dir / "checkpoint_00000200").exists(), "".join(lines)[-3000:]
+    os.kill(min(first), signal.SIGKILL)
+    # The folder of 400 shows that both ranks finished writing 200 (Ray may not have
     # registered it yet: the new workers then take it from disk, by its manifests).
-    ckpt = tmp_path / "runs" / "killed" / "checkpoint_00000120"
-    assert wait_for(ckpt, proc), "".join(lines)[-3000:]
-    pids = _worker_pids(lines)
-    assert pids, "".join(lines)[-3000:]
-    victim = min(pids)
-    os.kill(victim, signal.SIGKILL)
+    assert wait_for(run_dir / "checkpoint_00000400", proc), "".join(lines)[-3000:]
+    second = _worker_pids(lines) - first
+    assert second, "".join(lines)[-3000:]
+    with contextlib.suppress(ProcessLookupError):  # gone if the run failed: its output says why, below
+        os.kill(min(second), signal.SIGKILL)
     try:
         proc.wait(600)
     finally:
@@ -447,12 +463,13 @@ def test_killed_worker_is_replaced_and_training_resumes(env, ray_cluster, tmp_pa
     output = "".join(lines)
     assert proc.returncode == 0, output[-4000:]
     resumed_at = [int(s) for s in re.findall(r"resumed from checkpoint at step (\d+)", output)]
-    assert resumed_at and min(resumed_at) >= 80, output[-4000:]
-    assert victim not in _worker_pids(lines[-50:])  # the last lines come from a new worker group
-    assert (tmp_path / "runs" / "killed" / "checkpoint_00000400").is_dir()
+    assert resumed_at[:2] == [0, 0] and min(resumed_at[2:]) >= 200, output[-4000:]
+    assert not _worker_pids(lines[-50:]) & (first | {min(second)})  # the last lines: a third group
+    assert (run_dir / "checkpoint_00000600").is_dir()
+    assert not (run_dir / "checkpoint_00000000").exists()  # pruned, once
     run_id = re.search(r"MLflow run (\w+)", output).group(1)
     steps = _metric_steps(MlflowClient(ray_cluster["mlflow"]), run_id, "d_loss")
-    assert steps == list(range(20, 401, 20))  # resumed steps are not logged twice
+    assert steps == list(range(20, 601, 20))  # resumed steps are not logged twice
 
 
 def test_a_killed_run_resumes_bitwise_identical_in_the_same_mlflow_run(env, ray_cluster, tmp_path):

@@ -307,8 +307,10 @@ class Worker:
         """Train to `trainer.max_steps`, then log the final picture, CPU time and data audit."""
         t = self.cfg.trainer
         try:
-            if self.cfg.stability.guard.enabled and self.step == 0:
-                self.save_checkpoint({"step": 0})  # a healthy point to roll back to before the first check
+            if self.cfg.stability.guard.enabled and self.step == 0 and not self.guard.healthy:
+                # A healthy point to roll back to before the first check. Not again after a
+                # resume from it: Ray Train would hold the folder twice and fail on pruning it.
+                self.save_checkpoint({"step": 0})
             if self.progress_bar:
                 self.bar = tqdm_ray.tqdm(desc=self.cfg.name, total=t.max_steps, unit="step")
                 self.bar.n = self.step
