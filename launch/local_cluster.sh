@@ -91,6 +91,9 @@ up() {
   ray get-auth-token >/dev/null 2>&1 || ray get-auth-token --generate >/dev/null \
     || die "could not create a Ray auth token (ray get-auth-token --generate)"
 
+  # Ray Train's placement-group cleaner asks the state API whether a run's controller lives;
+  # unpointed, it may ask another Ray on this machine, find none there and end the run's workers.
+  export RAY_API_SERVER_ADDRESS="http://$HEAD_IP:$DASH_PORT"
   ray start --head --node-ip-address="$HEAD_IP" --port="$PORT" --dashboard-host="$HEAD_IP" \
     --dashboard-port="$DASH_PORT" --num-cpus="$HEAD_CPUS" \
     --dashboard-agent-listen-port="$(free_port "$HEAD_IP")" --ray-client-server-port="$(free_port "$HEAD_IP")" \
