@@ -335,6 +335,12 @@ def test_neighbour_metrics_in_blocks_equal_prdc_and_catch_copies(monkeypatch):
     assert metrics.neighbour_metrics(real, fresh, 5)["memorization"] < 0.15
 
 
+def _scores() -> dict[str, float]:
+    """FID / KID of two fixed draws of 64 eight-dimensional features."""
+    rng = np.random.default_rng(0)
+    return metrics.fid_kid(rng.normal(size=(64, 8)), rng.normal(size=(64, 8)), 0, 2)
+
+
 def _score_on_rank0_alone(rank: int, store: str, out: str) -> None:
     """One of two gloo ranks: rank 0 scores FID / KID while rank 1 already waits in the
     broadcast both meet at next (as a training worker waits in the guard's), 30 s at most."""
@@ -346,10 +352,7 @@ def _score_on_rank0_alone(rank: int, store: str, out: str) -> None:
         "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=30)
     )
     try:
-        rng = np.random.default_rng(0)
-        scores = [
-            metrics.fid_kid(rng.normal(size=(64, 8)), rng.normal(size=(64, 8)), 0, 2) if rank == 0 else None
-        ]
+        scores = [_scores() if rank == 0 else None]
         dist.broadcast_object_list(scores, src=0)
         Path(f"{out}.{rank}").write_text(json.dumps(scores[0]))
     finally:
@@ -363,8 +366,7 @@ def test_rank0_scores_alone_while_the_other_ranks_train(tmp_path):
     torch.multiprocessing.spawn(_score_on_rank0_alone, args=(str(tmp_path / "store"), str(out)), nprocs=2)
     alone = json.loads(Path(f"{out}.0").read_text())
     assert json.loads(Path(f"{out}.1").read_text()) == alone
-    rng = np.random.default_rng(0)
-    assert alone == metrics.fid_kid(rng.normal(size=(64, 8)), rng.normal(size=(64, 8)), 0, 2)
+    assert alone == _scores()
 
 
 def test_the_inception_file_is_checked_against_its_pinned_digest(monkeypatch, tmp_path):
