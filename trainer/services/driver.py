@@ -16,6 +16,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from data_pipeline import objstore
 from trainer.config import Config
 from trainer.services import local_ray, tracking
 from trainer.services.conclude import RegistryError, conclude
@@ -88,6 +89,7 @@ def make_trainer(
         "init": {"G": init.generator, "D": init.discriminator} if init else None,
         "progress_bar": plan.progress_bar,
         "start_from": start_from,
+        "resume_from": own_checkpoint(plan.resume_from),
     }
     return TorchTrainer(
         train_loop,
@@ -126,7 +128,7 @@ def train_loop(config: dict) -> None:
             config["progress_bar"],
             config["init"],
         )
-        handed = ray.train.get_checkpoint()
+        handed = ray.train.get_checkpoint() or config.get("resume_from")
         if handed is not None:  # this run's own: a resume (it wins over start_from)
             worker.resume(local_checkpoint(handed, Path(config["run_dir"])))
         elif config.get("start_from"):
@@ -136,6 +138,17 @@ def train_loop(config: dict) -> None:
             logger.close(timeout=0)
         raise
     worker.run()
+
+
+def own_checkpoint(found: str | None) -> ray.train.Checkpoint | None:
+    """The run's newest checkpoint the driver found, for when Ray Train hands none: its
+    controller registers checkpoints asynchronously, so a driver killed just after the first
+    ones were written leaves them on storage unregistered, and the run would start over."""
+    if found is None:
+        return None
+    if objstore.is_s3(found):
+        return ray.train.Checkpoint(found[len(objstore.S3) :], filesystem=objstore.pyarrow_fs())
+    return ray.train.Checkpoint(found)
 
 
 def local_checkpoint(handed: ray.train.Checkpoint, run_dir: Path) -> Path:

@@ -43,10 +43,14 @@ class RunPlan:
     run_name: str
     storage: Path  # the run files' local folder (a mirror of an s3:// storage_path)
     data_urls: str | list[str]  # the shards training reads (built-in ones written)
-    resuming: bool  # the run's own checkpoint exists: Ray Train hands it to the workers
+    resume_from: str | None  # the run's newest checkpoint (a folder, or an s3:// prefix), if any
     init: finetune.Init | None  # fine-tuning weights, fetched (None on a resume)
     tracking_uri: str
     progress_bar: bool
+
+    @property
+    def resuming(self) -> bool:
+        return self.resume_from is not None
 
     @property
     def run_dir(self) -> Path:
@@ -95,15 +99,15 @@ def prepare(cfg: Config) -> RunPlan:
     urls = urls if isinstance(urls, str) else list(urls)
     cfg = check_data(cfg, urls)
     check_eval(cfg, cfg.eval.urls or urls)
-    resuming = check_resume(cfg, run_name)
+    resume_from = check_resume(cfg, run_name)
     return RunPlan(
         cfg=cfg,
         run_name=run_name,
         storage=storage,
         data_urls=urls,
-        resuming=resuming,
+        resume_from=resume_from,
         # A resume takes G and D from the run's own checkpoint: init_from is not fetched again.
-        init=None if resuming else fetch_init(cfg, storage / run_name),
+        init=None if resume_from else fetch_init(cfg, storage / run_name),
         tracking_uri=tracking.resolve_uri(cfg.tracking.uri),
         progress_bar=t.progress == "bar" or (t.progress == "auto" and sys.stdout.isatty()),
     )
@@ -269,29 +273,34 @@ def local_storage(storage_path: str) -> Path:
     return Path(storage_path).expanduser().resolve()
 
 
-def previous_config(cfg: Config, run_name: str) -> dict | None:
-    """The config of this run's newest checkpoint, if the run has one (a resume)."""
+def newest_checkpoint(cfg: Config, run_name: str) -> str | None:
+    """This run's newest checkpoint holding a config (a folder, or an s3:// prefix), if any."""
     storage = cfg.trainer.storage_path
     if objstore.is_s3(storage):
         try:
             found = objstore.list_keys(f"{storage.rstrip('/')}/{run_name}/checkpoint_", "/config.json")
         except Exception as exc:  # noqa: BLE001 - boto3: no bucket, no credentials, no endpoint
             raise UserError(f"trainer.storage_path={storage}: cannot list it ({exc})") from None
-        return json.loads(objstore.read_bytes(found[-1])) if found else None
+        return found[-1].removesuffix("/config.json") if found else None
     previous = sorted((local_storage(storage) / run_name).glob("checkpoint_*/config.json"))
-    return checkpoint.load_config(previous[-1].parent) if previous else None
+    return str(previous[-1].parent) if previous else None
 
 
-def check_resume(cfg: Config, run_name: str) -> bool:
-    """Whether the run resumes; a resume that changes the model or data layout is refused."""
-    previous = previous_config(cfg, run_name)
-    if previous is None:
-        return False
+def check_resume(cfg: Config, run_name: str) -> str | None:
+    """The checkpoint the run resumes from (None: a new run); a resume that changes the model
+    or data layout is refused."""
+    newest = newest_checkpoint(cfg, run_name)
+    if newest is None:
+        return None
+    if objstore.is_s3(newest):
+        previous = json.loads(objstore.read_bytes(f"{newest}/config.json"))
+    else:
+        previous = checkpoint.load_config(Path(newest))
     try:
         checkpoint.check_compatible(previous, asdict(cfg))
     except checkpoint.CheckpointError as exc:
         raise UserError(f"trainer.run_name={run_name}: {exc}") from None
-    return True
+    return newest
 
 
 def fetch_init(cfg: Config, run_dir: Path) -> finetune.Init | None:
