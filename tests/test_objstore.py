@@ -118,6 +118,14 @@ def test_a_run_on_s3_shards_keeps_checkpoints_and_artifacts_in_s3_and_resumes(s3
     assert "rank 0 resumed from checkpoint at step 40" in second  # from the bucket's checkpoint
     assert any(u.endswith("checkpoint_00000060/ema.pt") for u in objstore.list_keys(f"s3://{b}/runs/s3run/"))
 
+    # Ray Train's record of the checkpoints gone (a driver killed before its controller
+    # registered any): the run resumes from the newest checkpoint in the bucket all the same.
+    snapshot = "runs/s3run/checkpoint_manager_snapshot.json"
+    assert f"s3://{b}/{snapshot}" in objstore.list_keys(f"s3://{b}/runs/s3run/")
+    objstore.client().delete_object(Bucket=b, Key=snapshot)
+    third = train(80)
+    assert "rank 0 resumed from checkpoint at step 60" in third and "finished 80 steps" in third
+
     sampled = subprocess.run(
         [sys.executable, "-m", "trainer.sample", "model=models:/s3gen/2", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
          "num=16", f"out={tmp_path}/s.png"],
